@@ -1,0 +1,76 @@
+"""deployprune: prune a PyTorch model, compact it exactly, export and verify the artifact.
+
+Public API (stable names; see README "Python API")::
+
+    import deployprune as dp
+    compact = dp.finalize(model, example_inputs, masks=None)
+    result = dp.compact(model, example_inputs, masks=None)     # model + what blocked what
+    path = dp.export(model, example_inputs, "out.onnx", target="onnx")
+    report = dp.validate(source_model, "out.onnx", example_inputs)
+    pruner = dp.Pruner(model, config, example_inputs)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    ConfigError,
+    DeployPruneError,
+    InputError,
+    MaskError,
+    OutputError,
+    ParityError,
+    UnsafeFileError,
+    UnsupportedError,
+    UsageError,
+    ValidationFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "finalize",
+    "compact",
+    "export",
+    "validate",
+    "Pruner",
+    "DeployPruneError",
+    "UsageError",
+    "ConfigError",
+    "InputError",
+    "UnsafeFileError",
+    "MaskError",
+    "OutputError",
+    "UnsupportedError",
+    "ValidationFailed",
+    "ParityError",
+]
+
+_LAZY = {
+    "finalize": ("deployprune.finalize", "finalize"),
+    "compact": ("deployprune.finalize", "compact"),
+    "export": ("deployprune.api", "export"),
+    "validate": ("deployprune.validate", "validate"),
+    "Pruner": ("deployprune.pruning", "Pruner"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import export
+    from .finalize import compact, finalize
+    from .pruning import Pruner
+    from .validate import validate
+
+
+def __getattr__(name: str) -> Any:
+    # torch and onnx are heavy: import them only when an API function is first used, so
+    # `deployprune --help` and error paths stay fast.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deployprune' has no attribute {name!r}")
