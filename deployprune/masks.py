@@ -1,0 +1,144 @@
+"""Masks in NNI layout: ``{module_name: {param_name: 0/1 tensor}}``.
+
+Normalization and validation live here so every entry point (API, CLI, finalize, pruner)
+rejects the same bad masks with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MaskError
+
+Masks = dict[str, dict[str, torch.Tensor]]
+
+
+def _close_names(name: str, candidates: list[str], limit: int = 3) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=limit)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def normalize_masks(model: nn.Module, masks: Mapping[str, Any] | None, *, source: str = "masks") -> Masks:
+    """Check ``masks`` against ``model`` and return them as float 0/1 tensors on CPU.
+
+    Raises :class:`MaskError` (one line, naming the module/parameter) for an unknown module or
+    parameter, a shape mismatch, a non-tensor, NaN, or a value other than 0 and 1.
+    """
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"{source}: expected a dict {{module_name: {{param_name: mask}}}}, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    out: Masks = {}
+    for mod_name, per_param in masks.items():
+        if not isinstance(mod_name, str):
+            raise MaskError(f"{source}: module names must be strings, got {mod_name!r}")
+        if mod_name not in modules:
+            raise MaskError(
+                f"{source}: module {mod_name!r} does not exist in the model"
+                f"{_close_names(mod_name, [n for n in modules if n])}"
+            )
+        module = modules[mod_name]
+        if not isinstance(per_param, Mapping):
+            raise MaskError(f"{source}: entry for module {mod_name!r} must be a dict {{param_name: mask}}, "
+                            f"got {type(per_param).__name__}")
+        for pname, mask in per_param.items():
+            where = f"{source}: {mod_name}.{pname}" if mod_name else f"{source}: {pname}"
+            target = _param_of(module, pname)
+            if target is None:
+                params = [n for n, _ in module.named_parameters(recurse=False)]
+                raise MaskError(f"{where}: module {mod_name!r} ({type(module).__name__}) has no parameter "
+                                f"{pname!r}; it has {params}")
+            if not isinstance(mask, torch.Tensor):
+                try:
+                    mask = torch.as_tensor(mask)
+                except Exception:
+                    raise MaskError(f"{where}: mask must be a tensor or array, got {type(mask).__name__}") from None
+            if tuple(mask.shape) != tuple(target.shape):
+                raise MaskError(f"{where}: mask shape {tuple(mask.shape)} does not match parameter shape "
+                                f"{tuple(target.shape)}")
+            if mask.dtype.is_complex:
+                raise MaskError(f"{where}: mask dtype {mask.dtype} is not supported; use bool or 0/1 floats")
+            m = mask.detach().to("cpu")
+            if m.dtype != torch.bool:
+                mf = m.to(torch.float64)
+                if torch.isnan(mf).any():
+                    raise MaskError(f"{where}: mask contains NaN; masks must hold only 0 and 1")
+                bad = ~((mf == 0) | (mf == 1))
+                if bad.any():
+                    value = mf[bad].flatten()[0].item()
+                    raise MaskError(f"{where}: mask is not binary (found {value:g}); masks must hold only 0 and 1")
+            out.setdefault(mod_name, {})[pname] = m.to(torch.bool)
+    return out
+
+
+def _param_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    if "." in name:
+        return None
+    p = module._parameters.get(name)
+    if p is None and name in getattr(module, "_buffers", {}):
+        return None  # masks apply to parameters only
+    return p
+
+
+def mask_sparsity(masks: Masks) -> dict[str, float]:
+    """Fraction of zeros per ``module.param``."""
+    out = {}
+    for mod, per in masks.items():
+        for p, m in per.items():
+            key = f"{mod}.{p}" if mod else p
+            out[key] = 1.0 - float(m.float().mean()) if m.numel() else 0.0
+    return out
+
+
+def apply_masks_(model: nn.Module, masks: Masks) -> None:
+    """Multiply parameters by their masks in place (bake)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for mod_name, per in masks.items():
+            module = modules[mod_name]
+            for pname, m in per.items():
+                p = module._parameters[pname]
+                p.mul_(m.to(device=p.device, dtype=p.dtype))
+
+
+def extract_attached_masks(model: nn.Module) -> Masks:
+    """Masks attached by a pruner as parametrizations (deployprune's or torch.ao.pruning's).
+
+    Any parametrization object carrying a ``mask`` tensor attribute counts.
+    """
+    out: Masks = {}
+    for mod_name, module in model.named_modules():
+        plist = getattr(module, "parametrizations", None)
+        if plist is None:
+            continue
+        for pname in list(plist.keys()):
+            mask = None
+            for par in plist[pname]:
+                m = getattr(par, "mask", None)
+                if isinstance(m, torch.Tensor):
+                    mask = m.detach().to(torch.bool) if mask is None else (mask & m.detach().to(torch.bool))
+            if mask is not None:
+                out.setdefault(mod_name, {})[pname] = mask.cpu()
+    return out
+
+
+def strip_parametrizations_(model: nn.Module) -> None:
+    """Remove every parametrization, keeping the parametrized (masked) values."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for pname in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+
+
+def _is_finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
