@@ -88,9 +88,7 @@ def _as_spec(spec_or_name: ModelSpec | str) -> ModelSpec:
     return spec_or_name if isinstance(spec_or_name, ModelSpec) else get(spec_or_name)
 
 
-def example_inputs(
-    spec_or_name: ModelSpec | str, batch: int = 1, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
+def example_inputs(spec_or_name: ModelSpec | str, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Deterministic example inputs: same (spec, batch, seed) gives the same tensors.
 
     Float inputs are standard normal; integer inputs are uniform in ``[0, high)``; the

@@ -130,7 +130,6 @@ def convnext() -> ConvNeXt:
     return ConvNeXt(num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), layer_scale_init_value=1.0)
 
 
-
 SPECS = (
     ModelSpec(
         "convnext",

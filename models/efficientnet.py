@@ -48,7 +48,11 @@ class MBConv(nn.Module):
             layers.append(ConvNormActivation(cnf.input_channels, expanded, kernel_size=1, activation_layer=nn.SiLU))
         layers.append(
             ConvNormActivation(
-                expanded, expanded, kernel_size=cnf.kernel, stride=cnf.stride, groups=expanded,
+                expanded,
+                expanded,
+                kernel_size=cnf.kernel,
+                stride=cnf.stride,
+                groups=expanded,
                 activation_layer=nn.SiLU,
             )
         )
@@ -98,8 +102,12 @@ class EfficientNet(nn.Module):
         for cnf in stages:
             stage: list[nn.Module] = []
             for i in range(cnf.num_layers):
-                block_cnf = cnf if i == 0 else MBConvConfig(
-                    cnf.expand_ratio, cnf.kernel, 1, cnf.out_channels, cnf.out_channels, cnf.num_layers
+                block_cnf = (
+                    cnf
+                    if i == 0
+                    else MBConvConfig(
+                        cnf.expand_ratio, cnf.kernel, 1, cnf.out_channels, cnf.out_channels, cnf.num_layers
+                    )
                 )
                 sd_prob = stochastic_depth_prob * float(block_id) / total_blocks
                 stage.append(MBConv(block_cnf, sd_prob))

@@ -32,9 +32,7 @@ class InvertedResidual(nn.Module):
             layers.append(ConvNormActivation(inp, hidden_dim, kernel_size=1, activation_layer=nn.ReLU6))
         layers.extend(
             [
-                ConvNormActivation(
-                    hidden_dim, hidden_dim, stride=stride, groups=hidden_dim, activation_layer=nn.ReLU6
-                ),
+                ConvNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim, activation_layer=nn.ReLU6),
                 nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
                 nn.BatchNorm2d(oup),
             ]
@@ -73,18 +71,14 @@ class MobileNetV2(nn.Module):
             ]
         input_channel = make_divisible(input_channel * width_mult, round_nearest)
         self.last_channel = make_divisible(last_channel * max(1.0, width_mult), round_nearest)
-        features: list[nn.Module] = [
-            ConvNormActivation(3, input_channel, stride=2, activation_layer=nn.ReLU6)
-        ]
+        features: list[nn.Module] = [ConvNormActivation(3, input_channel, stride=2, activation_layer=nn.ReLU6)]
         for t, c, n, s in inverted_residual_setting:
             output_channel = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
                 stride = s if i == 0 else 1
                 features.append(InvertedResidual(input_channel, output_channel, stride, expand_ratio=t))
                 input_channel = output_channel
-        features.append(
-            ConvNormActivation(input_channel, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6)
-        )
+        features.append(ConvNormActivation(input_channel, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
@@ -174,9 +168,7 @@ class MobileNetV3(nn.Module):
     ) -> None:
         super().__init__()
         first = setting[0].scaled(setting[0].input_channels)
-        layers: list[nn.Module] = [
-            ConvNormActivation(3, first, kernel_size=3, stride=2, activation_layer=nn.Hardswish)
-        ]
+        layers: list[nn.Module] = [ConvNormActivation(3, first, kernel_size=3, stride=2, activation_layer=nn.Hardswish)]
         for cnf in setting:
             layers.append(InvertedResidualV3(cnf))
         last_in = setting[-1].scaled(setting[-1].out_channels)
@@ -268,7 +260,15 @@ def mobilenet_v3_small() -> MobileNetV3:
 
 def mobilenet_v2_tiny() -> MobileNetV2:
     """Width 0.25 and shortened stages (every residual pattern of the full model still occurs)."""
-    setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2], [6, 64, 2, 2], [6, 96, 2, 1], [6, 160, 2, 2], [6, 320, 1, 1]]
+    setting = [
+        [1, 16, 1, 1],
+        [6, 24, 2, 2],
+        [6, 32, 2, 2],
+        [6, 64, 2, 2],
+        [6, 96, 2, 1],
+        [6, 160, 2, 2],
+        [6, 320, 1, 1],
+    ]
     return MobileNetV2(num_classes=10, width_mult=0.25, inverted_residual_setting=setting)
 
 

@@ -126,9 +126,7 @@ class BlockParams:
         # computed in float32 on the CPU whatever the default device, like the reference
         widths_cont = torch.arange(depth, device="cpu") * w_a + w_0
         block_capacity = torch.round(torch.log(widths_cont / w_0) / math.log(w_m))
-        block_widths = (
-            (torch.round(torch.divide(w_0 * torch.pow(w_m, block_capacity), quant)) * quant).int().tolist()
-        )
+        block_widths = (torch.round(torch.divide(w_0 * torch.pow(w_m, block_capacity), quant)) * quant).int().tolist()
         num_stages = len(set(block_widths))
         starts = [i for i in range(depth) if i == 0 or block_widths[i] != block_widths[i - 1]]
         stage_widths = [block_widths[i] for i in starts]
