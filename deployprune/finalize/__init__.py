@@ -1,32 +1,443 @@
 """Finalize: bake masks, propagate them through the traced graph, replace modules.
 
-(Work in progress: the graph-based compaction lands next; until then this bakes masks only.)
+``finalize(model, example_inputs, masks)`` returns a plain ``nn.Module`` (the user's own module
+tree, with smaller ``torch.nn`` layers swapped in) whose output equals the masked model's
+output. ``compact(...)`` returns the same model together with what was removed and what
+blocked removal.
+
+How it works (see ``graph.py`` for the vocabulary):
+
+1. copy the model, bake the masks into the weights (the input model is never modified);
+2. trace it with torch.fx and run it once to record every tensor's shape;
+3. apply one rule per node (``rules.py``) to couple dimensions and compute constants;
+4. solve the demand fixed point: what is kept is exactly what some output needs;
+5. rebuild the modules and parameters that shrink, patch ``num_heads``-style attributes
+   that forward code feeds to ``view``/``reshape``;
+6. verify: run the compacted model; if a node's shape does not match (sizes fixed in
+   forward code), keep that node's channels whole and go back to 4; finally compare outputs
+   with the masked model. If they ever differ, the uncompacted masked model is returned
+   (never a wrong model) and the problem is reported.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
+import torch
+import torch.fx as fx
 from torch import nn
 
-from ..masks import apply_masks_, extract_attached_masks, normalize_masks, strip_parametrizations_
+from ..errors import InputError, ParityError, UnsupportedError
+from ..masks import Masks, apply_masks_, extract_attached_masks, normalize_masks, strip_parametrizations_
+from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
+from .rules import apply_rule, register_function_rule, register_module_rule
+from .trace import TensorMeta, trace
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "finalize",
+    "compact",
+    "CompactionResult",
+    "Blocker",
+    "register_module_rule",
+    "register_function_rule",
+    "channel_groups",
+    "ChannelGroup",
+    "GroupMember",
+]
+
+MAX_REPAIRS = 200
+
+
+@dataclass
+class LayerChange:
+    name: str
+    type: str
+    before: dict[str, tuple[int, ...]]
+    after: dict[str, tuple[int, ...]]
 
 
 @dataclass
 class CompactionResult:
+    """What :func:`compact` produced."""
+
     model: nn.Module
-    blocked: list = field(default_factory=list)
+    blocked: list[Blocker] = field(default_factory=list)
+    changes: list[LayerChange] = field(default_factory=list)
+    patched_attributes: list[tuple[str, str, int, int]] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_error: float = 0.0
+    output_scale: float = 0.0
+    seconds: float = 0.0
+    compacted: bool = True  # False when compaction had to be abandoned (the masked model is returned)
+
+    def summary(self) -> str:
+        lines = [f"params {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_after / max(self.params_before, 1):.1%}), "
+                 f"{len(self.changes)} layer(s) replaced, max abs error {self.max_abs_error:.2e}, "
+                 f"{self.seconds * 1000:.0f} ms"]
+        for b in self.blocked:
+            lines.append(f"  kept: {b.describe()}")
+        return "\n".join(lines)
 
 
-def compact(model, example_inputs, masks=None, *, strict=False, inplace=False) -> CompactionResult:
+def finalize(model: nn.Module, example_inputs: Any, masks: Any = None, **kwargs: Any) -> nn.Module:
+    """Bake ``masks`` and return a physically smaller model computing the masked model's output.
+
+    ``masks`` is NNI layout ``{module_name: {param_name: 0/1 tensor}}``; ``None`` uses the masks
+    a pruner attached as parametrizations. ``model`` is not modified (unless ``inplace=True``).
+    Keyword arguments are those of :func:`compact`.
+    """
+    return compact(model, example_inputs, masks, **kwargs).model
+
+
+def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict: bool = False,
+            inplace: bool = False, rtol: float = 1e-4) -> CompactionResult:
+    """Like :func:`finalize`, returning a :class:`CompactionResult` (model, blockers, changes).
+
+    ``strict=True`` raises :class:`UnsupportedError` when an op without a rule (or forward code
+    with fixed sizes) kept masked channels. ``rtol`` bounds the self-check against the masked
+    model, relative to the output's scale.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"finalize: expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    modes = {name: m.training for name, m in model.named_modules()}
     attached = extract_attached_masks(model)
     work = model if inplace else copy.deepcopy(model)
     strip_parametrizations_(work)
-    masks = normalize_masks(work, masks) if masks is not None else attached
-    apply_masks_(work, masks)
-    return CompactionResult(model=work)
+    masks_n: Masks = normalize_masks(work, masks) if masks is not None else attached
+    apply_masks_(work, masks_n)
+    work.eval()
+    ref = _run(work, inputs, "the masked model")
+    params_before = _count(work)
+
+    try:
+        traced = trace(work, inputs)
+    except RuntimeError as exc:
+        blocker = Blocker(node="<root>", op=type(work).__name__, module="", reason=str(exc))
+        if strict:
+            raise UnsupportedError(f"finalize: {exc}; the model can only be returned uncompacted") from None
+        log.warning("finalize: %s; returning the masked model uncompacted", exc)
+        _restore_modes(work, modes)
+        return CompactionResult(model=work, blocked=[blocker], params_before=params_before,
+                                params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
+
+    a = Analysis(traced, work)
+    for node in traced.graph.nodes:
+        apply_rule(a, node)
+
+    result_model: nn.Module | None = None
+    patched: list[tuple[str, str, int, int]] = []
+    changes: list[LayerChange] = []
+    err, scale = 0.0, 0.0
+    for _attempt in range(MAX_REPAIRS):
+        _solve(a)
+        unpatchable = _plan_patches(a, work)
+        if unpatchable:
+            continue
+        candidate, patched, changes = _build(a, work)
+        failing = _check_shapes(a, candidate, inputs)
+        if failing is not None:
+            node, why = failing
+            _pin_node(a, node, why)
+            continue
+        try:
+            out = _run(candidate, inputs, "the compacted model")
+        except InputError:
+            out = None
+        if out is not None:
+            err, scale = _compare(ref, out)
+            if err <= rtol * max(scale, 1e-12) or err == 0.0:
+                result_model = candidate
+                break
+        log.error("finalize: compacted model differs from the masked model (max abs error %.3g at scale %.3g); "
+                  "returning the masked model uncompacted", err, scale)
+        break
+    if result_model is None:
+        blocker = Blocker(node="<parity>", op="finalize", module="",
+                          reason=f"self-check failed (max abs error {err:.3g}); compaction abandoned")
+        if strict:
+            raise ParityError(f"finalize: {blocker.reason}; please report this model")
+        _restore_modes(work, modes)
+        return CompactionResult(model=work, blocked=a.blockers + [blocker], params_before=params_before,
+                                params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
+
+    _restore_modes(result_model, modes)
+    _count_kept_zero(a)
+    blocked = [b for b in a.blockers if b.kept_zero_channels or b.reason.startswith("forward code")]
+    for b in blocked:
+        log.warning("finalize: kept channels at %s", b.describe())
+    if strict and blocked:
+        raise UnsupportedError("finalize (strict): " + "; ".join(b.describe() for b in blocked))
+    res = CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
+                           params_before=params_before, params_after=_count(result_model), max_abs_error=err,
+                           output_scale=scale, seconds=time.perf_counter() - t0)
+    log.info("finalize: %s", res.summary())
+    return res
 
 
-def finalize(model, example_inputs, masks=None, **kwargs) -> nn.Module:
-    return compact(model, example_inputs, masks, **kwargs).model
+# ---------------------------------------------------------------------------- steps
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what} fails on example inputs of shape {shapes}: {msg}") from None
+
+
+def _count(model: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat_outputs(v)]
+    if hasattr(out, "__dataclass_fields__"):
+        return [t for k in out.__dataclass_fields__ for t in _flat_outputs(getattr(out, k))]
+    return []
+
+
+def _compare(ref: Any, out: Any) -> tuple[float, float]:
+    r, o = _flat_outputs(ref), _flat_outputs(out)
+    if len(r) != len(o) or any(x.shape != y.shape for x, y in zip(r, o)):
+        return float("inf"), 0.0
+    err = max((float((x.double() - y.double()).abs().max()) for x, y in zip(r, o) if x.numel()), default=0.0)
+    scale = max((float(x.double().abs().max()) for x in r if x.numel()), default=0.0)
+    return err, scale
+
+
+def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    for name, m in model.named_modules():
+        if name in modes:
+            m.training = modes[name]
+
+
+def _solve(a: Analysis) -> None:
+    a.solve()
+    while a.rescue_empty():
+        a.solve()
+
+
+def _int_attrs(module: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(module).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+
+
+_PREFERRED = ("head", "dim", "size", "channel", "feature", "width", "hidden", "group")
+
+
+def _plan_patches(a: Analysis, work: nn.Module) -> bool:
+    """Decide attribute patches for literal sizes that shrink; pin what cannot be patched.
+
+    Returns True when something was pinned (the caller solves again).
+    """
+    plan: dict[tuple[str, str], int] = {}
+    pinned = False
+    a.patches = []
+    for node, y, d, lit in a.literal_sizes:
+        new = int(a.keep(y, d).sum())
+        if new == lit:
+            continue
+        owner = node.meta.get("owner", "") or ""
+        module = a.modules.get(owner)
+        cands = [k for k, v in _int_attrs(module).items() if v == lit] if module is not None else []
+        if len(cands) > 1:
+            pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
+            cands = pref if len(pref) == 1 else cands
+        key = (owner, cands[0]) if len(cands) == 1 else None
+        if key is None or plan.get(key, new) != new:
+            why = (f"forward code passes the fixed size {lit} to {node.target}; no unique attribute of "
+                   f"{owner or 'the model'!r} holds it" if key is None else
+                   f"forward code uses attribute {key[1]!r} for sizes that would need different values")
+            _pin_node(a, node, why)
+            pinned = True
+            continue
+        plan[key] = new
+    a.patches = [(o, k, _int_attrs(a.modules[o])[k], v) for (o, k), v in plan.items()]
+    return pinned
+
+
+def _pin_node(a: Analysis, node: fx.Node | str, why: str) -> None:
+    if isinstance(node, str):
+        node = next(n for n in a.traced.graph.nodes if n.name == node)
+    b = a.block(node, why if why.startswith("forward code") else f"forward code: {why}")
+    for v in flatten_vars(a.vars.get(node)):
+        a.pin_var(v, why, b)
+    for inp in node.all_input_nodes:
+        for v in flatten_vars(a.vars.get(inp)):
+            a.pin_var(v, why, b)
+
+
+def _slice(t: torch.Tensor, keeps: list[np.ndarray]) -> torch.Tensor:
+    out = t.detach()
+    for d, k in enumerate(keeps):
+        if not k.all():
+            out = out.index_select(d, torch.as_tensor(np.nonzero(k)[0], device=out.device))
+    return out
+
+
+def _build(a: Analysis, work: nn.Module) -> tuple[nn.Module, list, list[LayerChange]]:
+    """A compacted copy of ``work`` from the current keep vectors."""
+    new_modules: dict[str, nn.Module] = {}
+    for name, rebuild in a.rebuilders.items():
+        m = rebuild()
+        if m is not None:
+            m.train(a.modules[name].training)
+            new_modules[name] = m
+    # parameters/buffers used directly in forward (cls tokens, layer scales, ...)
+    new_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for v in a.param_vars.values():
+        keeps = [a.keep(v, d) for d in range(v.ndim)]
+        if all(k.all() for k in keeps):
+            continue
+        for mod_name, attr in v.refs:
+            if mod_name in new_modules or mod_name in a.rebuilders:
+                continue
+            t = getattr(a.modules[mod_name], attr)
+            new_tensors[(mod_name, attr)] = _slice(t, keeps)
+    result = copy.deepcopy(work)
+    modules = dict(result.named_modules())
+    changes = []
+    for name, m in new_modules.items():
+        parent_name, _, child = name.rpartition(".")
+        old = modules[name]
+        setattr(modules[parent_name], child, m)
+        changes.append(LayerChange(name, type(old).__name__,
+                                   {k: tuple(p.shape) for k, p in old.named_parameters(recurse=False)},
+                                   {k: tuple(p.shape) for k, p in m.named_parameters(recurse=False)}))
+    for (mod_name, attr), t in new_tensors.items():
+        owner = modules[mod_name]
+        old = getattr(owner, attr)
+        if attr in owner._parameters:
+            setattr(owner, attr, nn.Parameter(t.clone(), requires_grad=old.requires_grad))
+        else:
+            owner._buffers[attr] = t.clone()
+        changes.append(LayerChange(f"{mod_name}.{attr}" if mod_name else attr, "Parameter",
+                                   {attr: tuple(old.shape)}, {attr: tuple(t.shape)}))
+    patched = []
+    for owner, attr, old, new in getattr(a, "patches", []):
+        setattr(modules[owner], attr, new)
+        patched.append((owner, attr, old, new))
+    return result, patched, changes
+
+
+def _expected(a: Analysis, value: Any) -> Any:
+    if isinstance(value, Var):
+        return tuple(int(a.keep(value, d).sum()) for d in range(value.ndim))
+    if isinstance(value, tuple):
+        return tuple(_expected(a, v) for v in value)
+    return None
+
+
+def _shape_of(meta: Any) -> Any:
+    if isinstance(meta, TensorMeta):
+        return tuple(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return tuple(_shape_of(m) for m in meta)
+    return None
+
+
+def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[str, str] | None:
+    """Re-trace the compacted model; the first node whose shape is not the planned one, if any."""
+    from .trace import RecordError, _record, _Tracer
+
+    tracer = _Tracer(set(a.traced.opaque))
+    try:
+        graph = tracer.trace(candidate)
+    except Exception as exc:  # noqa: BLE001
+        return _first_pinnable(a), f"the compacted model cannot be traced: {exc}"
+    values: dict[fx.Node, Any] = {}
+    try:
+        values = _record(graph, candidate, inputs)
+        failed = None
+    except RecordError as exc:
+        values, failed = exc.values, exc.node
+    except Exception:  # noqa: BLE001
+        failed = None
+    by_name = {n.name: n for n in a.traced.graph.nodes}
+    for n in graph.nodes:
+        orig = by_name.get(n.name)
+        if orig is None:
+            continue
+        if n.name == failed:
+            return n.name, f"{n.target} fails with the compacted sizes"
+        if n not in values:
+            continue
+        exp = _expected(a, a.vars.get(orig))
+        got = _shape_of(values[n])
+        if exp is not None and got is not None and exp != got:
+            return n.name, f"{n.target} produces shape {got} where {exp} was planned"
+    if failed is not None:
+        return failed, "fails with the compacted sizes"
+    return None
+
+
+def _first_pinnable(a: Analysis) -> str:
+    for node in a.traced.graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target in ("view", "reshape"):
+            return node.name
+    return next(iter(a.traced.graph.nodes)).name
+
+
+def _count_kept_zero(a: Analysis) -> None:
+    counted: set[tuple[int, int]] = set()
+    for i, b in enumerate(a.blockers):
+        n = 0
+        node = next((x for x in a.traced.graph.nodes if x.name == b.node), None)
+        if node is None:
+            continue
+        for inp in node.all_input_nodes:
+            for v in flatten_vars(a.vars.get(inp)):
+                for d, c in v.cval.items():
+                    key = (id(v), d)
+                    if key in counted:
+                        continue
+                    counted.add(key)
+                    n += int((c == 0).sum()) if v.shape[d] > 1 else 0
+        b.kept_zero_channels = n
+        del i
+
+
+# ---------------------------------------------------------------------------- pruner interface
+
+
+def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
+    """Coupled channel groups of ``model`` as finalize sees them (one graph for pruner and finalize).
+
+    Each group is one space of channels that must be removed together; zeroing all of a channel's
+    ``producer`` slices makes it exactly zero, which finalize then removes everywhere.
+    """
+    from .groups import compute_groups
+
+    return compute_groups(model, _as_tuple(example_inputs))

@@ -1,0 +1,134 @@
+"""Trace a model to a torch.fx graph and record what every node produced.
+
+torch.fx symbolic tracing keeps ``torch.nn`` leaf modules as ``call_module`` nodes (so module
+rules can rebuild them) and turns functional code in ``forward`` into ``call_function`` /
+``call_method`` nodes (so ``x + y``, ``torch.cat``, ``view`` ... get their own rules). It is
+fast (milliseconds for a ResNet-50) and needs no example-shaped compilation.
+
+Where a submodule's ``forward`` cannot be traced (data-dependent Python), that submodule is
+made an opaque leaf and tracing is retried: the rest of the model still compacts and the
+opaque module keeps all of its channels (reported as a blocker).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MAX_RETRACES = 64
+
+
+class _Tracer(fx.Tracer):
+    """Records, for every node, the innermost module whose ``forward`` created it."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.failing_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failing_module is None:
+                # innermost module first: the exception unwinds through its parents afterwards
+                self.failing_module = self.path_of_module(m)
+            raise
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["owner"] = self.scope.module_path
+        return node
+
+
+@dataclass
+class Traced:
+    graph: fx.Graph
+    root: nn.Module
+    values: dict[fx.Node, Any]  # per node: TensorMeta for tensors (nested for tuples), else the value
+    opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it is a leaf
+
+
+def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
+    """Symbolically trace ``model`` and run the graph once on ``example_inputs``.
+
+    Raises ``RuntimeError`` (with the tracer's message) only when the root ``forward`` itself
+    cannot be traced.
+    """
+    opaque: dict[str, str] = {}
+    for _ in range(MAX_RETRACES):
+        tracer = _Tracer(set(opaque))
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is handled the same way
+            failing = tracer.failing_module
+            if not failing or failing in opaque:
+                raise RuntimeError(f"cannot trace the model's forward: {type(exc).__name__}: {exc}") from exc
+            opaque[failing] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.info("module %r cannot be traced (%s); treating it as opaque", failing, opaque[failing])
+    else:  # pragma: no cover - pathological
+        raise RuntimeError("cannot trace the model: too many untraceable submodules")
+    values = _record(graph, model, example_inputs)
+    return Traced(graph=graph, root=model, values=values, opaque=opaque)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return type(value)(_meta(v) for v in value) if isinstance(value, tuple) else [_meta(v) for v in value]
+    return value
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps, per node, the output's shapes (tensors) or value (ints...)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as exc:
+            raise RecordError(n.name, self.values, exc) from exc
+        self.values[n] = _meta(out)
+        return out
+
+
+class RecordError(Exception):
+    """A node failed while recording; carries the node name and what was recorded before it."""
+
+    def __init__(self, node: str, values: dict, cause: BaseException):
+        super().__init__(f"node {node}: {type(cause).__name__}: {cause}")
+        self.node = node
+        self.values = values
+        self.cause = cause
+
+
+def _record(graph: fx.Graph, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, Any]:
+    gm = fx.GraphModule(model, graph)
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    # map back to the caller's graph (GraphModule keeps the same Graph object)
+    return rec.values
