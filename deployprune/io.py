@@ -1290,6 +1290,8 @@ def save_checkpoint(
     from .fsutil import atomic_output
 
     ckpt = make_checkpoint(model, **kwargs)
-    with atomic_output(path, force=force) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as fh:
+        # a file object keeps the archive's inner folder name fixed ("archive"), so the same
+        # checkpoint always produces the same bytes whatever the (temporary) file name
+        torch.save(ckpt, fh)
     return Path(path)

@@ -1,0 +1,92 @@
+"""Python API entry points that span several stages (``dp.export``, ``dp.load``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import OutputError, UsageError
+from .fsutil import check_writable
+from .masks import extract_attached_masks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export", "load"]
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and all(
+        isinstance(t, torch.Tensor) for t in example_inputs
+    ):
+        if not example_inputs:
+            raise UsageError("example_inputs: expected at least one tensor")
+        return tuple(example_inputs)
+    raise UsageError(
+        "example_inputs: expected a tensor or a tuple of tensors, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    target: str = "onnx",
+    masks: Mapping[str, Mapping[str, Any]] | None = None,
+    force: bool = False,
+    **options: Any,
+) -> Path:
+    """Finalize ``model`` (when it has masks) and convert it to ``target`` at ``path``.
+
+    ``masks``: NNI layout ``{module: {"weight": 0/1 tensor}}``; ``None`` uses the masks a pruner
+    attached (if any). The model is not modified. ``options`` go to the converter (see
+    ``converters.get(target).OPTIONS``). The artifact is written to a staging directory and moved
+    into place only when complete; an existing ``path`` is replaced only with ``force=True``.
+    Returns the path. Use :func:`deployprune.validate` (or the CLI's ``export``) to verify it.
+    """
+    import converters
+
+    from .finalize import finalize
+    from .pipeline import staging
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    inputs = _as_inputs(example_inputs)
+    dest = Path(path)
+    converter = converters.get(target)
+    resolver = getattr(converters, "resolve_options", None)
+    if resolver is not None and hasattr(converter, "OPTIONS"):
+        resolver(target, converter.OPTIONS, options)
+    check_writable(dest, force=force)
+    if masks is not None or extract_attached_masks(model):
+        work = finalize(model, inputs, masks)
+    else:
+        work = model
+    was_training = work.training
+    work.eval()
+    try:
+        with staging(dest) as stage:
+            staged = stage.path()
+            converter.convert(work, inputs, staged, **options)
+            if not staged.exists():
+                raise OutputError(f"{dest}: the {target} converter wrote nothing")
+            stage.publish(staged, dest, force=force)
+    finally:
+        if work is model:
+            model.train(was_training)
+    return dest
+
+
+def load(path: str | os.PathLike, **kwargs: Any):
+    """:func:`deployprune.io.load_model` (model, example inputs and masks from a file)."""
+    from .io import load_model
+
+    return load_model(path, **kwargs)

@@ -1,0 +1,612 @@
+"""``deployprune`` command line: a thin layer over the Python API.
+
+Every failure is reported as one line ``error: <message>`` on stderr with the exit code of the
+exception class (see ``deployprune/errors.py`` and ``docs/cli.md``); tracebacks only with
+``--debug``. Ctrl-C exits 130 and SIGTERM 143, leaving no partial output behind.
+
+Subcommands can be added by other packages: if ``deployprune.pruning.cli`` defines
+``register(subparsers, parents)``, it is called with the argparse sub-parsers object and a dict
+of parent parsers (``"common"``: --debug/-v/-q, ``"load"``: the model-loading options). The
+sub-parser it adds must ``set_defaults(func=handler)`` with ``handler(args) -> int``; the
+handler can call :func:`load_from_args` to get a :class:`~deployprune.io.LoadedModel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    DeployPruneError,
+    UsageError,
+    ValidationFailed,
+)
+
+log = logging.getLogger("deployprune")
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+PLUGIN_MODULES = ("deployprune.pruning.cli",)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so ``finally`` blocks clean up staged outputs."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')")
+
+
+def _common_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output and diagnostics")
+    # SUPPRESS: the same flags exist on the main parser; sub-parsers must not reset them.
+    g.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more progress output (-vv: debug, including library warnings)",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only errors on stderr",
+    )
+    return p
+
+
+def _load_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model loading")
+    g.add_argument(
+        "model_path",
+        metavar="MODEL",
+        help="deployprune checkpoint, state_dict (.pt/.pth, needs --model), "
+        "torch.export program (.pt2) or pickled module (needs --trust-pickle)",
+    )
+    g.add_argument(
+        "--model",
+        dest="factory",
+        metavar="PKG.MOD:FACTORY",
+        help="callable that builds the architecture (called with no arguments), "
+        "e.g. models.lenet:TorchModel",
+    )
+    g.add_argument(
+        "--masks",
+        metavar="FILE",
+        help="masks in NNI layout {module: {'weight': 0/1 tensor}} saved with torch.save",
+    )
+    g.add_argument(
+        "--input-shape",
+        dest="input_shapes",
+        action="append",
+        metavar="SHAPE",
+        help="example input shape, e.g. 1,3,224,224 or 1,128:int64[:HIGH]; "
+        "repeat for several inputs (default: from the model registry/file)",
+    )
+    g.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a whole pickled nn.Module; UNSAFE: unpickling runs code "
+        "from the file, use only for files you trust",
+    )
+    g.add_argument(
+        "--max-file-size",
+        metavar="SIZE",
+        default=None,
+        help="refuse input files larger than SIZE (default 16G)",
+    )
+    return p
+
+
+def _add_validation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation")
+    g.add_argument(
+        "--n-inputs",
+        type=int,
+        default=8,
+        metavar="N",
+        help="number of inputs compared (the example input + N-1 seeded random ones)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
+    g.add_argument(
+        "--max-rel",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pass threshold: max abs error / output scale (default 1e-4)",
+    )
+    g.add_argument(
+        "--max-abs",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pass threshold: max abs error (default: not checked)",
+    )
+    g.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pass threshold: lowest cosine similarity (default 0.9999)",
+    )
+    g.add_argument(
+        "--min-top1",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pass threshold: top-1 agreement for classifier outputs (default: report only)",
+    )
+    g.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parent()
+    load = _load_parent()
+    parser = _Parser(
+        prog="deployprune",
+        description="Prune a PyTorch model, compact it exactly, export it (ONNX / Core ML) "
+        "and verify it.",
+        epilog="exit codes: 0 ok, 1 internal error, 2 usage, 3 input/output problem, "
+        "4 validation failed, 5 unsupported, 130 interrupted, 143 terminated",
+    )
+    parser.add_argument("--version", action="version", version=f"deployprune {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help="show tracebacks for errors"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more progress output")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=False, help="only errors on stderr"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # export ---------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "export",
+        parents=[load, common],
+        help="load -> finalize -> convert -> validate, with a summary and a JSON report",
+        description="Compact the (masked) model, convert it, validate the artifact against the "
+        "masked source and write <OUT>.report.json next to it.",
+    )
+    p.add_argument(
+        "--target", default="onnx", help="onnx (default), coreml, or another installed target"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="artifact path (default: ./<model stem><target suffix>, e.g. ./lenet.onnx)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output and report")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="converter option (repeatable); list them with 'deployprune targets TARGET'",
+    )
+    p.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip validation (no report is written; the artifact is unverified)",
+    )
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep the artifact even when validation fails (default: remove it)",
+    )
+    _add_validation_options(p)
+    p.set_defaults(func=cmd_export)
+
+    # finalize -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "finalize",
+        parents=[load, common],
+        help="compact a masked model into a smaller plain PyTorch model",
+        description="Write the compact model as a torch.export program (.pt2, default) or a "
+        "deployprune checkpoint (.pt); the file is read back and checked before it is kept.",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="output path ending in .pt2 or .pt (default: ./<model stem>.compact.pt2)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_finalize)
+
+    # validate -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "validate",
+        parents=[load, common],
+        help="compare an artifact (.onnx / .mlpackage) with the (masked) source model",
+    )
+    p.add_argument("artifact", metavar="ARTIFACT", help=".onnx file or .mlpackage directory")
+    p.add_argument("--dense", metavar="ONNX", help="dense reference artifact to time against")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report to FILE")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    _add_validation_options(p)
+    p.set_defaults(func=cmd_validate)
+
+    # report ---------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="render a JSON report as Markdown or HTML",
+    )
+    p.add_argument("report", metavar="REPORT.json", help="report written by export/validate")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="write to OUT (.md or .html; default: Markdown on stdout)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("md", "html"),
+        default=None,
+        help="output format (default: from the -o suffix, else md)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_report)
+
+    # targets --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "targets", parents=[common], help="list export targets and their --opt options"
+    )
+    p.add_argument("target", nargs="?", help="show the options of this target")
+    p.set_defaults(func=cmd_targets)
+
+    _register_plugins(sub, {"common": common, "load": load})
+    return parser
+
+
+def _register_plugins(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    for name in PLUGIN_MODULES:
+        command = name.rsplit(".", 2)[-2]  # deployprune.pruning.cli -> "pruning"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                _placeholder(
+                    sub,
+                    "prune" if command == "pruning" else command,
+                    "is not available in this installation",
+                )
+                continue
+            _placeholder(
+                sub,
+                "prune" if command == "pruning" else command,
+                f"failed to load ({_one_line(exc)})",
+            )
+            continue
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the other commands
+            _placeholder(
+                sub,
+                "prune" if command == "pruning" else command,
+                f"failed to load ({type(exc).__name__}: {_one_line(exc)})",
+            )
+            continue
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(sub, parents)
+
+
+def _placeholder(sub: Any, command: str, why: str) -> None:
+    p = sub.add_parser(command, help=f"({command} {why})", add_help=True)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(_args: argparse.Namespace) -> int:
+        raise UsageError(f"'deployprune {command}' {why}")
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def load_from_args(args: argparse.Namespace):
+    """The :class:`~deployprune.io.LoadedModel` described by the common loading options."""
+    from .io import DEFAULT_MAX_FILE_BYTES, load_model, parse_input_shape, parse_size
+
+    max_bytes = (
+        parse_size(args.max_file_size)
+        if getattr(args, "max_file_size", None)
+        else DEFAULT_MAX_FILE_BYTES
+    )
+    shapes = [parse_input_shape(s) for s in (args.input_shapes or [])]
+    return load_model(
+        args.model_path,
+        model_factory=args.factory,
+        allow_pickle=args.trust_pickle,
+        input_shapes=shapes or None,
+        masks=args.masks,
+        max_file_bytes=max_bytes,
+    )
+
+
+def _thresholds(args: argparse.Namespace) -> dict[str, float] | None:
+    out = {
+        k: getattr(args, k)
+        for k in ("max_rel", "max_abs", "min_cosine", "min_top1")
+        if getattr(args, k, None) is not None
+    }
+    return out or None
+
+
+def _check_n_inputs(args: argparse.Namespace) -> None:
+    if args.n_inputs < 1:
+        raise UsageError(f"--n-inputs {args.n_inputs}: must be at least 1")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import converters
+
+    from .pipeline import run_export
+
+    _check_n_inputs(args)
+    converters.get(args.target)  # unknown target: fail before loading anything
+    options = converters.parse_option_strings(args.target, args.opt) if args.opt else {}
+    thresholds = _thresholds(args)
+    loaded = load_from_args(args)
+    outcome = run_export(
+        loaded,
+        args.target,
+        args.output,
+        options=options,
+        force=args.force,
+        validate=not args.no_validate,
+        keep_failed=args.keep_failed,
+        thresholds=thresholds,
+        n_inputs=args.n_inputs,
+        seed=args.seed,
+        latency=not args.no_latency,
+    )
+    _print_lines(outcome.summary_lines())
+    if outcome.passed is False:
+        failures = (
+            "; ".join(getattr(outcome.validation, "failures", []) or []) or "thresholds not met"
+        )
+        where = outcome.artifact or outcome.report_path or loaded.source
+        raise ValidationFailed(f"{where}: validation failed: {failures}")
+    return EXIT_OK
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from .pipeline import run_finalize
+
+    loaded = load_from_args(args)
+    outcome = run_finalize(loaded, args.output, force=args.force)
+    _print_lines(outcome.summary_lines())
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fsutil import check_writable, write_text_atomic
+    from .pipeline import masked_copy
+    from .validate import validate
+
+    _check_n_inputs(args)
+    artifact = Path(args.artifact)
+    if not artifact.exists():
+        from .errors import InputError
+
+        raise InputError(f"{artifact}: no such artifact; check the path")
+    if args.json_out:
+        check_writable(args.json_out, force=args.force)
+    loaded = load_from_args(args)
+    source = masked_copy(loaded.model, loaded.masks)
+    report = validate(
+        source,
+        artifact,
+        loaded.example_inputs,
+        n_inputs=args.n_inputs,
+        seed=args.seed,
+        thresholds=_thresholds(args),
+        latency=not args.no_latency,
+        dense_artifact=args.dense,
+        name=loaded.source.stem,
+        source_path=loaded.source,
+    )
+    _print_lines(report.summary_lines())
+    if args.json_out:
+        write_text_atomic(args.json_out, report.to_json(), force=args.force)
+        _print_lines([f"report:     {args.json_out}"])
+    report.raise_for_failure()
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fsutil import write_text_atomic
+    from .validate import load_report
+
+    fmt = args.format
+    if fmt is None:
+        fmt = (
+            "html"
+            if args.output and Path(args.output).suffix.lower() in (".html", ".htm")
+            else "md"
+        )
+    report = load_report(args.report)
+    from . import report as report_mod
+
+    if fmt == "html":
+        render = getattr(report_mod, "render_html", None)
+        if render is None:
+            raise UsageError("HTML reports are not available in this installation; use --format md")
+        text = render(report)
+    else:
+        text = report_mod.render_markdown(report)
+    if args.output:
+        write_text_atomic(args.output, text, force=args.force)
+        _print_lines([f"report: {args.output}"])
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    import converters
+
+    if args.target:
+        converters.get(args.target)
+        _print_lines(
+            [
+                f"options of target {args.target!r} (pass as --opt KEY=VALUE):",
+                converters.describe_options(args.target),
+            ]
+        )
+        return EXIT_OK
+    _print_lines(converters.available())
+    return EXIT_OK
+
+
+def _print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+    handler.addFilter(_LowerLevel())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries (torch, onnx, coremltools) are noisy: errors only unless -vv.
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
+    ours = (
+        logging.ERROR
+        if quiet
+        else logging.DEBUG
+        if verbose >= 2
+        else logging.INFO
+        if verbose
+        else logging.WARNING
+    )
+    for name in ("deployprune", "converters", "models"):
+        logging.getLogger(name).setLevel(ours)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose >= 2 else logging.CRITICAL)
+    if verbose < 2:
+        warnings.simplefilter("ignore")
+
+
+class _LowerLevel(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelname_lower = record.levelname.lower()
+        record.msg = _one_line(record.getMessage())
+        record.args = None
+        return True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        previous = None
+    try:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            debug = debug or bool(getattr(args, "debug", False))
+            _setup_logging(
+                int(getattr(args, "verbose", 0) or 0), bool(getattr(args, "quiet", False))
+            )
+            func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+            if func is None:
+                parser.print_help(sys.stderr)
+                return EXIT_USAGE
+            return int(func(args) or 0)
+        except DeployPruneError as exc:
+            if debug:
+                traceback.print_exc()
+            _error(str(exc))
+            return exc.exit_code
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            _error("interrupted; no partial output was left behind")
+            return EXIT_INTERRUPTED
+        except Terminated:
+            _error("terminated (SIGTERM); no partial output was left behind")
+            return EXIT_TERMINATED
+        except BrokenPipeError:
+            return EXIT_OK
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if debug:
+                traceback.print_exc()
+                _error(
+                    f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+                    "please report it"
+                )
+            else:
+                _error(
+                    f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+                    "rerun with --debug for the traceback and please report it"
+                )
+            return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

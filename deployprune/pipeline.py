@@ -1,0 +1,649 @@
+"""The one-shot pipelines behind ``deployprune export`` and ``deployprune finalize``.
+
+``run_export``: loaded model -> finalize (compact) -> convert -> validate against the masked
+source in onnxruntime (plus a dense, uncompacted export of the same masked model, timed like for
+like) -> summary + JSON report next to the artifact.
+
+Outputs are produced in a private staging directory next to the destination and moved into
+place only when complete (and, unless ``keep_failed``, only when validation passed), so an
+error, Ctrl-C or SIGTERM never leaves a partial or unverified artifact at the output path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DeployPruneError, OutputError, UnsupportedError, UsageError
+from .fsutil import check_writable
+from .io import LoadedModel, describe_inputs
+from .masks import Masks, apply_masks_, mask_sparsity
+
+log = logging.getLogger(__name__)
+
+REPORT_SUFFIX = ".report.json"
+DEFAULT_SUFFIXES = {"onnx": ".onnx", "coreml": ".mlpackage", "torchscript": ".pt"}
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths and staging
+# --------------------------------------------------------------------------------------------
+
+
+def target_suffix(target: str) -> str:
+    try:
+        import converters
+
+        suffix = getattr(converters.get(target), "SUFFIX", None)
+    except DeployPruneError:
+        raise
+    except Exception:  # noqa: BLE001 - converters package missing: fall back to the table
+        suffix = None
+    return suffix or DEFAULT_SUFFIXES.get(target, f".{target}")
+
+
+def default_output(source: Path, suffix: str, *, directory: Path | None = None) -> Path:
+    """``<stem><suffix>`` in the current directory (never the input file itself)."""
+    directory = Path(".") if directory is None else directory
+    out = directory / f"{source.stem}{suffix}"
+    if _same_file(out, source):
+        out = directory / f"{source.stem}.out{suffix}"
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_not_input(out: Path, *inputs: Path | None) -> None:
+    for src in inputs:
+        if src is not None and _same_file(out, src):
+            raise UsageError(
+                f"{out}: the output would overwrite the input file; choose another -o path"
+            )
+
+
+def report_path_for(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + REPORT_SUFFIX)
+
+
+class Staging:
+    """A private directory next to the destination; :meth:`publish` moves results into place."""
+
+    def __init__(self, dest: Path):
+        parent = dest.parent if str(dest.parent) else Path(".")
+        try:
+            self.dir = Path(
+                tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
+            )
+        except OSError as exc:
+            raise OutputError(
+                f"{dest}: cannot write in {parent} ({exc.strerror or exc}); "
+                "choose another output path"
+            ) from None
+        self.dest = dest
+
+    def path(self, name: str | None = None) -> Path:
+        return self.dir / (name or self.dest.name)
+
+    def publish(self, staged: Path, dest: Path, *, force: bool) -> Path:
+        """Move ``staged`` (and side files ``staged.name + suffix``) onto ``dest``."""
+        sides = sorted(
+            p for p in self.dir.iterdir() if p.name.startswith(staged.name) and p != staged
+        )
+        try:
+            for side in sides:  # side files first (ONNX external data) so the main file is last
+                target = dest.with_name(dest.name + side.name[len(staged.name) :])
+                _replace(side, target, force=force)
+            _replace(staged, dest, force=force)
+        except OSError as exc:
+            raise OutputError(
+                f"{dest}: cannot move the result into place ({exc.strerror or exc}); "
+                "check free space and permissions"
+            ) from None
+        return dest
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _replace(src: Path, dest: Path, *, force: bool) -> None:
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise OutputError(f"{dest}: already exists; pass --force (force=True) to overwrite it")
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+    os.replace(src, dest)
+
+
+@contextlib.contextmanager
+def staging(dest: Path) -> Iterator[Staging]:
+    stage = Staging(dest)
+    try:
+        yield stage
+    finally:
+        stage.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# Model helpers
+# --------------------------------------------------------------------------------------------
+
+
+def count_params(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def masked_copy(model: nn.Module, masks: Masks) -> nn.Module:
+    """The dense model with masks multiplied in: the reference every artifact is checked against."""
+    from .masks import strip_parametrizations_
+
+    work = copy.deepcopy(model)
+    strip_parametrizations_(work)
+    if masks:
+        apply_masks_(work, masks)
+    return work
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    ta = _flatten(a)
+    tb = _flatten(b)
+    if len(ta) != len(tb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(ta, tb, strict=True):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel():
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return worst
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+@dataclass
+class Compacted:
+    source: nn.Module  # masked dense model (reference)
+    model: nn.Module  # compact model
+    blocked: list
+    parity_max_abs: float
+    seconds: float
+
+
+def compact_loaded(loaded: LoadedModel) -> Compacted:
+    """Finalize ``loaded`` (when it has masks) and measure torch parity against the masked model."""
+    from .finalize import compact
+
+    t0 = time.perf_counter()
+    source = masked_copy(loaded.model, loaded.masks)
+    if loaded.masks:
+        result = compact(loaded.model, loaded.example_inputs, loaded.masks)
+        model, blocked = result.model, list(getattr(result, "blocked", []) or [])
+    else:
+        model, blocked = source, []
+    model.eval()
+    with torch.no_grad():
+        diff = _max_abs_diff(source(*loaded.example_inputs), model(*loaded.example_inputs))
+    return Compacted(source, model, blocked, diff, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportOutcome:
+    """What ``run_export`` produced; ``exit_code`` is what the CLI returns."""
+
+    target: str
+    artifact: Path | None  # None when validation failed and the artifact was not kept
+    report_path: Path | None
+    passed: bool | None  # None: not validated
+    params_before: int
+    params_after: int
+    size_bytes: int | None
+    conversion: Any = None
+    validation: Any = None
+    blocked: list = field(default_factory=list)
+    torch_parity: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        from .errors import EXIT_OK, EXIT_VALIDATION
+
+        return EXIT_VALIDATION if self.passed is False else EXIT_OK
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        shown = self.artifact if self.artifact is not None else "(not kept: validation failed)"
+        size = f", {_fmt_size(self.size_bytes)}" if self.size_bytes is not None else ""
+        lines.append(f"artifact:   {shown} ({self.target}{size})")
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        lines.append(
+            f"params:     {self.params_before:,} -> {self.params_after:,} "
+            f"({ratio:.1%} of the source)"
+        )
+        if self.blocked:
+            lines.append(f"compaction: {len(self.blocked)} group(s) kept at full size (see report)")
+        if self.validation is not None:
+            try:
+                lines.extend(self.validation.summary_lines())
+            except Exception as exc:  # noqa: BLE001 - a rendering problem must not hide the verdict
+                log.debug("summary_lines failed: %s", exc)
+                lines.append(
+                    f"validation: {'PASSED' if self.passed else 'FAILED'} "
+                    f"(max abs error {getattr(self.validation, 'max_abs_error', float('nan')):.3g})"
+                )
+        else:
+            lines.append("validation: skipped (--no-validate)")
+        if self.report_path is not None:
+            lines.append(f"report:     {self.report_path}")
+        lines.extend(f"note:       {n}" for n in self.notes)
+        return lines
+
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def run_export(
+    loaded: LoadedModel,
+    target: str = "onnx",
+    out: str | os.PathLike | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    force: bool = False,
+    validate: bool = True,
+    keep_failed: bool = False,
+    thresholds: Any = None,
+    n_inputs: int = 8,
+    seed: int = 0,
+    latency: Any = True,
+    write_report: bool = True,
+) -> ExportOutcome:
+    """Load -> compact -> convert -> validate -> report. See the module docstring."""
+    import converters
+
+    converter = converters.get(target)
+    options = dict(options or {})
+    resolver = getattr(converters, "resolve_options", None)
+    if resolver is not None and hasattr(converter, "OPTIONS"):
+        resolver(target, converter.OPTIONS, options)  # reject unknown/mistyped options before work
+    out_path = (
+        Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
+    )
+    check_not_input(out_path, loaded.source)
+    check_writable(out_path, force=force)
+    rpath = report_path_for(out_path) if (validate and write_report) else None
+    if rpath is not None:
+        check_writable(rpath, force=force)
+
+    seconds: dict[str, float] = {}
+    log.info("compacting %s (%d masked modules)", loaded.source, len(loaded.masks))
+    comp = compact_loaded(loaded)
+    seconds["finalize"] = comp.seconds
+    notes: list[str] = []
+    if comp.parity_max_abs > 1e-4:
+        log.warning(
+            "compact model differs from the masked model by %.3g in torch", comp.parity_max_abs
+        )
+
+    with staging(out_path) as stage:
+        staged = stage.path()
+        log.info("converting to %s", target)
+        t0 = time.perf_counter()
+        conversion = converter.convert(comp.model, loaded.example_inputs, staged, **options)
+        seconds["convert"] = time.perf_counter() - t0
+        if not staged.exists():
+            raise OutputError(f"{out_path}: the {target} converter wrote nothing")
+        size = getattr(conversion, "size_bytes", None)
+
+        report = None
+        passed: bool | None = None
+        if validate:
+            t0 = time.perf_counter()
+            report = _validate(
+                loaded,
+                comp,
+                converter,
+                target,
+                staged,
+                options,
+                stage,
+                thresholds=thresholds,
+                n_inputs=n_inputs,
+                seed=seed,
+                latency=latency,
+            )
+            seconds["validate"] = time.perf_counter() - t0
+            passed = bool(report.passed)
+
+        keep = passed is not False or keep_failed
+        artifact: Path | None = None
+        if keep:
+            artifact = stage.publish(staged, out_path, force=force)
+        else:
+            notes.append(
+                "the artifact failed validation and was removed; "
+                "rerun with --keep-failed to keep it"
+            )
+        if report is not None:
+            _annotate_report(report, loaded, comp, conversion, out_path if keep else None, notes)
+            if rpath is not None:
+                staged_report = stage.path(rpath.name)
+                staged_report.write_text(report.to_json(), encoding="utf-8")
+                stage.publish(staged_report, rpath, force=force)
+
+    return ExportOutcome(
+        target=target,
+        artifact=artifact,
+        report_path=rpath,
+        passed=passed,
+        params_before=count_params(comp.source),
+        params_after=count_params(comp.model),
+        size_bytes=size,
+        conversion=conversion,
+        validation=report,
+        blocked=comp.blocked,
+        torch_parity=comp.parity_max_abs,
+        seconds=seconds,
+        notes=notes,
+    )
+
+
+def _validate(
+    loaded: LoadedModel,
+    comp: Compacted,
+    converter: Any,
+    target: str,
+    staged: Path,
+    options: Mapping[str, Any],
+    stage: Staging,
+    *,
+    thresholds: Any,
+    n_inputs: int,
+    seed: int,
+    latency: Any,
+) -> Any:
+    from .validate import validate
+
+    dense_path: Path | None = None
+    if target == "onnx" and latency and loaded.masks:
+        # Like-for-like timing: the same masked model, exported without compaction.
+        dense_path = stage.path(f"dense-{staged.name}")
+        try:
+            converter.convert(comp.source, loaded.example_inputs, dense_path, **options)
+        except DeployPruneError as exc:
+            log.warning(
+                "dense reference export failed, latency is shown for the artifact only: %s", exc
+            )
+            dense_path = None
+    source_path = loaded.source if loaded.source.is_file() else None
+    log.info("validating %s against %s", staged.name, loaded.source)
+    report = validate(
+        comp.source,
+        staged,
+        loaded.example_inputs,
+        n_inputs=n_inputs,
+        seed=seed,
+        thresholds=thresholds,
+        latency=latency,
+        dense_artifact=dense_path,
+        name=loaded.source.stem,
+        source_path=source_path,
+    )
+    if dense_path is not None:
+        for p in stage.dir.glob(dense_path.name + "*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    return report
+
+
+def _annotate_report(
+    report: Any,
+    loaded: LoadedModel,
+    comp: Compacted,
+    conversion: Any,
+    final_path: Path | None,
+    notes: list[str],
+) -> None:
+    """Point the report at the final artifact path and record pipeline facts."""
+    art = getattr(report, "artifact", None)
+    if art is not None and hasattr(art, "path"):
+        art.path = str(final_path) if final_path is not None else None
+    dense = getattr(report, "dense_artifact", None)
+    if dense is not None and hasattr(dense, "path"):
+        dense.path = None  # a temporary file, removed after timing
+    extra = pipeline_facts(loaded, comp, conversion)
+    if hasattr(report, "pipeline") and isinstance(report.pipeline, dict):
+        report.pipeline.update(extra)
+    report_notes = getattr(report, "notes", None)
+    if isinstance(report_notes, list):
+        report_notes.append(
+            f"source {loaded.source} ({loaded.kind}), "
+            f"inputs {describe_inputs(loaded.example_inputs)}"
+        )
+        if loaded.masks:
+            report_notes.append(
+                f"masks on {len(loaded.masks)} modules; finalize torch parity "
+                f"max abs {comp.parity_max_abs:.3g}; {len(comp.blocked)} group(s) not compacted"
+            )
+        for w in getattr(conversion, "warnings", []) or []:
+            report_notes.append(f"converter: {w}")
+        report_notes.extend(notes)
+
+
+def pipeline_facts(loaded: LoadedModel, comp: Compacted, conversion: Any) -> dict[str, Any]:
+    """Pipeline details for reports (plain JSON types)."""
+    to_dict = getattr(conversion, "to_dict", None)
+    return {
+        "source": {
+            "path": str(loaded.source),
+            "kind": loaded.kind,
+            "factory": loaded.factory,
+            "arch": loaded.arch,
+            "inputs": [s.to_json() for s in loaded.input_shapes],
+        },
+        "masks": {k: round(v, 6) for k, v in mask_sparsity(loaded.masks).items()},
+        "params": {"source": count_params(comp.source), "compact": count_params(comp.model)},
+        "finalize": {
+            "torch_max_abs": comp.parity_max_abs,
+            "seconds": round(comp.seconds, 3),
+            "blocked": [str(b) for b in comp.blocked],
+        },
+        "conversion": to_dict() if callable(to_dict) else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# finalize
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinalizeOutcome:
+    path: Path
+    format: str  # "pt2" | "checkpoint"
+    params_before: int
+    params_after: int
+    blocked: list
+    torch_parity: float
+    module_changes: list[str] = field(default_factory=list)
+
+    def summary_lines(self) -> list[str]:
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        kind = "torch.export program" if self.format == "pt2" else "deployprune checkpoint"
+        lines = [
+            f"compact model: {self.path} ({kind})",
+            f"params:        {self.params_before:,} -> {self.params_after:,} "
+            f"({ratio:.1%} of the source)",
+            f"parity:        max abs error {self.torch_parity:.3g} vs the masked model (torch)",
+        ]
+        lines.extend(f"  {c}" for c in self.module_changes[:20])
+        if len(self.module_changes) > 20:
+            lines.append(f"  ... {len(self.module_changes) - 20} more")
+        if self.blocked:
+            lines.append(
+                f"not compacted: {len(self.blocked)} group(s): "
+                + "; ".join(str(b) for b in self.blocked[:5])
+            )
+        return lines
+
+
+def module_changes(before: nn.Module, after: nn.Module) -> list[str]:
+    """``conv1: Conv2d(1, 6) -> Conv2d(1, 3)`` for every module whose size changed."""
+    old = dict(before.named_modules())
+    out = []
+    for name, mod in after.named_modules():
+        if not name or name not in old:
+            continue
+        a, b = _short(old[name]), _short(mod)
+        if a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out
+
+
+def _short(m: nn.Module) -> str:
+    for attrs in (
+        ("in_channels", "out_channels"),
+        ("in_features", "out_features"),
+        ("num_features",),
+        ("normalized_shape",),
+        ("num_embeddings", "embedding_dim"),
+    ):
+        if all(hasattr(m, a) for a in attrs):
+            return f"{type(m).__name__}({', '.join(str(getattr(m, a)) for a in attrs)})"
+    return type(m).__name__
+
+
+def run_finalize(
+    loaded: LoadedModel,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    tolerance: float = 1e-5,
+) -> FinalizeOutcome:
+    """Compact ``loaded`` and write it as a ``.pt2`` program (default) or a deployprune checkpoint.
+
+    The written file is loaded back (safely) and compared with the compact model before it is
+    moved into place; a checkpoint that cannot reproduce the model is refused.
+    """
+    out_path = Path(out) if out is not None else default_output(loaded.source, ".compact.pt2")
+    fmt = (
+        "pt2"
+        if out_path.suffix == ".pt2"
+        else "checkpoint"
+        if out_path.suffix in (".pt", ".pth")
+        else None
+    )
+    if fmt is None:
+        raise UsageError(
+            f"{out_path}: finalize writes .pt2 (torch.export program) or .pt/.pth "
+            "(deployprune checkpoint); choose one of these suffixes"
+        )
+    if fmt == "checkpoint" and loaded.arch is None and loaded.factory is None:
+        raise UsageError(
+            f"{out_path}: a checkpoint needs the model's architecture, which {loaded.source} "
+            f"({loaded.kind}) does not name; write a .pt2 file instead"
+        )
+    check_not_input(out_path, loaded.source)
+    check_writable(out_path, force=force)
+    comp = compact_loaded(loaded)
+    from .io import load_model, save_checkpoint
+
+    with staging(out_path) as stage:
+        staged = stage.path()
+        if fmt == "pt2":
+            try:
+                program = torch.export.export(comp.model, loaded.example_inputs)
+            except Exception as exc:  # noqa: BLE001
+                raise UnsupportedError(
+                    f"{out_path}: torch.export cannot capture the compact model "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                    "write a .pt checkpoint instead"
+                ) from None
+            torch.export.save(program, str(staged))
+        else:
+            save_checkpoint(
+                staged,
+                comp.model,
+                arch=loaded.arch,
+                factory=None if loaded.arch else loaded.factory,
+                input_shapes=loaded.input_shapes,
+                compact=True,
+            )
+        # Read it back the way a user would and check it reproduces the compact model.
+        try:
+            again = load_model(
+                staged,
+                model_factory=None if (loaded.arch or fmt == "pt2") else loaded.factory,
+                input_shapes=loaded.input_shapes,
+            )
+            with torch.no_grad():
+                diff = _max_abs_diff(
+                    comp.model(*loaded.example_inputs), again.model(*loaded.example_inputs)
+                )
+        except DeployPruneError as exc:
+            raise UnsupportedError(
+                f"{out_path}: the written {fmt} does not load back ({exc}); "
+                "write a .pt2 file instead"
+                if fmt == "checkpoint"
+                else f"{out_path}: the written program does not load back ({exc})"
+            ) from None
+        if diff > tolerance:
+            hint = "; write a .pt2 file instead" if fmt == "checkpoint" else ""
+            raise UnsupportedError(
+                f"{out_path}: the written {fmt} reproduces the compact model only to "
+                f"{diff:.3g} (max abs){hint}"
+            )
+        stage.publish(staged, out_path, force=force)
+    return FinalizeOutcome(
+        path=out_path,
+        format=fmt,
+        params_before=count_params(comp.source),
+        params_after=count_params(comp.model),
+        blocked=comp.blocked,
+        torch_parity=comp.parity_max_abs,
+        module_changes=module_changes(loaded.model, comp.model),
+    )
