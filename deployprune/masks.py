@@ -68,12 +68,11 @@ def normalize_masks(model: nn.Module, masks: Mapping[str, Any] | None, *, source
                 raise MaskError(f"{where}: mask dtype {mask.dtype} is not supported; use bool or 0/1 floats")
             m = mask.detach().to("cpu")
             if m.dtype != torch.bool:
-                mf = m.to(torch.float64)
-                if torch.isnan(mf).any():
+                if m.is_floating_point() and torch.isnan(m).any():
                     raise MaskError(f"{where}: mask contains NaN; masks must hold only 0 and 1")
-                bad = ~((mf == 0) | (mf == 1))
+                bad = (m != 0) & (m != 1)
                 if bad.any():
-                    value = mf[bad].flatten()[0].item()
+                    value = float(m[bad].flatten()[0])
                     raise MaskError(f"{where}: mask is not binary (found {value:g}); masks must hold only 0 and 1")
             out.setdefault(mod_name, {})[pname] = m.to(torch.bool)
     return out

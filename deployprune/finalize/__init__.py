@@ -145,20 +145,15 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         if unpatchable:
             continue
         candidate, patched, changes = _build(a, work)
-        failing = _check_shapes(a, candidate, inputs)
+        failing, out = _check_shapes(a, candidate, inputs)
         if failing is not None:
             node, why = failing
             _pin_node(a, node, why)
             continue
-        try:
-            out = _run(candidate, inputs, "the compacted model")
-        except InputError:
-            out = None
-        if out is not None:
-            err, scale = _compare(ref, out)
-            if err <= rtol * max(scale, 1e-12) or err == 0.0:
-                result_model = candidate
-                break
+        err, scale = _compare(ref, out)
+        if err <= rtol * max(scale, 1e-12) or err == 0.0:
+            result_model = candidate
+            break
         log.error("finalize: compacted model differs from the masked model (max abs error %.3g at scale %.3g); "
                   "returning the masked model uncompacted", err, scale)
         break
@@ -368,39 +363,40 @@ def _shape_of(meta: Any) -> Any:
     return None
 
 
-def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[str, str] | None:
-    """Re-trace the compacted model; the first node whose shape is not the planned one, if any."""
+def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[tuple[str, str] | None, Any]:
+    """Re-trace and run the compacted model.
+
+    Returns (first node whose shape is not the planned one, with why) or (None, model output).
+    """
     from .trace import RecordError, _record, _Tracer
 
     tracer = _Tracer(set(a.traced.opaque))
     try:
         graph = tracer.trace(candidate)
     except Exception as exc:  # noqa: BLE001
-        return _first_pinnable(a), f"the compacted model cannot be traced: {exc}"
+        return (_first_pinnable(a), f"the compacted model cannot be traced: {exc}"), None
     values: dict[fx.Node, Any] = {}
+    out, failed = None, None
     try:
-        values = _record(graph, candidate, inputs)
-        failed = None
+        values, out = _record(graph, candidate, inputs, keep_output=True)
     except RecordError as exc:
         values, failed = exc.values, exc.node
-    except Exception:  # noqa: BLE001
-        failed = None
     by_name = {n.name: n for n in a.traced.graph.nodes}
     for n in graph.nodes:
         orig = by_name.get(n.name)
         if orig is None:
             continue
         if n.name == failed:
-            return n.name, f"{n.target} fails with the compacted sizes"
+            return (n.name, f"{n.target} fails with the compacted sizes"), None
         if n not in values:
             continue
         exp = _expected(a, a.vars.get(orig))
         got = _shape_of(values[n])
         if exp is not None and got is not None and exp != got:
-            return n.name, f"{n.target} produces shape {got} where {exp} was planned"
+            return (n.name, f"{n.target} produces shape {got} where {exp} was planned"), None
     if failed is not None:
-        return failed, "fails with the compacted sizes"
-    return None
+        return (failed, "fails with the compacted sizes"), None
+    return None, out
 
 
 def _first_pinnable(a: Analysis) -> str:

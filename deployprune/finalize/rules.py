@@ -1487,3 +1487,26 @@ __all__ = [
     "owner_of",
     "math",
 ]
+
+
+@register_function_rule(F.pad, torch.constant_pad_nd)
+def _pad(a: Analysis, node: fx.Node) -> None:
+    x = a.var(node.args[0])
+    y = out_var(a, node)
+    pad = arg(node, 1, "pad")
+    if x is None or y is None or not isinstance(pad, (tuple, list)) or x.ndim != y.ndim:
+        opaque(a, node)
+        return
+    n = len(pad) // 2
+    mode = arg(node, 2, "mode", "constant")
+    value = arg(node, 3, "value", 0.0) or 0.0
+    for d in range(x.ndim):
+        if d >= x.ndim - n:
+            a.pin(x, d, "padded dimension")
+            a.pin(y, d, "padded dimension")
+        else:
+            a.same(x, d, y, d)
+            c = a.cv(x, d)
+            if mode == "constant":
+                c = np.where(c == value, c, np.nan)
+            a.set_cv(y, d, c)

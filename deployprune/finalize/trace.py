@@ -81,7 +81,10 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
             log.info("module %r cannot be traced (%s); treating it as opaque", failing, opaque[failing])
     else:  # pragma: no cover - pathological
         raise RuntimeError("cannot trace the model: too many untraceable submodules")
-    values = _record(graph, model, example_inputs)
+    try:
+        values = _record(graph, model, example_inputs)
+    except RecordError as exc:
+        raise RuntimeError(f"the traced graph fails on the example inputs at {exc}") from exc
     return Traced(graph=graph, root=model, values=values, opaque=opaque)
 
 
@@ -125,10 +128,11 @@ class RecordError(Exception):
         self.cause = cause
 
 
-def _record(graph: fx.Graph, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, Any]:
+def _record(graph: fx.Graph, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+            keep_output: bool = False) -> Any:
     gm = fx.GraphModule(model, graph)
     rec = _Recorder(gm)
     with torch.no_grad():
-        rec.run(*inputs)
-    # map back to the caller's graph (GraphModule keeps the same Graph object)
-    return rec.values
+        out = rec.run(*inputs)
+    # the GraphModule shares our Graph, so the recorded nodes are the caller's nodes
+    return (rec.values, out) if keep_output else rec.values
