@@ -1,0 +1,58 @@
+"""TorchScript target: the whole contract of a converter in one small file.
+
+It is the worked example of docs/converters.md ("adding a target"): options with defaults
+and help, argument checking, an atomic write, verification before the rename, and a
+ConversionResult.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deployprune.errors import UnsupportedError, ValidationFailed
+from deployprune.fsutil import atomic_output, check_writable
+
+from . import COMMON_OPTIONS, Choice, ConversionResult, resolve_options
+from ._common import check_model_and_inputs, eval_mode, flatten_outputs, parity, run_torch
+
+TARGET = "torchscript"
+SUFFIX = ".pt"
+
+OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    **COMMON_OPTIONS,
+    "method": (Choice("trace", "script"), "trace", "torch.jit.trace (any forward) or torch.jit.script"),
+    "tolerance": (float, 1e-5, "verify: max abs error allowed, relative to the output's max |value|"),
+}
+
+
+def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
+            **options: Any) -> ConversionResult:
+    opts = resolve_options(TARGET, OPTIONS, options)
+    inputs = check_model_and_inputs(model, example_inputs, TARGET)
+    path = check_writable(path, force=opts["force"])
+    with eval_mode(model), torch.no_grad():
+        reference = run_torch(model, inputs)
+        try:
+            module = torch.jit.trace(model, inputs) if opts["method"] == "trace" else torch.jit.script(model)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedError(f"torchscript: torch.jit.{opts['method']} cannot handle "
+                                   f"{type(model).__name__}: {first}") from exc
+    metadata: dict[str, Any] = {"method": opts["method"]}
+    with atomic_output(path, force=opts["force"]) as tmp:
+        torch.jit.save(module, str(tmp))
+        if opts["verify"]:
+            loaded = torch.jit.load(str(tmp))
+            with torch.no_grad():
+                got = [t.numpy() for t in flatten_outputs(loaded(*inputs))]
+            rel, err = parity(reference, got)
+            if not rel <= opts["tolerance"]:
+                raise ValidationFailed(f"{path}: the saved TorchScript module differs from the model "
+                                       f"(max abs error {err:.3g}); nothing was written")
+            metadata["max_abs_error"] = err
+    return ConversionResult(path=path, target=TARGET, size_bytes=path.stat().st_size, options=opts,
+                            metadata=metadata)
