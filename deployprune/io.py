@@ -1099,8 +1099,12 @@ def _looks_like_masks(obj: Mapping) -> bool:
 
 
 def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:
-    """Take pruning parametrizations off a module: dense weights stay, the masks come back."""
-    from torch.nn.utils import parametrize
+    """Take pruning masks off a module: dense weights stay, the masks come back separately.
+
+    Handles ``torch.nn.utils.parametrize`` parametrizations carrying a ``mask`` and
+    ``torch.nn.utils.prune`` forward pre-hooks (``weight_orig`` / ``weight_mask``).
+    """
+    from torch.nn.utils import parametrize, prune
 
     from .masks import extract_attached_masks
 
@@ -1109,6 +1113,18 @@ def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:
         if parametrize.is_parametrized(module):
             for pname in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+    for mod_name, module in model.named_modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if not isinstance(hook, prune.BasePruningMethod):
+                continue
+            pname = hook._tensor_name
+            orig = module._parameters.pop(f"{pname}_orig")
+            mask = module._buffers.pop(f"{pname}_mask")
+            del module._forward_pre_hooks[key]
+            if hasattr(module, pname):
+                delattr(module, pname)
+            module.register_parameter(pname, orig)
+            masks.setdefault(mod_name, {})[pname] = mask.detach().to(torch.bool)
     return model, masks
 
 

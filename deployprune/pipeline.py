@@ -133,11 +133,24 @@ def _replace(src: Path, dest: Path, *, force: bool) -> None:
 
 @contextlib.contextmanager
 def staging(dest: Path) -> Iterator[Staging]:
+    """Staging directory for ``dest``; removed on exit (success, error, Ctrl-C or SIGTERM).
+
+    An ``OSError`` raised inside (disk full, permissions) becomes a one-line OutputError.
+    """
     stage = Staging(dest)
     try:
         yield stage
+    except OSError as exc:
+        raise OutputError(
+            f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); "
+            "check free space and permissions"
+        ) from None
     finally:
         stage.cleanup()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,11 +263,12 @@ class ExportOutcome:
         shown = self.artifact if self.artifact is not None else "(not kept: validation failed)"
         size = f", {_fmt_size(self.size_bytes)}" if self.size_bytes is not None else ""
         lines.append(f"artifact:   {shown} ({self.target}{size})")
-        ratio = self.params_after / self.params_before if self.params_before else 1.0
-        lines.append(
-            f"params:     {self.params_before:,} -> {self.params_after:,} "
-            f"({ratio:.1%} of the source)"
-        )
+        if self.validation is None:  # the validation summary has its own params line
+            ratio = self.params_after / self.params_before if self.params_before else 1.0
+            lines.append(
+                f"params:     {self.params_before:,} -> {self.params_after:,} "
+                f"({ratio:.1%} of the source)"
+            )
         if self.blocked:
             lines.append(f"compaction: {len(self.blocked)} group(s) kept at full size (see report)")
         if self.validation is not None:
