@@ -1,0 +1,1125 @@
+"""Validate a deployment artifact against its source model.
+
+``validate(source, artifact, example_inputs)`` runs both on the same inputs and measures, per
+output: the maximum absolute error, the maximum relative error (absolute error divided by the
+output's scale, the largest ``|reference|`` seen over all inputs), the cosine similarity
+(the lowest over samples) and, for classifier-like outputs (2-D, one row of logits per sample),
+the top-1 agreement. The verdict compares them with :class:`Thresholds`. When the artifact
+fails, the intermediate activations are compared layer by layer to name the first layer whose
+error jumps. Latency, parameters, MACs, file sizes and a per-layer table complete the
+:class:`ValidationReport`, which serializes to a versioned JSON document
+(``"schema": "deployprune.report/1"``, see ``deployprune/schemas/report-1.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, DeployPruneError, InputError, UsageError, ValidationFailed
+from .latency import (
+    LatencyConfig,
+    LatencyReport,
+    OrtRunner,
+    Runner,
+    TorchRunner,
+    first_line,
+    measure,
+    ort_feed,
+    ort_session,
+    random_inputs_like,
+)
+from .stats import (
+    LayerRow,
+    count_macs,
+    count_nonzero_params,
+    count_params,
+    file_size,
+    layer_table,
+    module_name_from_scope,
+    onnx_macs,
+    onnx_params,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "deployprune.report/1"
+
+__all__ = [
+    "SCHEMA",
+    "Thresholds",
+    "OutputMetrics",
+    "LayerDiff",
+    "Localization",
+    "ArtifactInfo",
+    "InputsInfo",
+    "ModelStats",
+    "ValidationReport",
+    "validate",
+    "load_report",
+]
+
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Thresholds:
+    """Pass criteria. ``None`` disables a check (top-1 is then only reported)."""
+
+    max_abs: float | None = None
+    max_rel: float = 1e-4
+    min_cosine: float = 0.9999
+    min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_abs", "max_rel"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or v < 0 or math.isnan(v)):
+                raise ConfigError(f"threshold {name}: expected a number >= 0, got {v!r}")
+        for name in ("min_cosine", "min_top1"):
+            v = getattr(self, name)
+            if v is None and name == "min_top1":
+                continue
+            if not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0:
+                raise ConfigError(f"threshold {name}: expected a number in [-1, 1], got {v!r}")
+        for f in fields(self):  # store floats so a JSON round trip reproduces the same text
+            v = getattr(self, f.name)
+            if v is not None:
+                setattr(self, f.name, float(v))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Thresholds:
+        allowed = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in allowed:
+                raise ConfigError(f"thresholds: unknown key {key!r}; allowed keys: "
+                                  f"{', '.join(allowed)}")
+        return cls(**data)
+
+
+@dataclass
+class OutputMetrics:
+    """Agreement of one output over all validation inputs."""
+
+    name: str
+    shape: list[int]  # artifact output shape for the first input
+    max_abs: float | None
+    max_rel: float | None  # max_abs / scale
+    scale: float | None  # max |reference| over all inputs
+    cosine: float | None  # lowest per-sample cosine similarity
+    top1: float | None  # fraction of rows whose argmax agrees (2-D float outputs only)
+    samples: int
+    nonfinite: int = 0  # non-finite artifact values where the reference is finite
+    note: str | None = None
+
+
+@dataclass
+class LayerDiff:
+    """Error of one intermediate activation, artifact against source."""
+
+    module: str  # torch module name in the source
+    onnx_node: str | None  # ONNX scope (TorchScript exporter naming) when the artifact is ONNX
+    op_type: str
+    shape: list[int]
+    max_abs: float | None
+    max_rel: float | None
+    cosine: float | None
+    matched: str  # "same" | "folded-bn" | "nonzero-channels" | "not-comparable"
+    note: str | None = None
+
+
+@dataclass
+class Localization:
+    method: str  # "onnx-intermediates" | "torch-hooks"
+    input_index: int
+    first_bad: int | None  # index into layers
+    layers: list[LayerDiff] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_bad_layer(self) -> LayerDiff | None:
+        return self.layers[self.first_bad] if self.first_bad is not None else None
+
+
+@dataclass
+class ArtifactInfo:
+    path: str | None
+    kind: str  # "onnx" | "coreml" | "torch"
+    runtime: str  # "onnxruntime" | "coreml-readback" | "coreml" | "torch"
+    size_bytes: int | None
+
+
+@dataclass
+class InputsInfo:
+    origin: str  # "random" | "data"
+    count: int
+    seed: int | None
+    shapes: list[list[int]]
+    dtypes: list[str]
+
+
+@dataclass
+class ModelStats:
+    params: int | None = None
+    nonzero_params: int | None = None
+    macs: int | None = None
+    macs_method: str | None = None  # "torch.utils.flop_counter" | "onnx"
+    size_bytes: int | None = None
+    size_kind: str | None = None  # "file" | "directory" | "tensors" (in-memory weights)
+
+
+@dataclass
+class ValidationReport:
+    name: str
+    passed: bool
+    failures: list[str]
+    thresholds: Thresholds
+    artifact: ArtifactInfo
+    inputs: InputsInfo
+    outputs: list[OutputMetrics]
+    source_stats: ModelStats
+    artifact_stats: ModelStats
+    dense_artifact: ArtifactInfo | None = None
+    dense_stats: ModelStats | None = None
+    localization: Localization | None = None
+    coreml: dict[str, Any] | None = None
+    latency: LatencyReport | None = None
+    layers: list[LayerRow] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)  # where known (set by the caller)
+    notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    tool_version: str = ""
+    schema: str = SCHEMA
+
+    # -- convenience -------------------------------------------------------------------------
+
+    @property
+    def max_abs_error(self) -> float:
+        values = [o.max_abs for o in self.outputs if o.max_abs is not None]
+        return max(values) if values else math.nan
+
+    @property
+    def max_rel_error(self) -> float:
+        values = [o.max_rel for o in self.outputs if o.max_rel is not None]
+        return max(values) if values else math.nan
+
+    @property
+    def min_cosine(self) -> float:
+        values = [o.cosine for o in self.outputs if o.cosine is not None]
+        return min(values) if values else math.nan
+
+    def raise_for_failure(self) -> None:
+        """Raise :class:`ValidationFailed` (exit code 4) with a one-line summary if not passed."""
+        if not self.passed:
+            raise ValidationFailed(f"{self.artifact.path or self.name}: validation failed: "
+                                   + "; ".join(self.failures))
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "report") -> ValidationReport:
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise InputError(f"{where}: schema {schema!r} is not supported (this deployprune "
+                             f"reads {SCHEMA!r}); regenerate the report with this version")
+        return _from_plain(cls, data, where)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, where: str = "report") -> ValidationReport:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                             "pass a report written by deployprune") from exc
+        return cls.from_dict(data, where=where)
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def to_markdown(self) -> str:
+        from .report import render_markdown
+
+        return render_markdown(self)
+
+    def summary_lines(self) -> list[str]:
+        from .report import summary_lines
+
+        return summary_lines(self)
+
+
+def load_report(path: str | os.PathLike) -> ValidationReport:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: report not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read report ({first_line(exc)})") from exc
+    return ValidationReport.from_json(text, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON <-> dataclasses (non-finite floats are written as the strings "NaN", "Infinity",
+# "-Infinity" so the document stays strict JSON and reloads to the same numbers)
+
+
+def _encode_float(x: float) -> float | str:
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return _encode_float(obj)
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return _to_plain(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return _to_plain(obj.tolist())
+    return str(obj)
+
+
+_FLOAT_WORDS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _from_plain(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _from_plain(arg, value, where)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected an object for {tp.__name__}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in fields(tp) if f.init}
+        for key in value:
+            if key not in names:
+                raise InputError(f"{where}: unknown key {key!r} in {tp.__name__}; was this report "
+                                 "written by a newer deployprune?")
+        kwargs = {}
+        for f in fields(tp):
+            if not f.init:
+                continue
+            if f.name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise InputError(f"{where}: {tp.__name__} is missing key {f.name!r}")
+                continue
+            kwargs[f.name] = _from_plain(hints[f.name], value[f.name], f"{where}.{f.name}")
+        try:
+            return tp(**kwargs)
+        except DeployPruneError as exc:
+            raise InputError(f"{where}: {exc}") from exc
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [_from_plain(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected an object, got {value!r}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {k: _from_plain(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str) and value in _FLOAT_WORDS:
+            return _FLOAT_WORDS[value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise InputError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise InputError(f"{where}: expected an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"{where}: expected true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise InputError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Running models
+
+
+def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Tensors of a model output in the order the ONNX exporter flattens them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten_outputs(v)]
+    return []
+
+
+def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+               what: str = "source model") -> list[np.ndarray]:
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise InputError(f"{what} ({type(model).__name__}) fails on inputs of shape {shapes}: "
+                         f"{first_line(exc)}; pass example inputs the model accepts") from exc
+    return [t.detach().cpu().numpy() for t in _flatten_outputs(out)]
+
+
+@dataclass
+class _Acc:
+    """Running aggregate for one output."""
+
+    name: str
+    shape: list[int] | None = None
+    max_abs: float = 0.0
+    scale: float = 0.0
+    cosine: float = 1.0
+    agree: int = 0
+    rows: int = 0
+    classifier: bool = True
+    samples: int = 0
+    nonfinite: int = 0
+    note: str | None = None
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> float:
+        """Fold one input's pair in; returns that input's relative error."""
+        if self.shape is None:
+            self.shape = [int(d) for d in got.shape]
+        if ref.shape != got.shape:
+            self.note = f"shape {tuple(got.shape)} differs from the source's {tuple(ref.shape)}"
+            return math.inf
+        r = ref.astype(np.float64, copy=False)
+        g = got.astype(np.float64, copy=False)
+        finite = np.isfinite(r)
+        bad = finite & ~np.isfinite(g)
+        self.nonfinite += int(bad.sum())
+        diff = np.abs(np.where(finite, r, 0.0) - np.where(finite, np.nan_to_num(g), 0.0))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(np.where(finite, r, 0.0)).max()) if r.size else 0.0
+        self.max_abs = max(self.max_abs, max_abs)
+        self.scale = max(self.scale, scale)
+        rows_r = r.reshape(r.shape[0], -1) if r.ndim >= 2 else r.reshape(1, -1)
+        rows_g = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(1, -1)
+        for a, b in zip(rows_r, rows_g, strict=True):
+            self.cosine = min(self.cosine, _cosine(a, b))
+        self.samples += rows_r.shape[0]
+        if r.ndim == 2 and r.shape[1] >= 2 and np.issubdtype(ref.dtype, np.floating):
+            self.agree += int((r.argmax(axis=1) == np.nan_to_num(g).argmax(axis=1)).sum())
+            self.rows += r.shape[0]
+        else:
+            self.classifier = False
+        if scale == 0:
+            return 0.0 if max_abs == 0 else math.inf
+        return max_abs / scale
+
+    def result(self) -> OutputMetrics:
+        if self.note is not None and self.samples == 0:
+            return OutputMetrics(self.name, self.shape or [], None, None, None, None, None, 0,
+                                 self.nonfinite, self.note)
+        if self.scale > 0:
+            rel = self.max_abs / self.scale
+        else:
+            rel = 0.0 if self.max_abs == 0 else math.inf
+        top1 = self.agree / self.rows if self.classifier and self.rows else None
+        return OutputMetrics(self.name, self.shape or [], self.max_abs, rel, self.scale,
+                             self.cosine, top1, self.samples, self.nonfinite, self.note)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.nan_to_num(a)
+    b = np.nan_to_num(b)
+    na = float(np.linalg.norm(a))
+    nb = float(np.linalg.norm(b))
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def _check(metrics: list[OutputMetrics], th: Thresholds) -> list[str]:
+    failures = []
+    for m in metrics:
+        where = f"output {m.name!r}"
+        if m.max_abs is None:
+            failures.append(f"{where}: {m.note or 'not compared'}")
+            continue
+        if m.nonfinite:
+            failures.append(f"{where}: {m.nonfinite} non-finite value(s) where the source "
+                            "is finite")
+        if th.max_abs is not None and m.max_abs > th.max_abs:
+            failures.append(f"{where}: max abs error {m.max_abs:.3g} > {th.max_abs:g}")
+        if m.max_rel is not None and m.max_rel > th.max_rel:
+            failures.append(f"{where}: max rel error {m.max_rel:.3g} > {th.max_rel:g} "
+                            f"(max abs {m.max_abs:.3g}, output scale {m.scale:.3g})")
+        if m.cosine is not None and m.cosine < th.min_cosine:
+            failures.append(f"{where}: cosine similarity {m.cosine:.6f} < {th.min_cosine:g}")
+        if th.min_top1 is not None:
+            if m.top1 is None:
+                continue
+            if m.top1 < th.min_top1:
+                failures.append(f"{where}: top-1 agreement {m.top1:.2%} < {th.min_top1:.2%}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Localization
+
+
+def _align(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Make a source activation comparable with the artifact's.
+
+    Equal shapes compare as they are. A compacted artifact has fewer channels along one
+    dimension than the masked source: the source's channels that are zero everywhere (the
+    pruned ones) are dropped, and if the rest match in number they are compared.
+    """
+    if ref.shape == got.shape:
+        return ref, "same"
+    if ref.ndim != got.ndim:
+        return None, "not-comparable"
+    diff = [d for d in range(ref.ndim) if ref.shape[d] != got.shape[d]]
+    if len(diff) != 1 or ref.shape[diff[0]] < got.shape[diff[0]]:
+        return None, "not-comparable"
+    d = diff[0]
+    other = tuple(i for i in range(ref.ndim) if i != d)
+    alive = np.nonzero(np.abs(ref).max(axis=other) > 0)[0] if other else np.nonzero(ref)[0]
+    if len(alive) != got.shape[d]:
+        return None, "not-comparable"
+    return np.take(ref, alive, axis=d), "nonzero-channels"
+
+
+def _diff_numbers(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    r = ref.astype(np.float64).ravel()
+    g = got.astype(np.float64).ravel()
+    max_abs = float(np.abs(r - g).max()) if r.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    if scale > 0:
+        rel = max_abs / scale
+    else:
+        rel = 0.0 if max_abs == 0 else math.inf
+    if not np.isfinite(rel):
+        rel = math.inf
+    return max_abs, rel, _cosine(r, g)
+
+
+class _Recorder:
+    """Forward hooks that keep every module's output tensors, in completion order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: dict[str, list[list[np.ndarray]]] = {}
+        self.order: list[tuple[str, int]] = []  # (module name, call index), leaves only
+        self.types: dict[str, str] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if not name or "parametrizations" in name.split("."):
+                continue
+            self.types[name] = type(module).__name__
+            leaf = not any(True for n, _ in module.named_children() if n != "parametrizations")
+            self._handles.append(module.register_forward_hook(self._hook(name, leaf)))
+
+    def _hook(self, name: str, leaf: bool) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            tensors = [t.detach().cpu().numpy().copy() for t in _flatten_outputs(output)]
+            self.calls.setdefault(name, []).append(tensors)
+            if leaf:
+                self.order.append((name, len(self.calls[name]) - 1))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _candidates(rec: _Recorder, module: str, call: int) -> list[tuple[np.ndarray, str]]:
+    """Source activations an artifact activation of ``module`` may correspond to."""
+    calls = rec.calls.get(module)
+    if not calls:
+        return []
+    out = [(t, "same") for t in calls[min(call, len(calls) - 1)]]
+    # An exporter folds a BatchNorm that follows a convolution into it: the ONNX Conv then
+    # computes conv+bn, so the BatchNorm's output is the reference.
+    if (module, call) in rec.order:
+        k = rec.order.index((module, call))
+        if k + 1 < len(rec.order):
+            nxt, ncall = rec.order[k + 1]
+            if rec.types.get(nxt, "").startswith("BatchNorm"):
+                out.extend((t, "folded-bn") for t in rec.calls[nxt][ncall])
+    return out
+
+
+def _compare_layer(module: str, onnx_node: str | None, op_type: str, got: np.ndarray,
+                   candidates: list[tuple[np.ndarray, str]]) -> LayerDiff:
+    best: LayerDiff | None = None
+    for ref, how in candidates:
+        aligned, matched = _align(ref, got)
+        if aligned is None:
+            continue
+        max_abs, rel, cos = _diff_numbers(aligned, got)
+        label = how if matched == "same" else f"{how}+{matched}" if how != "same" else matched
+        cand = LayerDiff(module, onnx_node, op_type, [int(d) for d in got.shape], max_abs, rel,
+                         cos, label)
+        if best is None or (cand.max_rel or 0.0) < (best.max_rel or 0.0):
+            best = cand
+    if best is None:
+        shapes = ", ".join(str(tuple(r.shape)) for r, _ in candidates) or "no output recorded"
+        return LayerDiff(module, onnx_node, op_type, [int(d) for d in got.shape], None, None,
+                         None, "not-comparable",
+                         f"artifact shape {tuple(got.shape)} vs source {shapes}")
+    return best
+
+
+def _first_bad(layers: list[LayerDiff], th: Thresholds) -> int | None:
+    """The first layer whose error exceeds the thresholds and jumps (>= 10x the largest error
+    before it); if errors creep up without a jump, the first layer exceeding the thresholds."""
+    worst_before = 0.0
+    first_exceeding = None
+    for i, layer in enumerate(layers):
+        if layer.max_rel is None:
+            continue
+        exceeds = layer.max_rel > th.max_rel or (layer.cosine is not None
+                                                 and layer.cosine < th.min_cosine)
+        if exceeds:
+            if first_exceeding is None:
+                first_exceeding = i
+            if layer.max_rel >= 10 * worst_before:
+                return i
+        worst_before = max(worst_before, layer.max_rel)
+    return first_exceeding
+
+
+def _scope_outputs(model: Any, modules: dict[str, nn.Module]) -> list[tuple[str, str, str, str]]:
+    """(scope, module name, op types, output tensor name) for each scope holding a compute op.
+
+    A scope's output is the last tensor it produces that is used outside the scope (or is a
+    graph output), so a Linear exported as MatMul + Add is compared after the Add.
+    """
+    graph = model.graph
+    scope_of: dict[str, str] = {}
+    nodes_by_scope: dict[str, list[Any]] = {}
+    for node in graph.node:
+        if not node.name.startswith("/"):
+            continue
+        scope = node.name.rsplit("/", 1)[0]
+        nodes_by_scope.setdefault(scope, []).append(node)
+        for o in node.output:
+            scope_of[o] = scope
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        scope = node.name.rsplit("/", 1)[0] if node.name.startswith("/") else ""
+        for i in node.input:
+            consumers.setdefault(i, set()).add(scope)
+    graph_outputs = {o.name for o in graph.output}
+    result = []
+    seen_modules: dict[str, int] = {}
+    for scope, nodes in nodes_by_scope.items():
+        ops = [n.op_type for n in nodes]
+        if not any(op in _COMPUTE_OPS for op in ops):
+            continue
+        module = module_name_from_scope(scope + "/_", modules)
+        if module is None:
+            continue
+        exits = [o for n in nodes for o in n.output
+                 if o in graph_outputs or any(c != scope for c in consumers.get(o, ()))]
+        if not exits:
+            continue
+        seen_modules[module] = seen_modules.get(module, -1) + 1
+        kinds = "+".join(dict.fromkeys(op for op in ops if op in _COMPUTE_OPS))
+        result.append((scope, module, kinds, exits[-1]))
+    return result
+
+
+def _localize_onnx(source: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],
+                   th: Thresholds, input_index: int, providers: Sequence[str]) -> Localization:
+    import onnx
+
+    loc = Localization(method="onnx-intermediates", input_index=input_index, first_bad=None)
+    model = onnx.load(str(path))
+    modules = dict(source.named_modules())
+    scopes = _scope_outputs(model, modules)
+    if not scopes:
+        loc.notes.append("no ONNX node carries a torch module scope (export with the TorchScript "
+                         "exporter, dynamo=False, to keep /module/path/Op names)")
+        return loc
+    existing = {o.name for o in model.graph.output}
+    for _, _, _, out in scopes:
+        if out not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=out))
+            existing.add(out)
+    if model.ByteSize() > 2**31 - 1:
+        loc.notes.append("model larger than 2 GB: intermediate outputs not compared")
+        return loc
+    session = ort_session(model.SerializeToString(), threads=None, graph_optimization="disable",
+                          providers=providers)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, ort_feed(session, inputs, where=str(path))),
+                      strict=True))
+    rec = _Recorder(source)
+    try:
+        with torch.no_grad():
+            source(*inputs)
+    finally:
+        rec.remove()
+    calls_seen: dict[str, int] = {}
+    for scope, module, kinds, out in scopes:
+        call = calls_seen.get(module, 0)
+        calls_seen[module] = call + 1
+        loc.layers.append(_compare_layer(module, scope + "/", kinds, values[out],
+                                         _candidates(rec, module, call)))
+    loc.first_bad = _first_bad(loc.layers, th)
+    return loc
+
+
+def _localize_torch(source: nn.Module, artifact: nn.Module, inputs: tuple[torch.Tensor, ...],
+                    th: Thresholds, input_index: int) -> Localization:
+    loc = Localization(method="torch-hooks", input_index=input_index, first_bad=None)
+    rec_s = _Recorder(source)
+    rec_a = _Recorder(artifact)
+    try:
+        with torch.no_grad():
+            source(*inputs)
+            artifact(*inputs)
+    finally:
+        rec_s.remove()
+        rec_a.remove()
+    for name, call in rec_a.order:
+        if name not in rec_s.calls:
+            continue
+        tensors = rec_a.calls[name][call]
+        if not tensors:
+            continue
+        got = tensors[0]
+        src_calls = rec_s.calls[name]
+        refs = [(t, "same") for t in src_calls[min(call, len(src_calls) - 1)]]
+        loc.layers.append(_compare_layer(name, None, rec_a.types[name], got, refs))
+    loc.first_bad = _first_bad(loc.layers, th)
+    if not loc.layers:
+        loc.notes.append("source and artifact share no module names; nothing to compare")
+    return loc
+
+
+# ---------------------------------------------------------------------------------------------
+# Core ML
+
+
+def _coreml_readback(path: Path, source: nn.Module,
+                     example_inputs: tuple[torch.Tensor, ...]) -> tuple[bool, list[str], dict]:
+    """Linux: the converter's read-back verification (weights of the saved program vs torch)."""
+    try:
+        from converters.coreml import verify_coreml  # type: ignore[import-not-found]
+    except ImportError as exc:
+        msg = ("coreml verification unavailable (converters.coreml.verify_coreml: "
+               f"{first_line(exc)})")
+        return False, [msg], {"available": False}
+    try:
+        result = verify_coreml(path, source, example_inputs)
+    except DeployPruneError as exc:
+        return False, [f"coreml read-back: {exc}"], {"available": True, "error": str(exc)}
+    details: dict[str, Any]
+    if isinstance(result, bool):
+        details, passed = {}, result
+    else:
+        if dataclasses.is_dataclass(result) and not isinstance(result, type):
+            details = dataclasses.asdict(result)
+        elif isinstance(result, dict):
+            details = dict(result)
+        else:
+            details = {k: v for k, v in vars(result).items() if not k.startswith("_")}
+        passed = bool(details.get("passed", getattr(result, "passed", True)))
+    details = _to_plain(details)
+    details["available"] = True
+    failures = []
+    if not passed:
+        listed = details.get("failures") or details.get("mismatches") or []
+        reason = "; ".join(str(x) for x in listed[:5]) if isinstance(listed, list) else str(listed)
+        failures.append("coreml read-back: the saved program does not match the source weights"
+                        + (f" ({reason})" if reason else ""))
+    return passed, failures, details
+
+
+def _run_coreml(path: Path,
+                inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:  # pragma: no cover
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(path))
+    spec = model.get_spec()
+    in_names = [i.name for i in spec.description.input]
+    out_names = [o.name for o in spec.description.output]
+    pred = model.predict({n: t.detach().cpu().numpy() for n, t in zip(in_names, inputs,
+                                                                      strict=False)})
+    return [np.asarray(pred[n]) for n in out_names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _artifact_kind(artifact: str | Path | nn.Module) -> tuple[str, Path | None]:
+    if isinstance(artifact, nn.Module):
+        return "torch", None
+    if not isinstance(artifact, (str, os.PathLike)):
+        raise UsageError(f"artifact: expected a path (.onnx, .mlpackage) or an nn.Module, "
+                         f"got {type(artifact).__name__}")
+    path = Path(artifact)
+    if not path.exists():
+        raise InputError(f"{path}: artifact not found; check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx", path
+    if suffix in (".mlpackage", ".mlmodel"):
+        return "coreml", path
+    raise UsageError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; "
+                     "expected .onnx or .mlpackage")
+
+
+def _as_inputs(item: Any, where: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
+        return tuple(item)
+    raise InputError(f"{where}: expected a tensor or a tuple of tensors, got {type(item).__name__}")
+
+
+def _model_stats(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                 path: Path | None = None) -> ModelStats:
+    stats = ModelStats(params=count_params(model), nonzero_params=count_nonzero_params(model))
+    try:
+        stats.macs = count_macs(model, inputs)
+        stats.macs_method = "torch.utils.flop_counter"
+    except Exception as exc:  # a model FlopCounterMode cannot run: report it as unknown
+        log.info("MACs not counted: %s", first_line(exc))
+    if path is not None and path.exists():
+        stats.size_bytes = file_size(path)
+        stats.size_kind = "directory" if path.is_dir() else "file"
+    else:
+        tensors = list(model.state_dict().values())
+        stats.size_bytes = int(sum(t.numel() * t.element_size() for t in tensors
+                                   if isinstance(t, torch.Tensor)))
+        stats.size_kind = "tensors"
+    return stats
+
+
+def _file_stats(path: Path, kind: str, inputs: tuple[torch.Tensor, ...]) -> ModelStats:
+    stats = ModelStats(size_bytes=file_size(path),
+                       size_kind="directory" if path.is_dir() else "file")
+    if kind == "onnx":
+        stats.params = onnx_params(path)
+        stats.nonzero_params = onnx_params(path, nonzero=True)
+        stats.macs = onnx_macs(path, [list(t.shape) for t in inputs])
+        stats.macs_method = "onnx" if stats.macs is not None else None
+    return stats
+
+
+def _environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    for mod in ("onnx", "onnxruntime", "coremltools"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            continue
+    return env
+
+
+def validate(
+    source: nn.Module,
+    artifact: str | Path | nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    *,
+    n_inputs: int = 8,
+    seed: int = 0,
+    data: Iterable[tuple[torch.Tensor, ...] | torch.Tensor] | None = None,
+    thresholds: Thresholds | dict[str, Any] | None = None,
+    latency: bool | LatencyConfig = True,
+    dense_artifact: str | Path | None = None,
+    providers: list[str] | None = None,
+    name: str | None = None,
+    localize: bool | None = None,
+    source_path: str | Path | None = None,
+    layers: bool = True,
+) -> ValidationReport:
+    """Compare ``artifact`` with ``source`` and time both; see the module docstring.
+
+    ``artifact`` is an ``.onnx`` file (run in onnxruntime), an ``.mlpackage`` (read-back
+    verification on Linux, predictions on macOS) or an ``nn.Module`` (run in torch, e.g. a
+    compacted model against the masked one). Inputs: the example inputs, then seeded random
+    inputs like them (``n_inputs`` in all), or the first ``n_inputs`` items of ``data``.
+    ``localize`` (default: only when the artifact fails) compares intermediate activations.
+    ``source_path`` gives the source's file size in the report; without it the in-memory size
+    of its tensors is used. The source model's train/eval mode is restored afterwards.
+    """
+    if not isinstance(source, nn.Module):
+        raise UsageError(f"source: expected a torch nn.Module, got {type(source).__name__}")
+    example = _as_inputs(example_inputs, "example_inputs")
+    if not isinstance(n_inputs, int) or n_inputs < 1:
+        raise UsageError(f"n_inputs: expected an integer >= 1, got {n_inputs!r}")
+    if isinstance(thresholds, dict):
+        thresholds = Thresholds.from_dict(thresholds)
+    th = thresholds or Thresholds()
+    if latency is True:
+        lat_cfg: LatencyConfig | None = LatencyConfig()
+    elif latency is False or latency is None:
+        lat_cfg = None
+    elif isinstance(latency, LatencyConfig):
+        lat_cfg = latency
+    else:
+        raise UsageError(f"latency: expected True, False or a LatencyConfig, got {latency!r}")
+    ort_providers = list(providers or (lat_cfg.providers if lat_cfg else ["CPUExecutionProvider"]))
+    kind, path = _artifact_kind(artifact)
+    dense_path = Path(dense_artifact) if dense_artifact is not None else None
+    if dense_path is not None and not dense_path.is_file():
+        raise InputError(f"{dense_path}: dense artifact not found; check the path")
+
+    # Inputs
+    if data is None:
+        gen = torch.Generator().manual_seed(seed)
+        input_sets = [example] + [random_inputs_like(example, gen) for _ in range(n_inputs - 1)]
+        origin = "random"
+    else:
+        input_sets = []
+        for i, item in enumerate(data):
+            if i >= n_inputs:
+                break
+            input_sets.append(_as_inputs(item, f"data[{i}]"))
+        if not input_sets:
+            raise InputError("data: the iterable is empty; pass at least one batch of inputs")
+        origin = "data"
+    inputs_info = InputsInfo(origin=origin, count=len(input_sets),
+                             seed=seed if origin == "random" else None,
+                             shapes=[list(t.shape) for t in input_sets[0]],
+                             dtypes=[str(t.dtype).replace("torch.", "") for t in input_sets[0]])
+
+    modes = {m: m.training for m in source.modules()}
+    art_modes = ({m: m.training for m in artifact.modules()}
+                 if isinstance(artifact, nn.Module) else {})
+    source.eval()
+    if isinstance(artifact, nn.Module):
+        artifact.eval()
+    try:
+        return _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
+                         dense_path, ort_providers, name, localize, source_path, layers, seed)
+    finally:
+        for m, was in {**modes, **art_modes}.items():
+            m.training = was
+
+
+def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
+              input_sets: list[tuple[torch.Tensor, ...]], inputs_info: InputsInfo,
+              th: Thresholds, lat_cfg: LatencyConfig | None, dense_path: Path | None,
+              providers: list[str], name: str | None, localize: bool | None,
+              source_path: str | Path | None, want_layers: bool, seed: int) -> ValidationReport:
+    example = input_sets[0]
+    notes: list[str] = []
+    failures: list[str] = []
+    coreml_details: dict[str, Any] | None = None
+    session = None
+    runtime = {"onnx": "onnxruntime", "torch": "torch", "coreml": "coreml"}[kind]
+    compare = True
+    if kind == "onnx":
+        session = ort_session(path, threads=None, graph_optimization="all", providers=providers)
+        ort_feed(session, example, where=str(path))  # input count checked before any work
+    elif kind == "coreml":
+        if platform.system() != "Darwin":
+            runtime = "coreml-readback"
+            compare = False
+            _ok, errs, coreml_details = _coreml_readback(path, source, example)
+            failures.extend(errs)
+            notes.append("Core ML predictions need macOS: outputs were not compared; the saved "
+                         "program was checked against the source weights instead")
+
+    # Parity
+    accs: list[_Acc] = []
+    per_input_rel: list[float] = []
+    if compare:
+        for idx, inputs in enumerate(input_sets):
+            ref = _run_torch(source, inputs)
+            if kind == "onnx":
+                got = session.run(None, ort_feed(session, inputs, where=str(path)))
+                out_names = [o.name for o in session.get_outputs()]
+            elif kind == "torch":
+                got = _run_torch(artifact, inputs, "artifact model")
+                out_names = [f"output{i}" for i in range(len(got))]
+            else:  # pragma: no cover - macOS
+                got = _run_coreml(path, inputs)
+                out_names = [f"output{i}" for i in range(len(got))]
+            if len(ref) != len(got):
+                failures.append(f"artifact has {len(got)} output(s), source has {len(ref)}; "
+                                "export the same outputs")
+                break
+            if not accs:
+                accs = [_Acc(n) for n in out_names]
+            rel = max((acc.add(r, g) for acc, r, g in zip(accs, ref, got, strict=True)),
+                      default=0.0)
+            per_input_rel.append(rel)
+            log.debug("input %d: max rel error %.3g", idx, rel)
+    outputs = [a.result() for a in accs]
+    failures.extend(_check(outputs, th))
+    passed = not failures
+
+    # Localization
+    loc = None
+    if compare and per_input_rel and (localize or (localize is None and not passed)):
+        worst = int(np.nanargmax(np.nan_to_num(per_input_rel, posinf=1e300)))
+        try:
+            if kind == "onnx":
+                loc = _localize_onnx(source, path, input_sets[worst], th, worst, providers)
+            elif kind == "torch":
+                loc = _localize_torch(source, artifact, input_sets[worst], th, worst)
+        except DeployPruneError:
+            raise
+        except Exception as exc:  # localization is a diagnosis aid: never hide the verdict
+            notes.append(f"layer localization failed: {first_line(exc)}")
+        if loc is not None and loc.first_bad is not None and not passed:
+            bad = loc.layers[loc.first_bad]
+            failures.append(f"first diverging layer: {bad.module}"
+                            + (f" (ONNX {bad.onnx_node})" if bad.onnx_node else "")
+                            + f": max rel error {bad.max_rel:.3g}, cosine {bad.cosine:.6f}")
+
+    # Statistics
+    src_path = Path(source_path) if source_path is not None else None
+    source_stats = _model_stats(source, example, src_path)
+    if kind == "torch":
+        artifact_stats = _model_stats(artifact, example)
+    else:
+        artifact_stats = _file_stats(path, kind, example)
+    dense_stats = _file_stats(dense_path, "onnx", example) if dense_path is not None else None
+    table: list[LayerRow] = []
+    if want_layers:
+        try:
+            if kind == "torch":
+                table = layer_table(source, artifact)
+            elif kind == "onnx":
+                table = layer_table(source, path)
+        except DeployPruneError:
+            raise
+        except Exception as exc:
+            notes.append(f"per-layer table unavailable: {first_line(exc)}")
+
+    # Latency
+    lat = None
+    if lat_cfg is not None:
+        lat = _time(source, artifact, kind, path, dense_path, example, lat_cfg, seed, notes)
+
+    report = ValidationReport(
+        name=name or (path.stem if path is not None else type(artifact).__name__),
+        passed=passed,
+        failures=failures,
+        thresholds=th,
+        artifact=ArtifactInfo(path=str(path) if path is not None else None, kind=kind,
+                              runtime=runtime, size_bytes=artifact_stats.size_bytes),
+        inputs=inputs_info,
+        outputs=outputs,
+        source_stats=source_stats,
+        artifact_stats=artifact_stats,
+        dense_artifact=(ArtifactInfo(str(dense_path), "onnx", "onnxruntime",
+                                     dense_stats.size_bytes)
+                        if dense_path is not None and dense_stats is not None else None),
+        dense_stats=dense_stats,
+        localization=loc,
+        coreml=coreml_details,
+        latency=lat,
+        layers=table,
+        notes=notes,
+        environment=_environment(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tool_version=_tool_version(),
+    )
+    log.info("validation of %s: %s", report.name, "passed" if passed else "FAILED")
+    return report
+
+
+def _tool_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _time(source: nn.Module, artifact: Any, kind: str, path: Path | None,
+          dense_path: Path | None, example: tuple[torch.Tensor, ...], cfg: LatencyConfig,
+          seed: int, notes: list[str]) -> LatencyReport | None:
+    runners: list[Runner] = []
+    if dense_path is not None:
+        runners.append(OrtRunner(dense_path, cfg, role="dense", label="dense export (onnxruntime)"))
+    if kind == "onnx":
+        runners.append(OrtRunner(path, cfg, role="artifact", label="exported (onnxruntime)"))
+    elif kind == "torch":
+        runners.append(TorchRunner(artifact, role="artifact", label="compacted (torch eager)"))
+    elif kind == "coreml":
+        if platform.system() == "Darwin":  # pragma: no cover - macOS
+            from .latency import CoreMLRunner
+
+            runners.append(CoreMLRunner(path, role="artifact", label="exported (coreml)"))
+        else:
+            notes.append("Core ML latency needs macOS: the artifact was not timed")
+    if cfg.eager or kind == "torch":
+        runners.insert(0, TorchRunner(source, role="source", label="source (torch eager)"))
+    if not runners:
+        return None
+    report = measure(runners, example, cfg, seed=seed)
+    fixed = [n for n in report.notes if "fixed batch size" in n]
+    if fixed:
+        notes.append("batch sweep limited: " + fixed[0].split(": ", 1)[1])
+    return report
