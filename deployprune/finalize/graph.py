@@ -102,6 +102,9 @@ class Analysis:
         self.size_refs: dict[fx.Node, tuple[Var, int | None]] = {}
         self.literal_sizes: list[tuple[fx.Node, Var, int, int]] = []  # node, out var, dim, literal
         self.current: fx.Node | None = None
+        self.roles: dict[int, str] = {}  # slot -> "producer" | "consumer" (for pruners)
+        self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
+        self.patches: list[tuple[str, str, int, int]] = []
 
     # ------------------------------------------------------------------ slots
     def new_slot(self, n: int) -> int:
@@ -209,6 +212,11 @@ class Analysis:
 
     def demand(self, v: Var, dim: int, mask: np.ndarray) -> bool:
         return self.demand_slot(v.slots[dim], mask)
+
+    def role(self, v: Var | None, dim: int, role: str) -> None:
+        """Tag a parameter dimension for pruners: "producer" slices make the channel zero when zeroed."""
+        if v is not None:
+            self.roles.setdefault(v.slots[dim], role)
 
     def constraint(self, fn: Callable[[], bool]) -> None:
         self.constraints.append(fn)
@@ -318,3 +326,11 @@ class ChannelGroup:
     prunable: bool = True
     reason: str | None = None
     unit: str = "channel"
+    # channels that can be removed at all (False where outputs, LayerNorms, ... keep them)
+    removable: np.ndarray | None = None
+    # >1 when grouped convolutions read the space: remove the same positions in each of the
+    # ``divisions`` equal blocks (or whole blocks), otherwise the conv keeps them
+    divisions: int = 1
+
+    def producers(self) -> list[GroupMember]:
+        return [m for m in self.members if m.role == "producer"]

@@ -323,6 +323,7 @@ def _binary(a: Analysis, node: fx.Node) -> None:
     if y is None:
         opaque(a, node)
         return
+    params = set(map(id, a.param_vars.values()))
     for v in (vx, vy):
         off = y.ndim - v.ndim
         if off < 0:
@@ -331,6 +332,8 @@ def _binary(a: Analysis, node: fx.Node) -> None:
         for d in range(v.ndim):
             if v.shape[d] == y.shape[d + off]:
                 a.union(v.slots[d], y.slots[d + off])
+                if op == "mul" and id(v) in params and v.shape[d] > 1:
+                    a.role(v, d, "producer")  # a layer scale: zeroing it zeroes the channel
     for od in range(y.ndim):
         cs = []
         for v in (vx, vy):
@@ -389,8 +392,13 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     pin_spatial(a, y)
     pin_spatial(a, W, 2, "kernel")
     a.same(y, 1, W, 0)
+    a.role(W, 0, "producer")
     if b is not None:
         a.same(y, 1, b, 0)
+        a.role(b, 0, "producer")
+    if g > 1 and not (ig == 1 and og == 1):
+        a.divisions[x.slots[1]] = g
+        a.divisions[y.slots[1]] = g
     weight = module.weight.detach()
     wsum = weight.flatten(2).sum(-1).double().numpy()  # (cout, ig)
     nz = weight.flatten(2).ne(0).any(-1).numpy()  # (cout, ig)
@@ -410,8 +418,12 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         single = a.call_counts.get(name, 1) == 1
         return (c == 0) | (~np.isnan(c) & foldable & single)
 
-    if g == 1:
+    if g > 1 and ig == 1 and og == 1:
+        # depthwise: output channel k is computed from input channel k alone
+        a.same(x, 1, y, 1)
+    elif g == 1:
         a.same(x, 1, W, 1)
+        a.role(W, 1, "consumer")
 
         def demand_inputs() -> bool:
             ko = a.keep(y, 1)
@@ -421,7 +433,7 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
             return a.demand(x, 1, need)
 
         a.constraint(demand_inputs)
-    else:
+    elif not (ig == 1 and og == 1):
 
         def grouped() -> bool:
             ko = a.keep(y, 1).reshape(g, og)
@@ -500,8 +512,11 @@ def _conv_transpose(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     pin_spatial(a, W, 2, "kernel")
     a.same(x, 1, W, 0)
     a.same(y, 1, W, 1)
+    a.role(W, 1, "producer")
+    a.role(W, 0, "consumer")
     if b is not None:
         a.same(y, 1, b, 0)
+        a.role(b, 0, "producer")
     weight = module.weight.detach()
     nz = weight.flatten(2).ne(0).any(-1).numpy()  # (cin, cout)
     bias = module.bias.detach().double().numpy() if module.bias is not None else np.zeros(module.out_channels)
@@ -592,8 +607,11 @@ def _linear_core(a: Analysis, x: Var, y: Var, W: Var, b: Var | None, weight: tor
         a.same(x, d, y, d)
     a.same(x, xl, W, 1)
     a.same(y, yl, W, 0)
+    a.role(W, 0, "producer")
+    a.role(W, 1, "consumer")
     if b is not None:
         a.same(y, yl, b, 0)
+        a.role(b, 0, "producer")
     w = weight.double().numpy()
     nz = w != 0
     bvals = bias.detach().double().numpy() if bias is not None else np.zeros(w.shape[0])
@@ -646,6 +664,7 @@ def _embedding(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     for d in range(ids.ndim):
         a.same(ids, d, y, d)
     a.same(y, y.ndim - 1, W, 1)
+    a.role(W, 1, "producer")
     zero_cols = ~module.weight.detach().ne(0).any(0).numpy()
     a.set_cv(y, y.ndim - 1, np.where(zero_cols, 0.0, np.nan))
 
@@ -672,7 +691,9 @@ def _per_channel_params(a: Analysis, name: str, module: nn.Module, y: Var, dim: 
                         names: tuple[str, ...]) -> None:
     for p in names:
         if isinstance(getattr(module, p, None), torch.Tensor) and getattr(module, p).dim() == 1:
-            a.same(y, dim, a.module_param(name, p), 0)
+            pv = a.module_param(name, p)
+            a.same(y, dim, pv, 0)
+            a.role(pv, 0, "producer" if p in ("weight", "bias") else "other")
 
 
 def _sliced(t: torch.Tensor | None, keep: np.ndarray) -> torch.Tensor | None:
@@ -1059,6 +1080,8 @@ def couple_reshape(a: Analysis, x: Var, y: Var) -> bool:
     for si, sj in segs:
         if len(si) == 1 and len(sj) == 1:
             a.same(x, si[0], y, sj[0])
+            if si[0] in x.cval:
+                y.cval[sj[0]] = x.cval[si[0]]
             continue
         if not si or not sj:
             continue  # a lone size-1 dim: always kept
