@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,8 @@ def onnx_macs(path: str | os.PathLike,
     return total
 
 
-def onnx_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def onnx_layers(path: str | os.PathLike,
+                modules: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per torch module scope holding Conv/Gemm/MatMul nodes with constant weights: channels,
     parameters and weight sparsity of the exported layer.
 
@@ -313,7 +314,8 @@ def onnx_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     node and ``out_channels`` from its last (an attention block: input projection in,
     output projection out); parameters sum every float initializer the scope's nodes use
     (a bias added by a separate ``Add`` included). Nodes without a scope (renamed by a
-    simplifier) are left out.
+    simplifier) are left out. ``modules`` (the source's qualified module names) makes the
+    name recovery exact, see :func:`module_name_from_scope`.
     """
     import numpy as np
     from onnx import numpy_helper
@@ -321,6 +323,7 @@ def onnx_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     path = Path(path)
     model = _load_onnx(path, with_data=True)
     floats = {i.name: i for i in _float_initializers(model)}
+    index = ScopeIndex(modules) if modules is not None else None
     scopes: dict[str, list[Any]] = {}
     for node in model.graph.node:
         if node.name.startswith("/"):
@@ -331,7 +334,7 @@ def onnx_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
                     if n.op_type in _COMPUTE_OPS and len(n.input) > 1 and n.input[1] in floats]
         if not weighted:
             continue
-        module = module_name_from_scope(scope + "/_")
+        module = module_name_from_scope(scope + "/_", index)
         if not module or module in out:
             continue
         ios = [_weight_io(n, numpy_helper.to_array(floats[n.input[1]])) for n in weighted]
@@ -366,33 +369,68 @@ def _weight_io(node: Any, w: Any) -> tuple[int, int]:
     return int(w.shape[-2]), int(w.shape[-1])  # MatMul / Gemm without transB: (in, out)
 
 
-def module_name_from_scope(node_name: str, modules: Mapping[str, Any] | None = None) -> str | None:
-    """``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1`` (TorchScript exporter scopes).
+def _unqualified(qualified: str) -> str:
+    """The exporter's short scope name: the last non-numeric atom and the indices after it
+    (``layer1.0.conv1`` -> ``conv1``, ``features.3`` -> ``features.3``, ``heads.a`` -> ``a``)."""
+    atoms = qualified.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isdigit():
+            return ".".join(atoms[i:])
+    return qualified
 
-    Each scope component is either a child's attribute name or, for children of containers,
-    the qualified name so far (``layer1.0``). When ``modules`` is given, a component that only
-    exists with its ``_<n>`` call-count suffix stripped (a module called twice) is accepted,
-    and a name that is not in ``modules`` gives None.
+
+class ScopeIndex(dict):
+    """Qualified module names grouped by their exporter short name (build once, reuse)."""
+
+    def __init__(self, modules: Iterable[str]) -> None:
+        super().__init__()
+        for q in modules:
+            if q:
+                self.setdefault(_unqualified(q), []).append(q)
+
+
+def module_name_from_scope(node_name: str, modules: Iterable[str] | None = None) -> str | None:
+    """Torch module name of an ONNX node written by the TorchScript exporter (``dynamo=False``).
+
+    The exporter names a node after the chain of module calls that produced it, each module
+    shown by its short name (:func:`_unqualified`):
+    ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``. With ``modules`` (the source's
+    qualified module names) each step is resolved among the descendants of the previous one,
+    a ``_<n>`` suffix (the n-th extra call of a module) is accepted, and an unresolvable name
+    gives None. Without it the chain is joined, which is right unless a module is reached
+    through a container's ``__getitem__`` from a non-parent.
     """
     if not node_name.startswith("/"):
         return None
     parts = [p for p in node_name.split("/") if p][:-1]
     if not parts:
         return None
-    name = ""
-    for part in parts:
-        if name and part.startswith(name + "."):
-            candidate = part
-        else:
-            candidate = f"{name}.{part}" if name else part
-        if modules is not None and candidate not in modules:
-            stripped = candidate.rsplit("_", 1)
-            if len(stripped) == 2 and stripped[1].isdigit() and stripped[0] in modules:
-                candidate = stripped[0]
-            else:
+    if modules is not None:
+        by_short = modules if isinstance(modules, ScopeIndex) else ScopeIndex(modules)
+        name = ""
+        for part in parts:
+            options = by_short.get(part)
+            if options is None:
+                base, _, count = part.rpartition("_")
+                options = by_short.get(base) if base and count.isdigit() else None
+            if not options:
                 return None
-        name = candidate
-    return name
+            inside = [q for q in options if not name or q.startswith(name + ".")]
+            if not inside:
+                return None
+            name = min(inside, key=len)
+        return name
+    atoms: list[str] = []
+    for part in parts:
+        new = part.split(".")
+        head = new[0]
+        # "block.0" after "...block": the short name re-states the tail of the path so far
+        j = max((i for i, a in enumerate(atoms) if a == head), default=-1)
+        if j >= 0 and all(a.isdigit() for a in atoms[j + 1:]) and len(new) > 1:
+            atoms = atoms[:j] + new
+        else:
+            atoms = atoms + new
+    return ".".join(atoms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +562,7 @@ def layer_table(model_before: nn.Module,
     module order, followed by layers that only exist after.
     """
     before = _model_layers(model_before)
+    before_names = [n for n, _ in model_before.named_modules()]
     if isinstance(model_after, nn.Module):
         after = _model_layers(model_after)
     else:
@@ -531,7 +570,7 @@ def layer_table(model_before: nn.Module,
             name: {"type": info["op_type"], "in_channels": info["in_channels"],
                    "out_channels": info["out_channels"], "params": info["params"],
                    "sparsity": info["sparsity"]}
-            for name, info in onnx_layers(model_after).items()
+            for name, info in onnx_layers(model_after, before_names).items()
         }
     rows: list[LayerRow] = []
     for name in list(before) + [n for n in after if n not in before]:

@@ -47,6 +47,7 @@ from .latency import (
 )
 from .stats import (
     LayerRow,
+    ScopeIndex,
     count_macs,
     count_nonzero_params,
     count_params,
@@ -668,13 +669,14 @@ def _scope_outputs(model: Any, modules: dict[str, nn.Module]) -> list[tuple[str,
         for i in node.input:
             consumers.setdefault(i, set()).add(scope)
     graph_outputs = {o.name for o in graph.output}
+    index = ScopeIndex(modules)
     result = []
     seen_modules: dict[str, int] = {}
     for scope, nodes in nodes_by_scope.items():
         ops = [n.op_type for n in nodes]
         if not any(op in _COMPUTE_OPS for op in ops):
             continue
-        module = module_name_from_scope(scope + "/_", modules)
+        module = module_name_from_scope(scope + "/_", index)
         if module is None:
             continue
         exits = [o for n in nodes for o in n.output
@@ -876,10 +878,12 @@ def _environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
-    for mod in ("onnx", "onnxruntime", "coremltools"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+    from importlib import metadata
+
+    for dist in ("onnx", "onnxruntime", "coremltools"):
+        try:  # the installed version, without importing the (slow to import) package
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             continue
     return env
 
