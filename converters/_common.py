@@ -52,6 +52,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def slow_path_tracing(model: nn.Module) -> Iterator[nn.Module]:
+    """Trace with autograd on and every float parameter requiring grad, restored afterwards.
+
+    With grad off (or frozen weights) ``nn.MultiheadAttention`` and the transformer layers take
+    fused fast paths (``aten::_native_multi_head_attention``) that neither the ONNX torchscript
+    exporter nor coremltools can convert; the traced graph should hold the plain ops.
+    """
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        with torch.enable_grad():
+            yield model
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """Tensors of a model output (tensor, nested tuple/list, or dict values in order)."""
     if isinstance(out, torch.Tensor):

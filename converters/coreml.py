@@ -43,6 +43,7 @@ from ._common import (
     metadata_props,
     parity,
     run_torch,
+    slow_path_tracing,
     tree_size,
 )
 from .fold import fold_batchnorm, fold_batchnorm_pairs
@@ -150,7 +151,7 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
                 sparse_min_elements=opts["sparse_min_elements"])
             if not verification.passed:
                 raise ValidationFailed(f"{path}: Core ML read-back verification failed: "
-                                       f"{'; '.join(verification.problems[:3])}; nothing was written")
+                                       f"{'; '.join(verification.failures[:3])}; nothing was written")
     for w in warnings:
         log.warning("%s: %s", path, w)
     weight_bytes = _weight_file_bytes(path)
@@ -190,7 +191,57 @@ def _check_compatible(opts: dict[str, Any], given: set[str]) -> None:
 def _coremltools() -> Any:
     with _quiet():
         import coremltools as ct
+    _patch_scalar_casts()
     return ct
+
+
+_PATCHED = False
+
+
+def _patch_scalar_casts() -> None:
+    """Make coremltools 9's torch ``aten::Int``/``aten::Bool`` converters work with numpy >= 2.4.
+
+    coremltools calls ``int(array)`` on a 1-element array (from ``x.size(0)``-style code in a
+    trace); numpy 2.4 turned the old deprecation into ``TypeError: only 0-dimensional arrays
+    can be converted to Python scalars``, which broke ViT, U-Net and ShuffleNet conversions
+    here. The same conversion is re-registered through coremltools' public
+    ``register_torch_op(override=True)``, taking the scalar with ``.item()``. Applied only when
+    numpy actually rejects the old call.
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    def make(py_type: type, dtype_name: str, func_name: str) -> Any:
+        def cast(context: Any, node: Any) -> None:
+            x = _get_inputs(context, node, expected=1)[0]
+            if not (len(x.shape) == 0 or all(d == 1 for d in x.shape)):
+                raise ValueError("input to cast must be either a scalar or a length 1 tensor")
+            if x.can_be_folded_to_const():
+                if isinstance(x.val, py_type):
+                    res = x
+                else:
+                    res = mb.const(val=py_type(np.asarray(x.val).reshape(-1)[0].item()), name=node.name)
+            elif len(x.shape) > 0:
+                res = mb.cast(x=mb.squeeze(x=x, name=node.name + "_item"), dtype=dtype_name, name=node.name)
+            else:
+                res = mb.cast(x=x, dtype=dtype_name, name=node.name)
+            context.add(res, node.name)
+
+        cast.__name__ = func_name  # coremltools registers by function name plus the aliases
+        return cast
+
+    register_torch_op(make(int, "int32", "_int"), torch_alias=["int"], override=True)
+    register_torch_op(make(bool, "bool", "_bool"), torch_alias=["bool"], override=True)
 
 
 @contextlib.contextmanager
@@ -268,7 +319,7 @@ def _ct_convert(ct: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], in_
     traced_model = model if isinstance(raw, torch.Tensor) or (
         isinstance(raw, tuple) and all(isinstance(o, torch.Tensor) for o in raw)) else _TupleOutputs(model)
     try:
-        with torch.no_grad(), _quiet():
+        with slow_path_tracing(traced_model), _quiet():
             traced = torch.jit.trace(traced_model, inputs, check_trace=False)
     except Exception as exc:
         raise UnsupportedError(f"coreml: torch.jit.trace cannot trace {name}: "
@@ -353,7 +404,7 @@ class CoreMLVerification:
 
     path: Path
     passed: bool
-    problems: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     weights: list[WeightCheck] = field(default_factory=list)
     unlocated: list[str] = field(default_factory=list)  # 1-D torch tensors not found (fused away)
     inputs: list[dict[str, Any]] = field(default_factory=list)
@@ -378,14 +429,14 @@ class CoreMLVerification:
         size = f"weights {self.weight_file_bytes} B" + (f" ({ratio:.3f}x dense)" if ratio else "")
         text = (f"{self.path.name}: read-back {status}; {len(self.weights)} weights checked, "
                 f"{self.sparse_constants} sparse / {self.dense_constants} dense constants; {size}")
-        if self.problems:
-            text += "; " + "; ".join(self.problems[:3])
+        if self.failures:
+            text += "; " + "; ".join(self.failures[:3])
         return text
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "problems": list(self.problems),
+            "failures": list(self.failures),
             "weights_checked": len(self.weights),
             "sparse_constants": self.sparse_constants,
             "dense_constants": self.dense_constants,
@@ -429,25 +480,23 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
     ct = _coremltools()
     path = Path(path)
     inputs = check_model_and_inputs(torch_model, example_inputs, TARGET)
-    problems: list[str] = []
+    failures: list[str] = []
     with eval_mode(torch_model):
         reference_model = fold_batchnorm(torch_model, inputs) if fold else torch_model
     torch_outputs = run_torch(reference_model, inputs)
-    in_names = input_names or [f"input_{i}" for i in range(len(inputs))]
-    out_names = output_names or [f"output_{i}" for i in range(len(torch_outputs))]
 
     with _quiet():
         mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
         spec = mlmodel.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
-        problems.append(f"not an mlprogram (model type {spec.WhichOneof('Type')})")
-        return CoreMLVerification(path=path, passed=False, problems=problems)
+        failures.append(f"not an mlprogram (model type {spec.WhichOneof('Type')})")
+        return CoreMLVerification(path=path, passed=False, failures=failures)
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
     with _quiet():
         program = load_milproto(model_spec=spec, specification_version=spec.specificationVersion,
                                 file_weights_dir=mlmodel.weights_dir)
-    constants, ops, sparse_count, dense_count = _program_constants(program, problems)
+    constants, ops, sparse_count, dense_count = _program_constants(program, failures)
 
     result = CoreMLVerification(path=path, passed=False, ops=ops, sparse_constants=sparse_count,
                                 dense_constants=dense_count)
@@ -455,18 +504,17 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
     dense_meta = spec.description.metadata.userDefined.get("deployprune.dense_weight_bytes")
     result.dense_weight_file_bytes = int(dense_meta) if dense_meta else None
 
-    _match_weights(reference_model, constants, result, problems, expect_sparse, sparse_min_sparsity,
+    _match_weights(reference_model, constants, result, failures, expect_sparse, sparse_min_sparsity,
                    sparse_min_elements)
-    _check_io(spec, inputs, torch_outputs, in_names, out_names, result, problems)
+    _check_io(spec, inputs, torch_outputs, input_names, output_names, result, failures)
     lossy = sorted(op for op in ops if op in _LOSSY_CONSTEXPR)
     if lossy:
-        problems.append(f"lossy compression ops in the program: {', '.join(lossy)}")
+        failures.append(f"lossy compression ops in the program: {', '.join(lossy)}")
 
     if sys.platform == "darwin":  # pragma: no cover - needs macOS and the Core ML framework
-        result.prediction = _predict_and_compare(ct, path, inputs, in_names, out_names, torch_outputs,
-                                                 spec, rtol, problems)
-    result.problems = problems
-    result.passed = not problems
+        result.prediction = _predict_and_compare(ct, path, inputs, torch_outputs, spec, rtol, failures)
+    result.failures = failures
+    result.passed = not failures
     return result
 
 
@@ -507,7 +555,7 @@ def _decode_sparse(op: Any) -> np.ndarray:
     return dense.reshape(shape)
 
 
-def _program_constants(program: Any, problems: list[str]) -> tuple[list[_Constant], dict[str, int], int, int]:
+def _program_constants(program: Any, failures: list[str]) -> tuple[list[_Constant], dict[str, int], int, int]:
     ops: dict[str, int] = {}
     constants: list[_Constant] = []
     feeding_constexpr: set[str] = set()
@@ -535,7 +583,7 @@ def _program_constants(program: Any, problems: list[str]) -> tuple[list[_Constan
                 constants.append(_Constant(out.name, _decode_sparse(op), "sparse"))
                 sparse += 1
             except Exception as exc:
-                problems.append(f"sparse constant {out.name} cannot be decoded: {exc}")
+                failures.append(f"sparse constant {out.name} cannot be decoded: {exc}")
         elif op.op_type.startswith("constexpr_"):
             value = op.materialized_val_inference()
             value = value[-1] if isinstance(value, tuple) else value
@@ -568,61 +616,85 @@ def _compare(t: np.ndarray, c: np.ndarray) -> tuple[bool, bool, float, int]:
     return values_ok, pattern_ok, err, zeroed
 
 
-def _match_weights(model: nn.Module, constants: list[_Constant], result: CoreMLVerification,
-                   problems: list[str], expect_sparse: bool, min_sparsity: float, min_elements: int) -> None:
-    by_name: dict[str, list[_Constant]] = {}
-    for c in constants:
-        by_name.setdefault(_SUFFIXES.sub("", c.name), []).append(c)
-    tensors = [(n, p) for n, p in model.named_parameters()]
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+             nn.Linear)
+
+
+def _reference_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, float32 array, required) for every float parameter/buffer with 2+ elements.
+
+    Required are the weights of convolutions and linear layers: the converter writes each of
+    them as one constant (the tensors pruning acts on). Other tensors (biases, norm scales,
+    embeddings) are checked when located; coremltools may legitimately fold them into other
+    constants (bias adds fused, a constant-index embedding lookup folded, a slice of a
+    position table).
+    """
+    required = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    out = []
+    tensors = list(model.named_parameters())
     tensors += [(n, b) for n, b in model.named_buffers()
                 if b.is_floating_point() and not n.endswith("num_batches_tracked")]
-    materialized = 0
     for name, tensor in tensors:
         if tensor.numel() < 2 or not tensor.is_floating_point():
             continue
-        t = tensor.detach().cpu().to(torch.float32).numpy()
+        out.append((name, tensor.detach().cpu().to(torch.float32).numpy(), name in required))
+    return out
+
+
+def _locate(name: str, t: np.ndarray, constants: list[_Constant], by_name: dict[str, list[_Constant]]
+            ) -> tuple[_Constant | None, str, np.ndarray]:
+    """The constant storing ``t``: by name, else by value (also transposed or reshaped)."""
+    for c in by_name.get(_normalized(name), []) + by_name.get(_normalized(name.removeprefix("inner.")), []):
+        if c.value.shape == t.shape and _compare(t, c.value)[0]:
+            return c, "name", t
+    candidates = sorted((c for c in constants if c.value.size == t.size), key=lambda c: c.used)
+    squeezed = tuple(d for d in t.shape if d != 1)
+    for c in candidates:
+        if c.value.shape == t.shape and _compare(t, c.value)[0]:
+            return c, "value", t
+        if t.ndim == 2 and c.value.shape == t.T.shape and _compare(t.T, c.value)[0]:
+            return c, "value-transposed", t.T
+        if tuple(d for d in c.value.shape if d != 1) == squeezed:
+            reshaped = t.reshape(c.value.shape)
+            if _compare(reshaped, c.value)[0]:
+                return c, "value-reshaped", reshaped
+    return None, "", t
+
+
+def _match_weights(model: nn.Module, constants: list[_Constant], result: CoreMLVerification,
+                   failures: list[str], expect_sparse: bool, min_sparsity: float, min_elements: int) -> None:
+    by_name: dict[str, list[_Constant]] = {}
+    for c in constants:
+        by_name.setdefault(_SUFFIXES.sub("", c.name), []).append(c)
+    materialized = 0
+    for name, t, required in _reference_tensors(model):
         check = WeightCheck(name=name, shape=tuple(t.shape), constant=None, storage="missing")
-        found = None
-        key = _normalized(name)
-        for c in by_name.get(key, []) + by_name.get(_normalized(name.removeprefix("inner.")), []):
-            if c.value.shape == t.shape and _compare(t, c.value)[0]:
-                found, check.matched_by = c, "name"
-                break
+        found, check.matched_by, ref = _locate(name, t, constants, by_name)
         if found is None:
-            for c in constants:
-                if c.used or c.value.size != t.size:
-                    continue
-                if c.value.shape == t.shape and _compare(t, c.value)[0]:
-                    found, check.matched_by = c, "value"
-                    break
-                if t.ndim == 2 and c.value.shape == t.T.shape and _compare(t.T, c.value)[0]:
-                    found, check.matched_by = c, "value-transposed"
-                    break
-        if found is None:
-            if t.ndim >= 2:
+            if required:
                 result.weights.append(check)
-                problems.append(f"torch weight {name} {tuple(t.shape)} not found in the program")
+                failures.append(f"torch weight {name} {tuple(t.shape)} not found in the program")
             else:
                 result.unlocated.append(name)
             continue
-        found.used = True
-        ref = t.T if check.matched_by == "value-transposed" else t
+        if not found.used:
+            materialized += found.value.nbytes
+        found.used = True  # a constant may serve several identical tensors (deduplicated)
         check.values_ok, check.pattern_ok, check.max_abs_error, check.zeroed = _compare(ref, found.value)
         check.constant, check.storage, check.dtype = found.name, found.storage, str(found.value.dtype)
         check.zeros_torch = int(np.count_nonzero(ref == 0))
         check.zeros_coreml = int(np.count_nonzero(found.value == 0))
-        materialized += found.value.nbytes
         if not check.pattern_ok:
-            problems.append(f"{name}: zero pattern differs ({check.zeros_torch} zeros in torch, "
+            failures.append(f"{name}: zero pattern differs ({check.zeros_torch} zeros in torch, "
                             f"{check.zeros_coreml} in Core ML)")
         if (expect_sparse and found.storage == "dense" and t.size > min_elements
                 and check.zeros_coreml / t.size >= max(min_sparsity, 1e-12)):
-            problems.append(f"{name}: {check.zeros_coreml / t.size:.0%} zeros but stored dense")
+            failures.append(f"{name}: {check.zeros_coreml / t.size:.0%} zeros but stored dense")
         result.weights.append(check)
     result.materialized_bytes = materialized
     stray = [c.name for c in constants if c.storage == "sparse" and not c.used]
     if stray:
-        problems.append(f"sparse constants not matched to any torch tensor: {', '.join(stray[:5])}")
+        failures.append(f"sparse constants not matched to any torch tensor: {', '.join(stray[:5])}")
 
 
 def _feature_shape(feature: Any) -> tuple[list[int], bool]:
@@ -634,45 +706,48 @@ def _feature_shape(feature: Any) -> tuple[list[int], bool]:
     return [int(d) for d in arr.shape], False
 
 
-def _check_io(spec: Any, inputs: tuple[torch.Tensor, ...], torch_outputs: list[np.ndarray], in_names: list[str],
-              out_names: list[str], result: CoreMLVerification, problems: list[str]) -> None:
+def _check_io(spec: Any, inputs: tuple[torch.Tensor, ...], torch_outputs: list[np.ndarray],
+              in_names: list[str] | None, out_names: list[str] | None, result: CoreMLVerification,
+              failures: list[str]) -> None:
     got_in = [f.name for f in spec.description.input]
     got_out = [f.name for f in spec.description.output]
-    if got_in != in_names:
-        problems.append(f"inputs are {got_in}, expected {in_names}")
-    if got_out != out_names:
-        problems.append(f"outputs are {got_out}, expected {out_names}")
+    if len(got_in) != len(inputs) or (in_names is not None and got_in != list(in_names)):
+        failures.append(f"inputs are {got_in}, expected {in_names or f'{len(inputs)} inputs'}")
+    if len(got_out) != len(torch_outputs) or (out_names is not None and got_out != list(out_names)):
+        failures.append(f"outputs are {got_out}, expected {out_names or f'{len(torch_outputs)} outputs'}")
     for feature, t in zip(spec.description.input, inputs, strict=False):
         dims, flexible = _feature_shape(feature)
         want = list(t.shape)
         ok = len(dims) == len(want) and all(d in (-1, w) for d, w in zip(dims, want, strict=False))
         result.inputs.append({"name": feature.name, "shape": dims, "flexible": flexible, "ok": ok})
         if not ok:
-            problems.append(f"input {feature.name} has shape {dims}, torch example is {want}")
+            failures.append(f"input {feature.name} has shape {dims}, torch example is {want}")
     for feature, ref in zip(spec.description.output, torch_outputs, strict=False):
         dims, flexible = _feature_shape(feature)
         want = list(ref.shape)
         ok = not dims or (len(dims) == len(want) and all(d in (-1, w) for d, w in zip(dims, want, strict=False)))
         result.outputs.append({"name": feature.name, "shape": dims, "flexible": flexible, "ok": ok})
         if not ok:
-            problems.append(f"output {feature.name} has shape {dims}, torch gives {want}")
+            failures.append(f"output {feature.name} has shape {dims}, torch gives {want}")
 
 
-def _predict_and_compare(ct: Any, path: Path, inputs: tuple[torch.Tensor, ...], in_names: list[str],
-                         out_names: list[str], torch_outputs: list[np.ndarray], spec: Any,
-                         rtol: float | None, problems: list[str]) -> dict[str, Any]:  # pragma: no cover
+def _predict_and_compare(ct: Any, path: Path, inputs: tuple[torch.Tensor, ...],
+                         torch_outputs: list[np.ndarray], spec: Any, rtol: float | None,
+                         failures: list[str]) -> dict[str, Any]:  # pragma: no cover
     model = ct.models.MLModel(str(path))
+    in_names = [f.name for f in spec.description.input]
+    out_names = [f.name for f in spec.description.output]
     feeds = {}
     for name, t in zip(in_names, inputs, strict=True):
         array = t.numpy()
         feeds[name] = array.astype(np.float32) if t.is_floating_point() else array.astype(np.int32)
     prediction = model.predict(feeds)
     got = [np.asarray(prediction[n]) for n in out_names]
-    fp16 = any(c == "fp16" for c in [spec.description.metadata.userDefined.get("deployprune.precision", "fp16")])
+    fp16 = spec.description.metadata.userDefined.get("deployprune.precision", "fp16") == "fp16"
     limit = rtol if rtol is not None else (1e-2 if fp16 else 1e-4)
     rel, err = parity(torch_outputs, got)
     if not rel <= limit:
-        problems.append(f"prediction differs from torch: max abs error {err:.3g} = {rel:.3g} of the "
+        failures.append(f"prediction differs from torch: max abs error {err:.3g} = {rel:.3g} of the "
                         f"output scale > {limit:g}")
     return {"max_abs_error": err, "relative_error": rel, "tolerance": limit}
 

@@ -36,6 +36,7 @@ from ._common import (
     metadata_props,
     parity,
     run_torch,
+    slow_path_tracing,
     tree_size,
 )
 
@@ -250,7 +251,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
 
     exporter, opset = opts["exporter"], opts["opset"]
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()) as chatter:
+        with slow_path_tracing(model), contextlib.redirect_stdout(io.StringIO()) as chatter:
             if exporter == "torchscript":
                 proto = _export_torchscript(model, inputs, in_names, out_names, opts)
             else:
