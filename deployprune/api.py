@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -66,7 +67,16 @@ def export(
     if resolver is not None and hasattr(converter, "OPTIONS"):
         resolver(target, converter.OPTIONS, options)
     check_writable(dest, force=force)
-    if masks is not None or extract_attached_masks(model):
+    attached = extract_attached_masks(model)
+    if attached:
+        # Finalize a plain copy: removing parametrizations from a deep copy with torch's own
+        # helper would break the caller's model (the generated class is shared).
+        from .io import remove_parametrizations_
+
+        plain = copy.deepcopy(model)
+        remove_parametrizations_(plain, leave_parametrized=False)
+        work = finalize(plain, inputs, attached if masks is None else masks)
+    elif masks is not None:
         work = finalize(model, inputs, masks)
     else:
         work = model

@@ -130,9 +130,7 @@ def parse_input_shape(text: str) -> InputShape:
     for d in shape:
         numel *= d
     if numel > 2**31:
-        raise UsageError(
-            f"--input-shape {text!r}: {numel} elements is too large for an example input"
-        )
+        raise UsageError(f"--input-shape {text!r}: {numel} elements is too large for an example input")
     dtype = torch.float32
     if len(parts) >= 2 and parts[1].strip():
         key = parts[1].strip().lower()
@@ -145,15 +143,11 @@ def parse_input_shape(text: str) -> InputShape:
     high = None
     if len(parts) == 3:
         if dtype.is_floating_point:
-            raise UsageError(
-                f"--input-shape {text!r}: a value bound only applies to integer dtypes"
-            )
+            raise UsageError(f"--input-shape {text!r}: a value bound only applies to integer dtypes")
         try:
             high = int(parts[2])
         except ValueError:
-            raise UsageError(
-                f"--input-shape {text!r}: the bound {parts[2]!r} must be an integer"
-            ) from None
+            raise UsageError(f"--input-shape {text!r}: the bound {parts[2]!r} must be an integer") from None
         if high < 1:
             raise UsageError(f"--input-shape {text!r}: the bound must be at least 1")
     return InputShape(shape, dtype, high)
@@ -174,17 +168,13 @@ def make_example_inputs(shapes: Sequence[InputShape], *, seed: int = 0) -> tuple
 
 
 def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
-    return ", ".join(
-        f"{'x'.join(str(d) for d in t.shape) or 'scalar'} ({dtype_name(t.dtype)})" for t in inputs
-    )
+    return ", ".join(f"{'x'.join(str(d) for d in t.shape) or 'scalar'} ({dtype_name(t.dtype)})" for t in inputs)
 
 
 def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
     """``input_shapes`` as stored in a checkpoint: a list of int lists, strings or dicts."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise InputError(
-            f"{where}: 'input_shapes' must be a non-empty list, got {type(value).__name__}"
-        )
+        raise InputError(f"{where}: 'input_shapes' must be a non-empty list, got {type(value).__name__}")
     shapes = []
     for item in value:
         if isinstance(item, str):
@@ -192,19 +182,11 @@ def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
                 shapes.append(parse_input_shape(item))
             except UsageError as exc:
                 raise InputError(f"{where}: bad entry in 'input_shapes': {exc}") from None
-        elif (
-            isinstance(item, (list, tuple))
-            and item
-            and all(isinstance(d, int) and d > 0 for d in item)
-        ):
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(d, int) and d > 0 for d in item):
             shapes.append(InputShape(tuple(item)))
         elif isinstance(item, Mapping) and "shape" in item:
             dims = item["shape"]
-            if not (
-                isinstance(dims, (list, tuple))
-                and dims
-                and all(isinstance(d, int) and d > 0 for d in dims)
-            ):
+            if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d > 0 for d in dims)):
                 raise InputError(f"{where}: bad shape {dims!r} in 'input_shapes'")
             dt = str(item.get("dtype", "float32")).lower()
             if dt not in DTYPES:
@@ -214,9 +196,7 @@ def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
                 raise InputError(f"{where}: 'high' in 'input_shapes' must be an integer")
             shapes.append(InputShape(tuple(dims), DTYPES[dt], high))
         else:
-            raise InputError(
-                f"{where}: bad entry {item!r} in 'input_shapes'; expected a list of positive ints"
-            )
+            raise InputError(f"{where}: bad entry {item!r} in 'input_shapes'; expected a list of positive ints")
     return shapes
 
 
@@ -311,8 +291,7 @@ def _inspect_zip(path: Path, max_bytes: int) -> _ZipInfo | None:
             head = fh.read(4)
         if head.startswith(b"PK"):
             raise InputError(
-                f"{path}: the zip archive is truncated or corrupt (no central directory); "
-                "re-save or re-copy the file"
+                f"{path}: the zip archive is truncated or corrupt (no central directory); re-save or re-copy the file"
             )
         return None
     try:
@@ -331,9 +310,7 @@ def _inspect_zip(path: Path, max_bytes: int) -> _ZipInfo | None:
         )
     for n in names:
         if n.startswith("/") or ".." in n.split("/") or "\\" in n:
-            raise InputError(
-                f"{path}: archive entry {n!r} has an unsafe path; refusing to read the file"
-            )
+            raise InputError(f"{path}: archive entry {n!r} has an unsafe path; refusing to read the file")
     tops = {n.split("/", 1)[0] for n in names}
     if len(tops) != 1:
         raise InputError(
@@ -347,9 +324,7 @@ def _is_pt2(info: _ZipInfo | None) -> bool:
     if info is None:
         return False
     rel = {n.split("/", 1)[1] for n in info.names if "/" in n}
-    return "archive_format" in rel or any(
-        r.startswith("models/") and r.endswith(".json") for r in rel
-    )
+    return "archive_format" in rel or any(r.startswith("models/") and r.endswith(".json") for r in rel)
 
 
 def torch_load(
@@ -375,9 +350,7 @@ def torch_load(
                 "save the model's state_dict (with --model) or a torch.export .pt2 program instead"
             )
         if "data.pkl" not in rel:
-            raise InputError(
-                f"{path}: zip archive without data.pkl; not a file written by torch.save"
-            )
+            raise InputError(f"{path}: zip archive without data.pkl; not a file written by torch.save")
     try:
         with _quiet_torch_load():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -499,9 +472,7 @@ def _check_pt2_archive(path: Path, info: _ZipInfo) -> None:
                 try:
                     config = json.loads(zf.read(name)).get("config", {})
                 except (ValueError, AttributeError) as exc:
-                    raise InputError(
-                        f"{path}: corrupt archive entry {rel} ({_first_line(exc, 80)})"
-                    ) from None
+                    raise InputError(f"{path}: corrupt archive entry {rel} ({_first_line(exc, 80)})") from None
                 for key, meta in config.items():
                     if not isinstance(meta, Mapping) or meta.get("use_pickle", False):
                         raise UnsafeFileError(
@@ -535,9 +506,7 @@ def _weights_only_torch_load() -> Iterator[None]:
         torch.load = original  # type: ignore[assignment]
 
 
-def _load_pt2(
-    path: Path, info: _ZipInfo
-) -> tuple[nn.Module, list[InputShape] | None, tuple[torch.Tensor, ...] | None]:
+def _load_pt2(path: Path, info: _ZipInfo) -> tuple[nn.Module, list[InputShape] | None, tuple[torch.Tensor, ...] | None]:
     _check_pt2_archive(path, info)
     torch_export_logger = logging.getLogger("torch.export")
     previous = torch_export_logger.level
@@ -627,9 +596,7 @@ def spec_for_factory(factory: str) -> Any | None:
 def registry_spec(arch: str, where: str) -> Any:
     reg = _registry()
     if reg is None:
-        raise InputError(
-            f"{where}: names architecture {arch!r} but the models registry is not installed"
-        )
+        raise InputError(f"{where}: names architecture {arch!r} but the models registry is not installed")
     try:
         return reg.get(arch)
     except Exception:  # noqa: BLE001
@@ -638,9 +605,7 @@ def registry_spec(arch: str, where: str) -> Any:
         if callable(names):
             with contextlib.suppress(Exception):
                 known = f"; known: {', '.join(sorted(names())[:20])}"
-        raise InputError(
-            f"{where}: unknown architecture {arch!r} in the models registry{known}"
-        ) from None
+        raise InputError(f"{where}: unknown architecture {arch!r} in the models registry{known}") from None
 
 
 def _build_arch(arch: str, spec: Any, where: str) -> nn.Module:
@@ -651,9 +616,7 @@ def _build_arch(arch: str, spec: Any, where: str) -> nn.Module:
         else:
             model = spec.factory()
     except Exception as exc:  # noqa: BLE001
-        raise InputError(
-            f"{where}: building architecture {arch!r} failed ({_first_line(exc, 120)})"
-        ) from None
+        raise InputError(f"{where}: building architecture {arch!r} failed ({_first_line(exc, 120)})") from None
     return _expect_module(model, f"architecture {arch!r}", where)
 
 
@@ -666,16 +629,12 @@ def _expect_module(obj: Any, what: str, where: str) -> nn.Module:
 def resolve_factory(factory: str, *, where: str = "--model") -> Any:
     """Import ``package.module:callable`` (``callable`` may be dotted: ``mod:Class.build``)."""
     if not isinstance(factory, str) or factory.count(":") != 1:
-        raise UsageError(
-            f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)"
-        )
+        raise UsageError(f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)")
     mod_name, attr = factory.split(":")
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", mod_name) or not re.fullmatch(
         r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr
     ):
-        raise UsageError(
-            f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)"
-        )
+        raise UsageError(f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)")
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -685,8 +644,7 @@ def resolve_factory(factory: str, *, where: str = "--model") -> Any:
         ) from None
     except Exception as exc:  # noqa: BLE001 - user code failing at import time
         raise InputError(
-            f"{where} {factory!r}: importing {mod_name!r} failed ({type(exc).__name__}: "
-            f"{_first_line(exc, 100)})"
+            f"{where} {factory!r}: importing {mod_name!r} failed ({type(exc).__name__}: {_first_line(exc, 100)})"
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -723,9 +681,7 @@ _PARAM_MASK = re.compile(r"^(?:(.*)\.)?parametrizations\.(\w+)\.(\d+)\.mask$")
 _PARAM_ANY = re.compile(r"(^|\.)parametrizations\.")
 
 
-def split_pruned_state_dict(
-    sd: Mapping[str, torch.Tensor], where: str
-) -> tuple[dict[str, torch.Tensor], Masks]:
+def split_pruned_state_dict(sd: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], Masks]:
     """Plain weights and masks from a state_dict saved with masks still attached.
 
     Handles ``torch.nn.utils.parametrize`` keys (``m.parametrizations.weight.original`` and
@@ -778,15 +734,8 @@ def split_pruned_state_dict(
             full = f"{mod}.{pname}" if mod else pname
             weight = plain.get(full)
             if weight is None:
-                raise InputError(
-                    f"{where}: mask for {full} has no matching weight in the state_dict"
-                )
-            if (
-                mask.shape != weight.shape
-                and mask.dim() == 1
-                and weight.dim() >= 1
-                and mask.numel() == weight.shape[0]
-            ):
+                raise InputError(f"{where}: mask for {full} has no matching weight in the state_dict")
+            if mask.shape != weight.shape and mask.dim() == 1 and weight.dim() >= 1 and mask.numel() == weight.shape[0]:
                 per[pname] = mask.reshape([-1] + [1] * (weight.dim() - 1)).expand_as(weight).clone()
     return plain, masks
 
@@ -802,24 +751,18 @@ def _and_masks(a: torch.Tensor, b: torch.Tensor, where: str) -> torch.Tensor:
 
 def _check_state_dict(sd: Any, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping):
-        raise InputError(
-            f"{where}: expected a state_dict (dict of tensors), got {type(sd).__name__}"
-        )
+        raise InputError(f"{where}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
     out = {}
     for k, v in sd.items():
         if not isinstance(k, str):
             raise InputError(f"{where}: state_dict keys must be strings, got {k!r}")
         if not isinstance(v, torch.Tensor):
-            raise InputError(
-                f"{where}: state_dict entry {k!r} is a {type(v).__name__}, not a tensor"
-            )
+            raise InputError(f"{where}: state_dict entry {k!r} is a {type(v).__name__}, not a tensor")
         out[k] = v
     return out
 
 
-def load_state_dict_into(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], where: str, what: str
-) -> None:
+def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str, what: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line message naming the mismatching keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -839,9 +782,7 @@ def load_state_dict_into(
             "check that --model names the architecture the weights were saved from"
         )
     bad = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if tuple(sd[k].shape) != tuple(v.shape)
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if tuple(sd[k].shape) != tuple(v.shape)
     ]
     if bad:
         raise InputError(
@@ -852,9 +793,7 @@ def load_state_dict_into(
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(
-            f"{where}: loading the weights into {what} failed ({_first_line(exc, 120)})"
-        ) from None
+        raise InputError(f"{where}: loading the weights into {what} failed ({_first_line(exc, 120)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -908,16 +847,12 @@ def _resized(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> 
     if isinstance(module, nn.LayerNorm) and w is not None:
         if tuple(w.shape) == tuple(module.normalized_shape):
             return None
-        return nn.LayerNorm(
-            tuple(w.shape), eps=module.eps, elementwise_affine=True, bias=get("bias") is not None
-        )
+        return nn.LayerNorm(tuple(w.shape), eps=module.eps, elementwise_affine=True, bias=get("bias") is not None)
     if isinstance(module, nn.GroupNorm) and w is not None:
         if int(w.shape[0]) == module.num_channels:
             return None
         per_group = module.num_channels // module.num_groups
-        return nn.GroupNorm(
-            int(w.shape[0]) // per_group, int(w.shape[0]), eps=module.eps, affine=module.affine
-        )
+        return nn.GroupNorm(int(w.shape[0]) // per_group, int(w.shape[0]), eps=module.eps, affine=module.affine)
     if isinstance(module, nn.Embedding) and w is not None:
         if tuple(w.shape) == (module.num_embeddings, module.embedding_dim):
             return None
@@ -990,9 +925,7 @@ def load_model(
             f"{path}: is a deployment artifact, not a PyTorch model; pass the PyTorch model "
             "(state_dict/checkpoint/.pt2) it was made from"
         )
-    user_shapes = [
-        s if isinstance(s, InputShape) else parse_input_shape(s) for s in (input_shapes or [])
-    ]
+    user_shapes = [s if isinstance(s, InputShape) else parse_input_shape(s) for s in (input_shapes or [])]
     if model_factory is not None:
         resolve_factory(model_factory)  # fail fast on a typo, before reading a large file
     where = str(path)
@@ -1010,9 +943,7 @@ def load_model(
         model, shapes, stored_inputs = _load_pt2(path, info)
         kind = "export"
         if model_factory:
-            log.warning(
-                "%s: --model is ignored for a torch.export program (it carries its own graph)", path
-            )
+            log.warning("%s: --model is ignored for a torch.export program (it carries its own graph)", path)
     else:
         obj = torch_load(path, allow_pickle=allow_pickle, max_bytes=max_file_bytes, zip_info=info)
         if isinstance(obj, nn.Module):
@@ -1021,20 +952,14 @@ def load_model(
                 log.warning("%s: --model is ignored for a pickled module", path)
             model, file_masks = _detach_attached(model)
         elif isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
-            model, file_masks, shapes, factory, arch, compact = _from_checkpoint(
-                obj, path, model_factory
-            )
+            model, file_masks, shapes, factory, arch, compact = _from_checkpoint(obj, path, model_factory)
             kind = "checkpoint"
         elif isinstance(obj, Mapping) and "format" in obj and isinstance(obj.get("format"), str):
-            raise InputError(
-                f"{path}: unknown checkpoint format {obj['format']!r}; "
-                f"expected {CHECKPOINT_FORMAT!r}"
-            )
+            raise InputError(f"{path}: unknown checkpoint format {obj['format']!r}; expected {CHECKPOINT_FORMAT!r}")
         elif isinstance(obj, Mapping):
             if _looks_like_masks(obj):
                 raise InputError(
-                    f"{path}: holds masks, not model weights; "
-                    "pass it with --masks and give the model file"
+                    f"{path}: holds masks, not model weights; pass it with --masks and give the model file"
                 )
             if model_factory is None:
                 raise UsageError(
@@ -1050,10 +975,7 @@ def load_model(
             spec = spec_for_factory(model_factory)
             shapes = _spec_shapes(spec) if spec is not None else None
         else:
-            raise InputError(
-                f"{path}: holds a {type(obj).__name__}, "
-                "not a model, state_dict or deployprune checkpoint"
-            )
+            raise InputError(f"{path}: holds a {type(obj).__name__}, not a model, state_dict or deployprune checkpoint")
 
     if kind != "export":  # an exported program's module has its mode baked in (and no .eval())
         model.eval()
@@ -1098,21 +1020,61 @@ def _looks_like_masks(obj: Mapping) -> bool:
     return bool(obj) and all(isinstance(v, Mapping) for v in obj.values())
 
 
+def remove_parametrizations_(model: nn.Module, *, leave_parametrized: bool) -> None:
+    """Remove every parametrization from ``model`` without touching shared classes.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the property from the
+    module's generated ``Parametrized*`` class; a ``copy.deepcopy`` of a parametrized model
+    shares that class, so removing parametrizations from a copy that way breaks the original
+    (``'ParametrizedConv2d' object has no attribute 'weight'``). Here only the instance changes.
+    ``leave_parametrized=False`` keeps the original (unmasked) tensors.
+    """
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        plist = module.parametrizations
+        restored: dict[str, torch.Tensor] = {}
+        for name in list(plist.keys()):
+            entry = plist[name]
+            original = getattr(entry, "original", None)
+            if not isinstance(original, torch.Tensor):
+                raise UnsupportedError(
+                    f"parametrization of {type(module).__name__}.{name} has several "
+                    "original tensors; remove it before handing the model to deployprune"
+                )
+            if leave_parametrized:
+                with torch.no_grad():
+                    value = getattr(module, name).detach().clone()
+            else:
+                value = original.detach()
+            restored[name] = (
+                nn.Parameter(value, requires_grad=original.requires_grad)
+                if isinstance(original, nn.Parameter)
+                else value
+            )
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        for name, value in restored.items():
+            if isinstance(value, nn.Parameter):
+                module.register_parameter(name, value)
+            else:
+                module.register_buffer(name, value)
+
+
 def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:
     """Take pruning masks off a module: dense weights stay, the masks come back separately.
 
     Handles ``torch.nn.utils.parametrize`` parametrizations carrying a ``mask`` and
     ``torch.nn.utils.prune`` forward pre-hooks (``weight_orig`` / ``weight_mask``).
     """
-    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils import prune
 
     from .masks import extract_attached_masks
 
     masks = extract_attached_masks(model)
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for pname in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+    remove_parametrizations_(model, leave_parametrized=False)
     for mod_name, module in model.named_modules():
         for key, hook in list(module._forward_pre_hooks.items()):
             if not isinstance(hook, prune.BasePruningMethod):
@@ -1128,9 +1090,7 @@ def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:
     return model, masks
 
 
-def check_runs(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], where: str, *, user_given: bool = True
-) -> None:
+def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], where: str, *, user_given: bool = True) -> None:
     """Run one forward pass; a failure is reported as a wrong input shape, in one line."""
     try:
         with torch.no_grad():
@@ -1151,9 +1111,7 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
     where = str(path)
     version = obj.get("version")
     if not isinstance(version, int):
-        raise InputError(
-            f"{where}: checkpoint 'version' must be an integer, got {type(version).__name__}"
-        )
+        raise InputError(f"{where}: checkpoint 'version' must be an integer, got {type(version).__name__}")
     if version > CHECKPOINT_VERSION:
         raise InputError(
             f"{where}: checkpoint version {version} was written by a newer deployprune "
@@ -1164,21 +1122,13 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
     if arch is not None and not isinstance(arch, str):
         raise InputError(f"{where}: checkpoint 'arch' must be a string, got {type(arch).__name__}")
     if factory is not None and not isinstance(factory, str):
-        raise InputError(
-            f"{where}: checkpoint 'factory' must be a string, got {type(factory).__name__}"
-        )
+        raise InputError(f"{where}: checkpoint 'factory' must be a string, got {type(factory).__name__}")
     sd = _check_state_dict(obj.get("state_dict"), f"{where}: checkpoint 'state_dict'")
     raw_masks = obj.get("masks") or {}
     if not isinstance(raw_masks, Mapping):
-        raise InputError(
-            f"{where}: checkpoint 'masks' must be a dict, got {type(raw_masks).__name__}"
-        )
+        raise InputError(f"{where}: checkpoint 'masks' must be a dict, got {type(raw_masks).__name__}")
     compact = bool(obj.get("compact", False))
-    shapes = (
-        _shapes_from_json(obj["input_shapes"], where)
-        if obj.get("input_shapes") is not None
-        else None
-    )
+    shapes = _shapes_from_json(obj["input_shapes"], where) if obj.get("input_shapes") is not None else None
 
     spec = None
     if user_factory is not None:
@@ -1211,10 +1161,7 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
         arch_used = None
         what = f"factory {factory}"
     else:
-        raise InputError(
-            f"{where}: checkpoint names neither 'arch' nor 'factory'; "
-            "pass --model package.module:factory"
-        )
+        raise InputError(f"{where}: checkpoint names neither 'arch' nor 'factory'; pass --model package.module:factory")
 
     plain, attached = split_pruned_state_dict(sd, where)
     if compact:
@@ -1223,18 +1170,14 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
     masks: dict = dict(attached)
     for mod, per in raw_masks.items():
         if not isinstance(per, Mapping):
-            raise MaskError(
-                f"{where}: checkpoint masks for {mod!r} must be a dict {{param_name: mask}}"
-            )
+            raise MaskError(f"{where}: checkpoint masks for {mod!r} must be a dict {{param_name: mask}}")
         masks.setdefault(mod, {}).update(per)
     if shapes is None and spec is not None:
         shapes = _spec_shapes(spec)
     return model, masks, shapes, factory, arch_used, compact
 
 
-def load_masks(
-    path: str | os.PathLike, model: nn.Module, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-) -> Masks:
+def load_masks(path: str | os.PathLike, model: nn.Module, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Masks:
     """An NNI-layout masks file (``{name: {"weight": mask}}``), validated against ``model``.
 
     A deployprune checkpoint is accepted too (its ``masks`` entry is used).
@@ -1245,8 +1188,7 @@ def load_masks(
         obj = obj.get("masks") or {}
     if not isinstance(obj, Mapping):
         raise MaskError(
-            f"{path}: expected masks as a dict {{module_name: {{param_name: mask}}}}, "
-            f"got {type(obj).__name__}"
+            f"{path}: expected masks as a dict {{module_name: {{param_name: mask}}}}, got {type(obj).__name__}"
         )
     return normalize_masks(model, obj, source=str(path))
 
@@ -1268,10 +1210,7 @@ def make_checkpoint(
 ) -> dict[str, Any]:
     """The dict :func:`save_checkpoint` writes (plain tensors: loads with weights_only=True)."""
     if (arch is None) == (factory is None):
-        raise UsageError(
-            "a checkpoint needs exactly one of arch= (registry name) "
-            "or factory= (package.module:fn)"
-        )
+        raise UsageError("a checkpoint needs exactly one of arch= (registry name) or factory= (package.module:fn)")
     attached: Masks = {}
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         # keep the dense (unmasked) weights: the masks travel separately
@@ -1299,9 +1238,7 @@ def make_checkpoint(
     return ckpt
 
 
-def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, *, force: bool = False, **kwargs: Any
-) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, force: bool = False, **kwargs: Any) -> Path:
     """Write a deployprune checkpoint atomically (see :func:`make_checkpoint` for the fields)."""
     from .fsutil import atomic_output
 

@@ -73,9 +73,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def check_not_input(out: Path, *inputs: Path | None) -> None:
     for src in inputs:
         if src is not None and _same_file(out, src):
-            raise UsageError(
-                f"{out}: the output would overwrite the input file; choose another -o path"
-            )
+            raise UsageError(f"{out}: the output would overwrite the input file; choose another -o path")
 
 
 def report_path_for(artifact: Path) -> Path:
@@ -88,13 +86,10 @@ class Staging:
     def __init__(self, dest: Path):
         parent = dest.parent if str(dest.parent) else Path(".")
         try:
-            self.dir = Path(
-                tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
-            )
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
         except OSError as exc:
             raise OutputError(
-                f"{dest}: cannot write in {parent} ({exc.strerror or exc}); "
-                "choose another output path"
+                f"{dest}: cannot write in {parent} ({exc.strerror or exc}); choose another output path"
             ) from None
         self.dest = dest
 
@@ -103,9 +98,7 @@ class Staging:
 
     def publish(self, staged: Path, dest: Path, *, force: bool) -> Path:
         """Move ``staged`` (and side files ``staged.name + suffix``) onto ``dest``."""
-        sides = sorted(
-            p for p in self.dir.iterdir() if p.name.startswith(staged.name) and p != staged
-        )
+        sides = sorted(p for p in self.dir.iterdir() if p.name.startswith(staged.name) and p != staged)
         try:
             for side in sides:  # side files first (ONNX external data) so the main file is last
                 target = dest.with_name(dest.name + side.name[len(staged.name) :])
@@ -113,8 +106,7 @@ class Staging:
             _replace(staged, dest, force=force)
         except OSError as exc:
             raise OutputError(
-                f"{dest}: cannot move the result into place ({exc.strerror or exc}); "
-                "check free space and permissions"
+                f"{dest}: cannot move the result into place ({exc.strerror or exc}); check free space and permissions"
             ) from None
         return dest
 
@@ -142,8 +134,7 @@ def staging(dest: Path) -> Iterator[Staging]:
         yield stage
     except OSError as exc:
         raise OutputError(
-            f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); "
-            "check free space and permissions"
+            f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
         ) from None
     finally:
         stage.cleanup()
@@ -170,10 +161,10 @@ def count_params(model: nn.Module) -> int:
 
 def masked_copy(model: nn.Module, masks: Masks) -> nn.Module:
     """The dense model with masks multiplied in: the reference every artifact is checked against."""
-    from .masks import strip_parametrizations_
+    from .io import remove_parametrizations_
 
     work = copy.deepcopy(model)
-    strip_parametrizations_(work)
+    remove_parametrizations_(work, leave_parametrized=True)
     if masks:
         apply_masks_(work, masks)
     return work
@@ -265,10 +256,7 @@ class ExportOutcome:
         lines.append(f"artifact:   {shown} ({self.target}{size})")
         if self.validation is None:  # the validation summary has its own params line
             ratio = self.params_after / self.params_before if self.params_before else 1.0
-            lines.append(
-                f"params:     {self.params_before:,} -> {self.params_after:,} "
-                f"({ratio:.1%} of the source)"
-            )
+            lines.append(f"params:     {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)")
         if self.blocked:
             lines.append(f"compaction: {len(self.blocked)} group(s) kept at full size (see report)")
         if self.validation is not None:
@@ -322,9 +310,7 @@ def run_export(
     resolver = getattr(converters, "resolve_options", None)
     if resolver is not None and hasattr(converter, "OPTIONS"):
         resolver(target, converter.OPTIONS, options)  # reject unknown/mistyped options before work
-    out_path = (
-        Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
-    )
+    out_path = Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
     check_not_input(out_path, loaded.source)
     check_writable(out_path, force=force)
     rpath = report_path_for(out_path) if (validate and write_report) else None
@@ -337,9 +323,7 @@ def run_export(
     seconds["finalize"] = comp.seconds
     notes: list[str] = []
     if comp.parity_max_abs > 1e-4:
-        log.warning(
-            "compact model differs from the masked model by %.3g in torch", comp.parity_max_abs
-        )
+        log.warning("compact model differs from the masked model by %.3g in torch", comp.parity_max_abs)
 
     with staging(out_path) as stage:
         staged = stage.path()
@@ -376,10 +360,7 @@ def run_export(
         if keep:
             artifact = stage.publish(staged, out_path, force=force)
         else:
-            notes.append(
-                "the artifact failed validation and was removed; "
-                "rerun with --keep-failed to keep it"
-            )
+            notes.append("the artifact failed validation and was removed; rerun with --keep-failed to keep it")
         if report is not None:
             _annotate_report(report, loaded, comp, conversion, out_path if keep else None, notes)
             if rpath is not None:
@@ -427,9 +408,7 @@ def _validate(
         try:
             converter.convert(comp.source, loaded.example_inputs, dense_path, **options)
         except DeployPruneError as exc:
-            log.warning(
-                "dense reference export failed, latency is shown for the artifact only: %s", exc
-            )
+            log.warning("dense reference export failed, latency is shown for the artifact only: %s", exc)
             dense_path = None
     source_path = loaded.source if loaded.source.is_file() else None
     log.info("validating %s against %s", staged.name, loaded.source)
@@ -474,10 +453,7 @@ def _annotate_report(
         report.pipeline.update(extra)
     report_notes = getattr(report, "notes", None)
     if isinstance(report_notes, list):
-        report_notes.append(
-            f"source {loaded.source} ({loaded.kind}), "
-            f"inputs {describe_inputs(loaded.example_inputs)}"
-        )
+        report_notes.append(f"source {loaded.source} ({loaded.kind}), inputs {describe_inputs(loaded.example_inputs)}")
         if loaded.masks:
             report_notes.append(
                 f"masks on {len(loaded.masks)} modules; finalize torch parity "
@@ -530,18 +506,14 @@ class FinalizeOutcome:
         kind = "torch.export program" if self.format == "pt2" else "deployprune checkpoint"
         lines = [
             f"compact model: {self.path} ({kind})",
-            f"params:        {self.params_before:,} -> {self.params_after:,} "
-            f"({ratio:.1%} of the source)",
+            f"params:        {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)",
             f"parity:        max abs error {self.torch_parity:.3g} vs the masked model (torch)",
         ]
         lines.extend(f"  {c}" for c in self.module_changes[:20])
         if len(self.module_changes) > 20:
             lines.append(f"  ... {len(self.module_changes) - 20} more")
         if self.blocked:
-            lines.append(
-                f"not compacted: {len(self.blocked)} group(s): "
-                + "; ".join(str(b) for b in self.blocked[:5])
-            )
+            lines.append(f"not compacted: {len(self.blocked)} group(s): " + "; ".join(str(b) for b in self.blocked[:5]))
         return lines
 
 
@@ -584,13 +556,7 @@ def run_finalize(
     moved into place; a checkpoint that cannot reproduce the model is refused.
     """
     out_path = Path(out) if out is not None else default_output(loaded.source, ".compact.pt2")
-    fmt = (
-        "pt2"
-        if out_path.suffix == ".pt2"
-        else "checkpoint"
-        if out_path.suffix in (".pt", ".pth")
-        else None
-    )
+    fmt = "pt2" if out_path.suffix == ".pt2" else "checkpoint" if out_path.suffix in (".pt", ".pth") else None
     if fmt is None:
         raise UsageError(
             f"{out_path}: finalize writes .pt2 (torch.export program) or .pt/.pth "
@@ -635,21 +601,17 @@ def run_finalize(
                 input_shapes=loaded.input_shapes,
             )
             with torch.no_grad():
-                diff = _max_abs_diff(
-                    comp.model(*loaded.example_inputs), again.model(*loaded.example_inputs)
-                )
+                diff = _max_abs_diff(comp.model(*loaded.example_inputs), again.model(*loaded.example_inputs))
         except DeployPruneError as exc:
             raise UnsupportedError(
-                f"{out_path}: the written {fmt} does not load back ({exc}); "
-                "write a .pt2 file instead"
+                f"{out_path}: the written {fmt} does not load back ({exc}); write a .pt2 file instead"
                 if fmt == "checkpoint"
                 else f"{out_path}: the written program does not load back ({exc})"
             ) from None
         if diff > tolerance:
             hint = "; write a .pt2 file instead" if fmt == "checkpoint" else ""
             raise UnsupportedError(
-                f"{out_path}: the written {fmt} reproduces the compact model only to "
-                f"{diff:.3g} (max abs){hint}"
+                f"{out_path}: the written {fmt} reproduces the compact model only to {diff:.3g} (max abs){hint}"
             )
         stage.publish(staged, out_path, force=force)
     return FinalizeOutcome(

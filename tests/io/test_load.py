@@ -297,7 +297,9 @@ def test_checkpoint_from_attached_masks(tmp_path: Path, lenet: nn.Module, tutori
     dense_w = lenet.conv1.weight.detach().clone()
     parametrize.register_parametrization(lenet.conv1, "weight", _Mask(tutorial_masks["conv1"]["weight"]))
     path = save_checkpoint(tmp_path / "att.pt", lenet, arch="lenet")
-    assert parametrize.is_parametrized(lenet.conv1)  # the caller's model is untouched
+    assert parametrize.is_parametrized(lenet.conv1)  # the caller's model is untouched and still runs
+    x = torch.randn(1, 1, 28, 28)
+    assert torch.equal(lenet(x), lenet(x))
     loaded = load_model(path)
     assert torch.equal(loaded.model.conv1.weight, dense_w)
     assert torch.equal(loaded.masks["conv1"]["weight"], tutorial_masks["conv1"]["weight"].bool())
