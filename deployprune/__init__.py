@@ -48,19 +48,20 @@ __all__ = [
     "ParityError",
 ]
 
+# ``finalize`` and ``validate`` are both submodules and the public functions. Importing them here
+# binds the package attributes to the functions once and for all (a later
+# ``import deployprune.finalize`` finds the submodule in sys.modules and leaves the attribute alone).
+from .finalize import compact, finalize  # noqa: E402
+from .validate import validate  # noqa: E402
+
 _LAZY = {
-    "finalize": ("deployprune.finalize", "finalize"),
-    "compact": ("deployprune.finalize", "compact"),
     "export": ("deployprune.api", "export"),
-    "validate": ("deployprune.validate", "validate"),
     "Pruner": ("deployprune.pruning", "Pruner"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import export
-    from .finalize import compact, finalize
     from .pruning import Pruner
-    from .validate import validate
 
 
 def __getattr__(name: str) -> Any:
