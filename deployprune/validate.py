@@ -355,10 +355,8 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
         for f in fields(tp):
             if not f.init:
                 continue
-            if f.name not in value:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise InputError(f"{where}: {tp.__name__} is missing key {f.name!r}")
-                continue
+            if f.name not in value:  # documents hold every field (as the schema requires)
+                raise InputError(f"{where}: {tp.__name__} is missing key {f.name!r}")
             kwargs[f.name] = _from_plain(hints[f.name], value[f.name], f"{where}.{f.name}")
         try:
             return tp(**kwargs)
