@@ -254,8 +254,8 @@ def parse_option_strings(target: str, items: Iterable[str]) -> dict[str, Any]:
         if name not in spec:
             resolve_options(target, spec, {name: None})  # raises the standard unknown-option message
         out[name] = _parse_scalar(target, name, spec[name][0], text)
-    resolve_options(target, spec, out)
-    return out
+    resolved = resolve_options(target, spec, out)
+    return {name: resolved[name] for name in out}
 
 
 def _kind_name(kind: Any) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployprune.errors import InputError, UsageError
+from deployprune.errors import InputError, OutputError, UsageError
 
 
 def package_version() -> str:
@@ -38,6 +38,16 @@ def check_model_and_inputs(model: Any, example_inputs: Any, target: str) -> tupl
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{target}: example input {i} is a {type(t).__name__}, not a tensor")
     return tuple(t.detach().cpu() for t in example_inputs)
+
+
+@contextlib.contextmanager
+def os_errors_as_output_errors(path: str | os.PathLike) -> Iterator[None]:
+    """One-line OutputError for an OSError that escapes atomic_output (e.g. creating the
+    temporary file in a directory that refuses new files, like /sys)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); choose another output path") from exc
 
 
 @contextlib.contextmanager

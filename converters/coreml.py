@@ -41,6 +41,7 @@ from ._common import (
     flatten_outputs,
     io_names,
     metadata_props,
+    os_errors_as_output_errors,
     parity,
     run_torch,
     slow_path_tracing,
@@ -141,7 +142,8 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     mlmodel.user_defined_metadata.update(props)
 
     verification: CoreMLVerification | None = None
-    with atomic_output(path, force=opts["force"]) as tmp:
+    with os_errors_as_output_errors(path), \
+            atomic_output(path, force=opts["force"]) as tmp:
         with _quiet():
             mlmodel.save(str(tmp))
         if opts["verify"]:

@@ -34,6 +34,7 @@ from ._common import (
     eval_mode,
     io_names,
     metadata_props,
+    os_errors_as_output_errors,
     parity,
     run_torch,
     slow_path_tracing,
@@ -133,7 +134,8 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     _set_metadata(proto, metadata_props(model, target_meta, opts["model_name"]))
 
     verify_meta: dict[str, Any] = {}
-    with atomic_output(path, force=opts["force"], extra_suffixes=(EXTERNAL_SUFFIX,)) as tmp:
+    with os_errors_as_output_errors(path), \
+            atomic_output(path, force=opts["force"], extra_suffixes=(EXTERNAL_SUFFIX,)) as tmp:
         _save(proto, tmp, external)
         del proto  # saving with external data moved the tensors out; do not reuse
         _check(tmp, path)

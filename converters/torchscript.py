@@ -17,7 +17,14 @@ from deployprune.errors import UnsupportedError, ValidationFailed
 from deployprune.fsutil import atomic_output, check_writable
 
 from . import COMMON_OPTIONS, Choice, ConversionResult, resolve_options
-from ._common import check_model_and_inputs, eval_mode, flatten_outputs, parity, run_torch
+from ._common import (
+    check_model_and_inputs,
+    eval_mode,
+    flatten_outputs,
+    os_errors_as_output_errors,
+    parity,
+    run_torch,
+)
 
 TARGET = "torchscript"
 SUFFIX = ".pt"
@@ -43,7 +50,8 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
             raise UnsupportedError(f"torchscript: torch.jit.{opts['method']} cannot handle "
                                    f"{type(model).__name__}: {first}") from exc
     metadata: dict[str, Any] = {"method": opts["method"]}
-    with atomic_output(path, force=opts["force"]) as tmp:
+    with os_errors_as_output_errors(path), \
+            atomic_output(path, force=opts["force"]) as tmp:
         torch.jit.save(module, str(tmp))
         if opts["verify"]:
             loaded = torch.jit.load(str(tmp))
