@@ -8,6 +8,7 @@ SVG plots drawn here, no scripts, no fonts or styles from the network.
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -79,6 +80,13 @@ def fmt_pct(x: float | None) -> str:
 
 def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
+
+
+def _plain(value: object) -> str:
+    """Compact one-line text for a JSON value (pipeline facts)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=False, separators=(", ", ": "), default=str)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -350,6 +358,9 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
         out += [f"{h}# Accuracy", ""] + [f"- {k}: {v:.4g}" for k, v in r.accuracy.items()] + [""]
     if r.layers:
         out += [f"{h}# Layers", ""] + _md_table(_LAYER_HEADER, _layer_rows(r.layers)) + [""]
+    if r.pipeline:
+        out += [f"{h}# Pipeline", ""] + [f"- {k}: {_plain(v)}" for k, v in r.pipeline.items()]
+        out += [""]
     if r.notes:
         out += [f"{h}# Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     env = ", ".join(f"{k} {v}" for k, v in r.environment.items())
@@ -432,12 +443,20 @@ def svg_latency(r: ValidationReport) -> str:
     left, right, top, row_h = 230, 30, 30, 34
     width = 760
     height = top + row_h * len(results) + 46
-    hi = max(max(x.samples_ms) for x in results if x.samples_ms) * 1.05
+    # The axis ends a little past the largest upper fence (q3 + 3 IQR) so one slow call (a
+    # page fault, another process) does not squash every box; calls beyond it are drawn at
+    # the edge as hollow dots, with their value in a tooltip.
+    fences = []
+    for x in results:
+        a = np.asarray(x.samples_ms, dtype=np.float64)
+        q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+        fences.append(min(float(a.max()), float(q3 + 3 * (q3 - q1))))
+    hi = max(fences) * 1.08 if fences and max(fences) > 0 else 1.0
     lo = 0.0
     plot_w = width - left - right
 
     def sx(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * plot_w if hi > lo else left
+        return left + (min(v, hi) - lo) / (hi - lo) * plot_w if hi > lo else left
 
     out = _svg_open("latency", width, height, f"Latency distribution: {r.name}")
     axis_y = top + row_h * len(results)
@@ -473,8 +492,13 @@ def svg_latency(r: ValidationReport) -> str:
                    f'x2="{sx(med):.1f}" y2="{cy + 10:.1f}" stroke="{color}" stroke-width="3"/>')
         for k, v in enumerate(res.samples_ms):
             jitter = ((k * 7919) % 13 - 6) * 1.1
-            out.append(f'<circle class="sample" cx="{sx(v):.1f}" cy="{cy + jitter:.1f}" r="1.8" '
-                       f'fill="{color}" fill-opacity="0.55"/>')
+            if v <= hi:
+                out.append(f'<circle class="sample" cx="{sx(v):.1f}" cy="{cy + jitter:.1f}" '
+                           f'r="1.8" fill="{color}" fill-opacity="0.55"/>')
+            else:
+                out.append(f'<circle class="sample beyond" cx="{sx(v):.1f}" '
+                           f'cy="{cy + jitter:.1f}" r="2.6" fill="none" stroke="{color}">'
+                           f"<title>{fmt_ms(v)} (beyond the axis)</title></circle>")
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)
@@ -714,6 +738,10 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
         parts.append(svg_channels(r))
         parts.append(svg_sparsity(r))
         parts.append(_html_table(_LAYER_HEADER, _layer_rows(r.layers)))
+    if r.pipeline:
+        parts.append(f"<{sub}>Pipeline</{sub}><ul>"
+                     + "".join(f"<li>{_e(k)}: <code>{_e(_plain(v))}</code></li>"
+                               for k, v in r.pipeline.items()) + "</ul>")
     if r.notes:
         parts.append(f"<{sub}>Notes</{sub}><ul>"
                      + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")

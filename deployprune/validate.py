@@ -207,6 +207,7 @@ class ValidationReport:
     latency: LatencyReport | None = None
     layers: list[LayerRow] = field(default_factory=list)
     accuracy: dict[str, float] = field(default_factory=dict)  # where known (set by the caller)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # facts the caller adds (plain JSON)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     created: str = ""

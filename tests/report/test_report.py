@@ -51,6 +51,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[ValidationReport]:
     comp = validate(masked, compact, (xm,), latency=CFG, name="masked-vs-compact", n_inputs=3,
                     localize=True)
     comp.accuracy = {"top1": 0.91, "top5": 0.99}
+    comp.pipeline = {"source": {"path": "net.pt", "inputs": [[1, 3, 8, 8]]}, "blocked": []}
     return [good, bad, comp]
 
 
@@ -188,6 +189,7 @@ def test_markdown_sections(reports: list[ValidationReport]) -> None:
                      bmd)
     cmd = render_markdown(comp)
     assert "| conv1 | Conv2d | 3 | 8 → 5 |" in cmd
+    assert '- source: {"path": "net.pt", "inputs": [[1, 3, 8, 8]]}' in cmd
 
 
 def test_comparison_table(reports: list[ValidationReport]) -> None:
