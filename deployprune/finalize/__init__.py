@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import InputError, ParityError, UnsupportedError
 from ..masks import Masks, apply_masks_, extract_attached_masks, normalize_masks, strip_parametrizations_
 from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
+from .rewrite import _is_reshape, can_rewrite, region_module
 from .rules import apply_rule, register_function_rule, register_module_rule
 from .trace import TensorMeta, trace
 
@@ -147,7 +148,16 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         candidate, patched, changes = _build(a, work)
         failing, out = _check_shapes(a, candidate, inputs)
         if failing is not None:
-            node, why = failing
+            name, why = failing
+            node = next(n for n in a.traced.graph.nodes if n.name == name)
+            owner = node.meta.get("owner", "") or ""
+            if (_is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_owners
+                    and owner not in a.rewrite_failed):
+                a.rewrite_owners.add(owner)  # re-emit the call with the new sizes
+                continue
+            if owner in a.rewrite_owners:
+                a.rewrite_owners.discard(owner)
+                a.rewrite_failed.add(owner)
             _pin_node(a, node, why)
             continue
         err, scale = _compare(ref, out)
@@ -271,6 +281,9 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
             pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
             cands = pref if len(pref) == 1 else cands
         key = (owner, cands[0]) if len(cands) == 1 else None
+        if key is None and _is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_failed:
+            a.rewrite_owners.add(owner)  # the literal is rewritten in a re-emitted graph instead
+            continue
         if key is None or plan.get(key, new) != new:
             why = (f"forward code passes the fixed size {lit} to {node.target}; no unique attribute of "
                    f"{owner or 'the model'!r} holds it" if key is None else
@@ -344,6 +357,21 @@ def _build(a: Analysis, work: nn.Module) -> tuple[nn.Module, list, list[LayerCha
     for owner, attr, old, new in getattr(a, "patches", []):
         setattr(modules[owner], attr, new)
         patched.append((owner, attr, old, new))
+    # calls whose forward code fixes sizes: re-emit them as GraphModules with the new sizes
+    for owner in sorted(a.rewrite_owners, key=lambda o: o.count(".")):
+        if any(owner.startswith(o + ".") for o in a.rewrite_owners if o != owner):
+            continue  # an enclosing call is re-emitted already
+        region = a.traced.regions[owner][0]
+        planned = {n.name: _expected(a, a.vars.get(n)) for n in a.traced.graph.nodes
+                   if region.start <= n.meta.get("index", -1) < region.end and _is_reshape(n)
+                   and isinstance(a.vars.get(n), Var)}
+        gm = region_module(a, owner, modules[owner], planned)
+        if gm is None:
+            a.rewrite_failed.add(owner)
+            continue
+        parent_name, _, child = owner.rpartition(".")
+        setattr(modules[parent_name], child, gm)
+        changes.append(LayerChange(owner, f"{type(modules[owner]).__name__} (re-emitted as GraphModule)", {}, {}))
     return result, patched, changes
 
 

@@ -105,6 +105,8 @@ class Analysis:
         self.roles: dict[int, str] = {}  # slot -> "producer" | "consumer" (for pruners)
         self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
         self.patches: list[tuple[str, str, int, int]] = []
+        self.rewrite_owners: set[str] = set()  # module calls re-emitted as GraphModules
+        self.rewrite_failed: set[str] = set()
 
     # ------------------------------------------------------------------ slots
     def new_slot(self, n: int) -> int:

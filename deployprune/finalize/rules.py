@@ -952,7 +952,15 @@ def _softmax(a: Analysis, node: fx.Node) -> None:
         opaque(a, node)
         return
     a.same_all(x, y)
-    a.pin(x, norm_dim(d, x.ndim), f"mixed by {getattr(node.target, '__name__', node.target)}")
+    d = norm_dim(d, x.ndim)
+    a.pin(x, d, f"mixed by {getattr(node.target, '__name__', node.target)}")
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("softmax", "log_softmax"):
+        # a constant slice is uniform along the softmax dimension
+        value = 1.0 / x.shape[d] if name == "softmax" else -math.log(x.shape[d])
+        for od, c in x.cval.items():
+            if od != d:
+                a.set_cv(y, od, np.where(np.isnan(c), np.nan, value))
 
 
 @register_module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin)
@@ -1104,6 +1112,15 @@ def couple_reshape(a: Analysis, x: Var, y: Var) -> bool:
             if not np.isnan(c).all():
                 trailing = int(np.prod(xs[1:]))
                 a.set_cv(y, sj[0], np.repeat(c, trailing))
+        # a split: a slice of an output dim is constant when every element it gathers is the same constant
+        if len(si) == 1 and len(sj) > 1:
+            c = a.cv(x, si[0])
+            if not np.isnan(c).all():
+                arr = c.reshape(ys)
+                for pos, d in enumerate(sj):
+                    moved = np.moveaxis(arr, pos, 0).reshape(ys[pos], -1)
+                    same = (moved == moved[:, :1]).all(1)
+                    a.set_cv(y, d, np.where(same, moved[:, 0], np.nan))
     return True
 
 
@@ -1273,7 +1290,10 @@ def _split(a: Analysis, node: fx.Node) -> None:
         a.pin(x, d, "unbound dimension (each index used separately)")
         for o in outs:
             for od in range(o.ndim):
-                a.same(x, od if od < d else od + 1, o, od)
+                xd = od if od < d else od + 1
+                a.same(x, xd, o, od)
+                if xd in x.cval:
+                    o.cval[od] = x.cval[xd]
         return
     d = norm_dim(arg(node, 2, "dim", 0), x.ndim)
     for o in outs:
@@ -1380,12 +1400,17 @@ def _matmul(a: Analysis, node: fx.Node) -> None:
     if x is None or w is None or y is None or x.ndim < 2 or w.ndim < 2:
         opaque(a, node)
         return
-    # batch dims broadcast like elementwise ops
+    # batch dims broadcast like elementwise ops; a zero batch slice on either side gives a zero slice
+    zero_b: dict[int, np.ndarray] = {}
     for v in (x, w):
         off = y.ndim - v.ndim
         for d in range(v.ndim - 2):
             if v.shape[d] == y.shape[d + off]:
                 a.same(v, d, y, d + off)
+                z = a.cv(v, d) == 0
+                zero_b[d + off] = zero_b.get(d + off, np.zeros_like(z)) | z
+    for od, z in zero_b.items():
+        a.set_cv(y, od, np.where(z, 0.0, np.nan))
     a.same(x, x.ndim - 2, y, y.ndim - 2)
     a.same(w, w.ndim - 1, y, y.ndim - 1)
     # the contracted dimension keeps everything: scale factors in attention read its size

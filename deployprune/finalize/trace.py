@@ -25,13 +25,27 @@ log = logging.getLogger(__name__)
 MAX_RETRACES = 64
 
 
+@dataclass
+class Region:
+    """The nodes one call of a traced-through module created, with its arguments and result."""
+
+    start: int  # index of the first node in graph order
+    end: int  # one past the last
+    args: tuple
+    kwargs: dict
+    result: Any
+
+
 class _Tracer(fx.Tracer):
-    """Records, for every node, the innermost module whose ``forward`` created it."""
+    """Records, for every node, the innermost module whose ``forward`` created it, and the node
+    range of every traced-through module call (so that call can be re-emitted as a GraphModule)."""
 
     def __init__(self, opaque: set[str]):
         super().__init__()
         self.opaque = opaque
         self.failing_module: str | None = None
+        self.regions: dict[str, list[Region]] = {}
+        self._n_nodes = 0
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
@@ -40,7 +54,15 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
-            return super().call_module(m, forward, args, kwargs)
+            qualname = self.path_of_module(m)
+            start = self._n_nodes
+            out = super().call_module(m, forward, args, kwargs)
+            if not self.is_leaf_module(m, qualname) and qualname:
+                as_node = lambda v: v.node if isinstance(v, fx.Proxy) else v  # noqa: E731
+                self.regions.setdefault(qualname, []).append(Region(
+                    start, self._n_nodes, fx.node.map_aggregate(args, as_node),
+                    fx.node.map_aggregate(kwargs, as_node), fx.node.map_aggregate(out, as_node)))
+            return out
         except Exception:
             if self.failing_module is None:
                 # innermost module first: the exception unwinds through its parents afterwards
@@ -50,6 +72,8 @@ class _Tracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["owner"] = self.scope.module_path
+        node.meta["index"] = self._n_nodes
+        self._n_nodes += 1
         return node
 
 
@@ -59,6 +83,7 @@ class Traced:
     root: nn.Module
     values: dict[fx.Node, Any]  # per node: TensorMeta for tensors (nested for tuples), else the value
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it is a leaf
+    regions: dict[str, list[Region]] = field(default_factory=dict)  # traced-through module calls
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
@@ -85,7 +110,7 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
         values = _record(graph, model, example_inputs)
     except RecordError as exc:
         raise RuntimeError(f"the traced graph fails on the example inputs at {exc}") from exc
-    return Traced(graph=graph, root=model, values=values, opaque=opaque)
+    return Traced(graph=graph, root=model, values=values, opaque=opaque, regions=tracer.regions)
 
 
 @dataclass(frozen=True)
