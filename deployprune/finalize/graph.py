@@ -106,6 +106,9 @@ class Analysis:
         self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
         self.patches: list[tuple[str, str, int, int]] = []
         self.rewrite_owners: set[str] = set()  # module calls re-emitted as GraphModules
+        # index relations between spaces, for pruner groups: ("cat", out_slot, [(in_slot, offset)])
+        # and ("reshape", single_slot, [multi_slots], [sizes]) for one dim split into / merged from several
+        self.relations: list[tuple] = []
         self.rewrite_failed: set[str] = set()
 
     # ------------------------------------------------------------------ slots

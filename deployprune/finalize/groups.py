@@ -61,23 +61,80 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
     for p in z.pins:
         pin_reason.setdefault(a.find(p.slot), p.reason)
 
+    maps, owned = _index_maps(a, z)
+
+    def has_producer(root: int) -> bool:
+        return any(a.roles.get(v.slots[d]) == "producer" for v, d in by_root.get(root, []))
+
+    primaries = [r for r in sorted(set(by_root) | set(maps)) if a.size[r] > 1 and r not in owned]
     groups: list[ChannelGroup] = []
-    for root, members in by_root.items():
-        if a.size[root] <= 1 or not any(a.roles.get(v.slots[d]) == "producer" for v, d in members):
+    for root in primaries:
+        n = a.size[root]
+        reach = _reach(root, n, maps)  # root -> per-channel index arrays (None = identity)
+        if not any(has_producer(r) for r in reach):
             continue
         removable = ~z.keep_of(root)
         divisions = 1
         for s, g in a.divisions.items():
             if a.find(s) == root:
                 divisions = int(np.lcm(divisions, g))
-        group = ChannelGroup(id=len(groups), size=a.size[root], prunable=bool(removable.any()),
+        group = ChannelGroup(id=len(groups), size=n, prunable=bool(removable.any()),
                              reason=None if removable.any() else pin_reason.get(root, "kept by the graph"),
-                             unit="channel")
+                             unit="channel" if has_producer(root) else "head")
         group.removable = removable
         group.divisions = divisions
-        for v, d in members:
-            role = a.roles.get(v.slots[d], "other")
-            for mod_name, attr in v.refs:
-                group.members.append(GroupMember(module=mod_name, param=attr, dim=d, indices=None, role=role))
+        for r, idx in reach.items():
+            for v, d in by_root.get(r, []):
+                role = a.roles.get(v.slots[d], "other")
+                for mod_name, attr in v.refs:
+                    group.members.append(GroupMember(module=mod_name, param=attr, dim=d, indices=idx, role=role))
         groups.append(group)
     return groups
+
+
+def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, list[np.ndarray]]]], set[int]]:
+    """Space-to-space index maps from concat and reshape relations.
+
+    ``maps[src]`` lists ``(dst, idx)`` where ``idx[k]`` are the indices of ``dst`` that channel ``k``
+    of ``src`` becomes. ``owned`` are the spaces whose channels belong to another space's group.
+    """
+    maps: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+    owned: set[int] = set()
+    for rel in a.relations:
+        if rel[0] == "cat":
+            _, out_slot, parts = rel
+            dst = a.find(out_slot)
+            for slot, off in parts:
+                src = a.find(slot)
+                if src != dst:
+                    maps.setdefault(src, []).append((dst, [np.array([off + k]) for k in range(a.size[src])]))
+                    owned.add(dst)
+        else:
+            _, single, multi, sizes = rel
+            dst = a.find(single)
+            # every removable dim of the multi-dim side owns the single dim's indices with its coordinate
+            # (e.g. heads and head positions of a (heads, head_dim) view); removal stays a product set
+            free = [i for i, sl in enumerate(multi) if sizes[i] > 1 and not z.keep_of(sl).all()]
+            coords = np.indices(sizes).reshape(len(sizes), -1) if free else None
+            for i in free:
+                src = a.find(multi[i])
+                if src == dst:
+                    continue
+                maps.setdefault(src, []).append((dst, [np.nonzero(coords[i] == k)[0] for k in range(sizes[i])]))
+                owned.add(dst)
+    return maps, owned
+
+
+def _reach(root: int, n: int, maps: dict[int, list[tuple[int, list[np.ndarray]]]]) -> dict[int, list | None]:
+    reach: dict[int, list | None] = {root: None}
+    frontier: list[tuple[int, list[np.ndarray] | None]] = [(root, None)]
+    while frontier:
+        src, idx = frontier.pop()
+        for dst, m in maps.get(src, []):
+            if dst in reach:
+                continue
+            composed = m if idx is None else [np.concatenate([m[i] for i in ks]) if len(ks) else np.zeros(0, int)
+                                              for ks in idx]
+            reach[dst] = composed
+            frontier.append((dst, composed))
+    return reach

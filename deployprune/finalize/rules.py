@@ -1095,6 +1095,10 @@ def couple_reshape(a: Analysis, x: Var, y: Var) -> bool:
             continue  # a lone size-1 dim: always kept
         xs = [x.shape[d] for d in si]
         ys = [y.shape[d] for d in sj]
+        if len(si) == 1:
+            a.relations.append(("reshape", x.slots[si[0]], [y.slots[d] for d in sj], ys))
+        elif len(sj) == 1:
+            a.relations.append(("reshape", y.slots[sj[0]], [x.slots[d] for d in si], xs))
 
         def product(si=si, sj=sj, xs=xs, ys=ys) -> bool:
             flat = _outer([a.keep(x, d) for d in si]) | _outer([a.keep(y, d) for d in sj])
@@ -1243,6 +1247,7 @@ def _cat(a: Analysis, node: fx.Node) -> None:
             if od != d:
                 a.same(v, od, y, od)
     offsets = np.cumsum([0] + [v.shape[d] for v in xs])
+    a.relations.append(("cat", y.slots[d], [(v.slots[d], int(off)) for v, off in zip(xs, offsets[:-1])]))
 
     def concat() -> bool:
         ky = a.keep(y, d)
