@@ -68,6 +68,14 @@ def module_rule_for(module: nn.Module) -> ModuleRule | None:
     return None
 
 
+def has_user_rule(module: nn.Module) -> bool:
+    """A rule registered for a module class that is not part of torch (so tracing stops there)."""
+    for cls in type(module).__mro__:
+        if cls in _MODULE_RULES:
+            return not (cls.__module__ or "").startswith("torch.")
+    return False
+
+
 def function_rule_for(node: fx.Node) -> FunctionRule | None:
     return _FUNCTION_RULES.get(node.target)
 
@@ -1247,13 +1255,13 @@ def _cat(a: Analysis, node: fx.Node) -> None:
             if od != d:
                 a.same(v, od, y, od)
     offsets = np.cumsum([0] + [v.shape[d] for v in xs])
-    a.relations.append(("cat", y.slots[d], [(v.slots[d], int(off)) for v, off in zip(xs, offsets[:-1])]))
+    a.relations.append(("cat", y.slots[d], [(v.slots[d], int(off)) for v, off in zip(xs, offsets[:-1], strict=True)]))
 
     def concat() -> bool:
         ky = a.keep(y, d)
         changed = False
         parts = []
-        for v, lo, hi in zip(xs, offsets[:-1], offsets[1:]):
+        for v, lo, hi in zip(xs, offsets[:-1], offsets[1:], strict=True):
             changed |= a.demand(v, d, ky[lo:hi])
             parts.append(a.keep(v, d))
         changed |= a.demand(y, d, np.concatenate(parts))
@@ -1481,7 +1489,7 @@ def apply_rule(a: Analysis, node: fx.Node) -> None:
     if node.op == "call_module":
         module = a.modules.get(str(node.target))
         opaque_reason = a.traced.opaque.get(str(node.target))
-        if opaque_reason is not None:
+        if opaque_reason is not None and not (module is not None and has_user_rule(module)):
             opaque(a, node, f"forward cannot be traced ({opaque_reason}); module kept whole")
             return
         rule = module_rule_for(module) if module is not None else None

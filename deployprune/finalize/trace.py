@@ -50,6 +50,10 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
             return True
+        from .rules import has_user_rule
+
+        if has_user_rule(m):
+            return True  # the user registered a rule for this module type: keep it whole
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
