@@ -600,8 +600,8 @@ def _normalized(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
-def _compare(t: np.ndarray, c: np.ndarray) -> tuple[bool, bool, float, int]:
-    """(values within storage rounding, zero pattern identical after rounding, max err, zeroed)."""
+def _compare(t: np.ndarray, c: np.ndarray) -> tuple[bool, int, float, int]:
+    """(values within storage rounding, zero-pattern mismatches after rounding, max err, zeroed)."""
     stored = t.astype(c.dtype) if c.dtype.kind == "f" else t
     c64 = c.astype(np.float64)
     t64 = t.astype(np.float64)
@@ -613,9 +613,9 @@ def _compare(t: np.ndarray, c: np.ndarray) -> tuple[bool, bool, float, int]:
         tol = np.abs(t64) * float(np.finfo(c.dtype).eps) + float(np.finfo(c.dtype).tiny)
     with np.errstate(invalid="ignore"):
         values_ok = bool(np.all((np.abs(c64 - t64) <= tol) | (np.isnan(c64) & np.isnan(t64))))
-    pattern_ok = bool(np.array_equal(c == 0, stored == 0))
+    mismatched = int(np.count_nonzero((c == 0) != (stored == 0)))
     zeroed = int(np.count_nonzero((t != 0) & (c == 0)))
-    return values_ok, pattern_ok, err, zeroed
+    return values_ok, mismatched, err, zeroed
 
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -646,8 +646,10 @@ def _reference_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, bool]]:
 def _locate(name: str, t: np.ndarray, constants: list[_Constant], by_name: dict[str, list[_Constant]]
             ) -> tuple[_Constant | None, str, np.ndarray]:
     """The constant storing ``t``: by name, else by value (also transposed or reshaped)."""
-    for c in by_name.get(_normalized(name), []) + by_name.get(_normalized(name.removeprefix("inner.")), []):
-        if c.value.shape == t.shape and _compare(t, c.value)[0]:
+    named = [c for c in by_name.get(_normalized(name), []) + by_name.get(_normalized(name.removeprefix("inner.")), [])
+             if c.value.shape == t.shape]
+    for c in named:
+        if _compare(t, c.value)[0]:
             return c, "name", t
     candidates = sorted((c for c in constants if c.value.size == t.size), key=lambda c: c.used)
     squeezed = tuple(d for d in t.shape if d != 1)
@@ -660,6 +662,8 @@ def _locate(name: str, t: np.ndarray, constants: list[_Constant], by_name: dict[
             reshaped = t.reshape(c.value.shape)
             if _compare(reshaped, c.value)[0]:
                 return c, "value-reshaped", reshaped
+    if named:  # the constant of that name holds other values: report the difference
+        return named[0], "name", t
     return None, "", t
 
 
@@ -682,13 +686,17 @@ def _match_weights(model: nn.Module, constants: list[_Constant], result: CoreMLV
         if not found.used:
             materialized += found.value.nbytes
         found.used = True  # a constant may serve several identical tensors (deduplicated)
-        check.values_ok, check.pattern_ok, check.max_abs_error, check.zeroed = _compare(ref, found.value)
+        check.values_ok, mismatched, check.max_abs_error, check.zeroed = _compare(ref, found.value)
+        check.pattern_ok = mismatched == 0
         check.constant, check.storage, check.dtype = found.name, found.storage, str(found.value.dtype)
         check.zeros_torch = int(np.count_nonzero(ref == 0))
         check.zeros_coreml = int(np.count_nonzero(found.value == 0))
+        if not check.values_ok:
+            failures.append(f"{name}: values differ from constant {found.name} by up to "
+                            f"{check.max_abs_error:.3g}, more than {found.value.dtype} rounding")
         if not check.pattern_ok:
-            failures.append(f"{name}: zero pattern differs ({check.zeros_torch} zeros in torch, "
-                            f"{check.zeros_coreml} in Core ML)")
+            failures.append(f"{name}: zero pattern differs at {mismatched} of {t.size} positions "
+                            f"({check.zeros_torch} zeros in torch, {check.zeros_coreml} in Core ML)")
         if (expect_sparse and found.storage == "dense" and t.size > min_elements
                 and check.zeros_coreml / t.size >= max(min_sparsity, 1e-12)):
             failures.append(f"{name}: {check.zeros_coreml / t.size:.0%} zeros but stored dense")
