@@ -129,9 +129,10 @@ class GradientCollector(Collector):
         try:
             for batch in iter_batches(pruner.data, pruner.config.data_batches, "taylor criterion"):
                 args, kwargs, target = split_batch(batch)
-                out = model(*args, **kwargs)
-                loss = pruner.loss_fn(out, target) if target is not None else pruner.loss_fn(out)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                with torch.enable_grad():
+                    out = model(*args, **kwargs)
+                    loss = pruner.loss_fn(out, target) if target is not None else pruner.loss_fn(out)
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 with torch.no_grad():
                     for key, mod, g in zip(keys, modules, grads, strict=True):
                         if g is not None:

@@ -615,7 +615,7 @@ class Pruner:
         rows: list[LayerSparsity] = []
         for t in self._targets:
             keep = self._unit_keep[t.name]
-            sparsity = 1.0 - float(keep.float().mean()) if keep.numel() else 0.0
+            sparsity = int((~keep).sum()) / keep.numel() if keep.numel() else 0.0
             wmask = masks.get(t.module_name, {}).get(t.param_name)
             module = self.model.get_submodule(t.module_name)
             if t.kind == "group":
@@ -626,7 +626,7 @@ class Pruner:
                 total = int(wmask.shape[0]) if wmask is not None and wmask.ndim >= 1 else 0
                 kept = int(wmask.reshape(total, -1).any(1).sum()) if total else 0
                 params = int(self.param(t.module_name, t.param_name).numel())
-            wsp = 1.0 - float(wmask.float().mean()) if wmask is not None and wmask.numel() else 0.0
+            wsp = int((~wmask).sum()) / wmask.numel() if wmask is not None and wmask.numel() else 0.0
             rows.append(LayerSparsity(
                 name=t.module_name if t.kind == "group" or t.param_name == "weight" else t.name,
                 type=type(module).__name__.removeprefix("Parametrized"), granularity=t.config.granularity,
