@@ -118,12 +118,12 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     masks_n: Masks = normalize_masks(work, masks) if masks is not None else attached
     apply_masks_(work, masks_n)
     work.eval()
-    ref = _run(work, inputs, "the masked model")
     params_before = _count(work)
 
     try:
         traced = trace(work, inputs)
     except RuntimeError as exc:
+        _run(work, inputs, "the masked model")  # example inputs that do not fit: a one-line InputError
         blocker = Blocker(node="<root>", op=type(work).__name__, module="", reason=str(exc))
         if strict:
             raise UnsupportedError(f"finalize: {exc}; the model can only be returned uncompacted") from None
@@ -132,6 +132,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         return CompactionResult(model=work, blocked=[blocker], params_before=params_before,
                                 params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
 
+    ref = traced.output  # the masked model's output, from the recording run of its graph
     a = Analysis(traced, work)
     for node in traced.graph.nodes:
         apply_rule(a, node)

@@ -408,18 +408,28 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         a.divisions[x.slots[1]] = g
         a.divisions[y.slots[1]] = g
     weight = module.weight.detach()
-    wsum = weight.flatten(2).sum(-1).double().numpy()  # (cout, ig)
-    nz = weight.flatten(2).ne(0).any(-1).numpy()  # (cout, ig)
+    flat = weight.flatten(2)
+    nz = (flat != 0).any(-1).numpy()  # (cout, ig): which inputs each output reads
+    _wsum: list[np.ndarray] = []
+
+    def wsum() -> np.ndarray:  # (cout, ig) kernel sums, only needed to fold constants
+        if not _wsum:
+            _wsum.append(flat.sum(-1).double().numpy())
+        return _wsum[0]
+
     bias = module.bias.detach().double().numpy() if module.bias is not None else np.zeros(cout)
     in_idx = (np.arange(cout)[:, None] // og) * ig + np.arange(ig)[None, :]  # (cout, ig) input channel read
     foldable = _conv_foldable(module) and g == 1
 
     # forward constants: an output channel is constant when every input it reads is constant
     xc = a.cv(x, 1)
-    xr = xc[in_idx]  # (cout, ig)
-    contrib_known = ~nz | (~np.isnan(xr) & ((xr == 0) | foldable))
-    out_c = np.where(contrib_known.all(1), bias + np.where(nz, wsum * np.nan_to_num(xr), 0.0).sum(1), np.nan)
-    a.set_cv(y, 1, out_c)
+    if np.isnan(xc).all():
+        a.set_cv(y, 1, np.where(nz.any(1), np.nan, bias))
+    else:
+        xr = xc[in_idx]  # (cout, ig)
+        contrib_known = ~nz | (~np.isnan(xr) & ((xr == 0) | foldable))
+        out_c = np.where(contrib_known.all(1), bias + np.where(nz, wsum() * np.nan_to_num(xr), 0.0).sum(1), np.nan)
+        a.set_cv(y, 1, out_c)
 
     def not_needed() -> np.ndarray:
         c = a.cv(x, 1)
@@ -480,14 +490,14 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
             new_in = new_g * int(kw.sum())
         if ko.all() and kw.all() and new_g == g:
             return None
-        new_w = weight[torch.as_tensor(ko)][:, torch.as_tensor(kw)]
+        new_w = _take(_take(weight, 0, ko), 1, kw)
         new_b = None
         if g == 1 and a.call_counts.get(name, 1) == 1:
             dropped = ~a.keep(x, 1)
             c = a.cv(x, 1)
             fold = dropped & ~np.isnan(c) & (c != 0)
             if fold.any():
-                extra = (wsum[:, fold] * c[fold]).sum(1)[ko]
+                extra = (wsum()[:, fold] * c[fold]).sum(1)[ko]
                 new_b = torch.as_tensor(bias[ko] + extra, dtype=weight.dtype)
         if new_b is None and module.bias is not None:
             new_b = module.bias.detach()[torch.as_tensor(ko)]
@@ -608,6 +618,12 @@ def _folded_bias(a: Analysis, x: Var, ko: np.ndarray, weight: torch.Tensor, bias
     return torch.as_tensor(new[ko], dtype=weight.dtype)
 
 
+def _take(t: torch.Tensor, dim: int, keep: np.ndarray) -> torch.Tensor:
+    if keep.all():
+        return t
+    return t.index_select(dim, torch.as_tensor(np.nonzero(keep)[0], device=t.device))
+
+
 def _linear_core(a: Analysis, x: Var, y: Var, W: Var, b: Var | None, weight: torch.Tensor,
                  bias: torch.Tensor | None, name: str | None) -> None:
     xl, yl = x.ndim - 1, y.ndim - 1
@@ -620,12 +636,16 @@ def _linear_core(a: Analysis, x: Var, y: Var, W: Var, b: Var | None, weight: tor
     if b is not None:
         a.same(y, yl, b, 0)
         a.role(b, 0, "producer")
-    w = weight.double().numpy()
-    nz = w != 0
-    bvals = bias.detach().double().numpy() if bias is not None else np.zeros(w.shape[0])
+    nz = (weight != 0).numpy()
+    bvals = bias.detach().double().numpy() if bias is not None else np.zeros(weight.shape[0])
     xc = a.cv(x, xl)
-    known = ~nz | ~np.isnan(xc)[None, :]
-    a.set_cv(y, yl, np.where(known.all(1), bvals + (np.where(nz, w, 0) * np.nan_to_num(xc)[None, :]).sum(1), np.nan))
+    if np.isnan(xc).all():
+        a.set_cv(y, yl, np.where(nz.any(1), np.nan, bvals))
+    else:
+        w = weight.double().numpy()
+        known = ~nz | ~np.isnan(xc)[None, :]
+        a.set_cv(y, yl, np.where(known.all(1), bvals + (np.where(nz, w, 0) * np.nan_to_num(xc)[None, :]).sum(1),
+                                 np.nan))
 
     def demand_inputs() -> bool:
         ko = a.keep(y, yl)

@@ -88,6 +88,7 @@ class Traced:
     values: dict[fx.Node, Any]  # per node: TensorMeta for tensors (nested for tuples), else the value
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it is a leaf
     regions: dict[str, list[Region]] = field(default_factory=dict)  # traced-through module calls
+    output: Any = None  # the model's output on the example inputs
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
@@ -111,10 +112,10 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
     else:  # pragma: no cover - pathological
         raise RuntimeError("cannot trace the model: too many untraceable submodules")
     try:
-        values = _record(graph, model, example_inputs)
+        values, output = _record(graph, model, example_inputs, keep_output=True)
     except RecordError as exc:
         raise RuntimeError(f"the traced graph fails on the example inputs at {exc}") from exc
-    return Traced(graph=graph, root=model, values=values, opaque=opaque, regions=tracer.regions)
+    return Traced(graph=graph, root=model, values=values, opaque=opaque, regions=tracer.regions, output=output)
 
 
 @dataclass(frozen=True)
