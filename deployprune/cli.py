@@ -14,13 +14,14 @@ handler can call :func:`load_from_args` to get a :class:`~deployprune.io.LoadedM
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
@@ -65,9 +66,7 @@ def _common_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output and diagnostics")
     # SUPPRESS: the same flags exist on the main parser; sub-parsers must not reset them.
-    g.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     g.add_argument(
         "-v",
         "--verbose",
@@ -98,8 +97,7 @@ def _load_parent() -> argparse.ArgumentParser:
         "--model",
         dest="factory",
         metavar="PKG.MOD:FACTORY",
-        help="callable that builds the architecture (called with no arguments), "
-        "e.g. models.lenet:TorchModel",
+        help="callable that builds the architecture (called with no arguments), e.g. models.lenet:TorchModel",
     )
     g.add_argument(
         "--masks",
@@ -175,19 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     load = _load_parent()
     parser = _Parser(
         prog="deployprune",
-        description="Prune a PyTorch model, compact it exactly, export it (ONNX / Core ML) "
-        "and verify it.",
+        description="Prune a PyTorch model, compact it exactly, export it (ONNX / Core ML) and verify it.",
         epilog="exit codes: 0 ok, 1 internal error, 2 usage, 3 input/output problem, "
         "4 validation failed, 5 unsupported, 130 interrupted, 143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"deployprune {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", default=False, help="show tracebacks for errors"
-    )
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more progress output")
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", default=False, help="only errors on stderr"
-    )
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help="only errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     # export ---------------------------------------------------------------------------------
@@ -198,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compact the (masked) model, convert it, validate the artifact against the "
         "masked source and write <OUT>.report.json next to it.",
     )
-    p.add_argument(
-        "--target", default="onnx", help="onnx (default), coreml, or another installed target"
-    )
+    p.add_argument("--target", default="onnx", help="onnx (default), coreml, or another installed target")
     p.add_argument(
         "-o",
         "--output",
@@ -281,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     # targets --------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "targets", parents=[common], help="list export targets and their --opt options"
-    )
+    p = sub.add_parser("targets", parents=[common], help="list export targets and their --opt options")
     p.add_argument("target", nargs="?", help="show the options of this target")
     p.set_defaults(func=cmd_targets)
 
@@ -341,11 +330,7 @@ def load_from_args(args: argparse.Namespace):
     """The :class:`~deployprune.io.LoadedModel` described by the common loading options."""
     from .io import DEFAULT_MAX_FILE_BYTES, load_model, parse_input_shape, parse_size
 
-    max_bytes = (
-        parse_size(args.max_file_size)
-        if getattr(args, "max_file_size", None)
-        else DEFAULT_MAX_FILE_BYTES
-    )
+    max_bytes = parse_size(args.max_file_size) if getattr(args, "max_file_size", None) else DEFAULT_MAX_FILE_BYTES
     shapes = [parse_input_shape(s) for s in (args.input_shapes or [])]
     return load_model(
         args.model_path,
@@ -396,9 +381,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     _print_lines(outcome.summary_lines())
     if outcome.passed is False:
-        failures = (
-            "; ".join(getattr(outcome.validation, "failures", []) or []) or "thresholds not met"
-        )
+        failures = "; ".join(getattr(outcome.validation, "failures", []) or []) or "thresholds not met"
         where = outcome.artifact or outcome.report_path or loaded.source
         raise ValidationFailed(f"{where}: validation failed: {failures}")
     return EXIT_OK
@@ -458,11 +441,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     fmt = args.format
     if fmt is None:
-        fmt = (
-            "html"
-            if args.output and Path(args.output).suffix.lower() in (".html", ".htm")
-            else "md"
-        )
+        fmt = "html" if args.output and Path(args.output).suffix.lower() in (".html", ".htm") else "md"
     report = load_report(args.report)
     from . import report as report_mod
 
@@ -516,15 +495,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     # Libraries (torch, onnx, coremltools) are noisy: errors only unless -vv.
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
-    ours = (
-        logging.ERROR
-        if quiet
-        else logging.DEBUG
-        if verbose >= 2
-        else logging.INFO
-        if verbose
-        else logging.WARNING
-    )
+    ours = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
     for name in ("deployprune", "converters", "models"):
         logging.getLogger(name).setLevel(ours)
     logging.captureWarnings(True)
@@ -545,7 +516,30 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+@contextlib.contextmanager
+def _restored_logging() -> Iterator[None]:
+    """Undo the CLI's logging/warnings set-up afterwards (``main`` may be called in-process)."""
+    root = logging.getLogger()
+    names = ("deployprune", "converters", "models", "py.warnings")
+    saved = (list(root.handlers), root.level, {n: logging.getLogger(n).level for n in names})
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            for n, level in saved[2].items():
+                logging.getLogger(n).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    with _restored_logging():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     previous = None
@@ -558,9 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(argv)
             debug = debug or bool(getattr(args, "debug", False))
-            _setup_logging(
-                int(getattr(args, "verbose", 0) or 0), bool(getattr(args, "quiet", False))
-            )
+            _setup_logging(int(getattr(args, "verbose", 0) or 0), bool(getattr(args, "quiet", False)))
             func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
             if func is None:
                 parser.print_help(sys.stderr)
@@ -584,10 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if debug:
                 traceback.print_exc()
-                _error(
-                    f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
-                    "please report it"
-                )
+                _error(f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); please report it")
             else:
                 _error(
                     f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "

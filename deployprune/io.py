@@ -117,7 +117,7 @@ def parse_input_shape(text: str) -> InputShape:
     parts = text.strip().split(":")
     if len(parts) > 3:
         raise UsageError(f"--input-shape {text!r}: too many ':' fields; {hint}")
-    dims = [d for d in re.split(r"[,x×\s]+", parts[0].strip()) if d]
+    dims = re.split(r"\s*[,x×]\s*|\s+", parts[0].strip())
     try:
         shape = tuple(int(d) for d in dims)
     except ValueError:

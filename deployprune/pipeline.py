@@ -198,9 +198,14 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 class Compacted:
     source: nn.Module  # masked dense model (reference)
     model: nn.Module  # compact model
-    blocked: list
+    blocked: list  # finalize Blockers: ops that kept masked channels
     parity_max_abs: float
     seconds: float
+    compacted: bool = True  # False: finalize gave up and returned the masked model
+
+    @property
+    def blocked_text(self) -> list[str]:
+        return [b.describe() if hasattr(b, "describe") else str(b) for b in self.blocked]
 
 
 def compact_loaded(loaded: LoadedModel) -> Compacted:
@@ -209,15 +214,17 @@ def compact_loaded(loaded: LoadedModel) -> Compacted:
 
     t0 = time.perf_counter()
     source = masked_copy(loaded.model, loaded.masks)
+    compacted = True
     if loaded.masks:
         result = compact(loaded.model, loaded.example_inputs, loaded.masks)
         model, blocked = result.model, list(getattr(result, "blocked", []) or [])
+        compacted = bool(getattr(result, "compacted", True))
     else:
         model, blocked = source, []
     model.eval()
     with torch.no_grad():
         diff = _max_abs_diff(source(*loaded.example_inputs), model(*loaded.example_inputs))
-    return Compacted(source, model, blocked, diff, time.perf_counter() - t0)
+    return Compacted(source, model, blocked, diff, time.perf_counter() - t0, compacted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +265,7 @@ class ExportOutcome:
             ratio = self.params_after / self.params_before if self.params_before else 1.0
             lines.append(f"params:     {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)")
         if self.blocked:
-            lines.append(f"compaction: {len(self.blocked)} group(s) kept at full size (see report)")
+            lines.append(f"compaction: {len(self.blocked)} op(s) kept masked channels (see the report notes)")
         if self.validation is not None:
             try:
                 lines.extend(self.validation.summary_lines())
@@ -453,14 +460,14 @@ def _annotate_report(
         report.pipeline.update(extra)
     report_notes = getattr(report, "notes", None)
     if isinstance(report_notes, list):
-        report_notes.append(f"source {loaded.source} ({loaded.kind}), inputs {describe_inputs(loaded.example_inputs)}")
-        if loaded.masks:
+        if not hasattr(report, "pipeline"):  # older report schema: keep the essentials as notes
             report_notes.append(
-                f"masks on {len(loaded.masks)} modules; finalize torch parity "
-                f"max abs {comp.parity_max_abs:.3g}; {len(comp.blocked)} group(s) not compacted"
+                f"source {loaded.source} ({loaded.kind}), inputs {describe_inputs(loaded.example_inputs)}"
             )
-        for w in getattr(conversion, "warnings", []) or []:
-            report_notes.append(f"converter: {w}")
+        if not comp.compacted:
+            report_notes.append("finalize could not compact the model; the masked model was exported at full size")
+        report_notes.extend(f"finalize kept masked channels: {b}" for b in comp.blocked_text)
+        report_notes.extend(f"converter: {w}" for w in getattr(conversion, "warnings", []) or [])
         report_notes.extend(notes)
 
 
@@ -480,7 +487,8 @@ def pipeline_facts(loaded: LoadedModel, comp: Compacted, conversion: Any) -> dic
         "finalize": {
             "torch_max_abs": comp.parity_max_abs,
             "seconds": round(comp.seconds, 3),
-            "blocked": [str(b) for b in comp.blocked],
+            "compacted": comp.compacted,
+            "blocked": comp.blocked_text,
         },
         "conversion": to_dict() if callable(to_dict) else None,
     }
@@ -513,7 +521,8 @@ class FinalizeOutcome:
         if len(self.module_changes) > 20:
             lines.append(f"  ... {len(self.module_changes) - 20} more")
         if self.blocked:
-            lines.append(f"not compacted: {len(self.blocked)} group(s): " + "; ".join(str(b) for b in self.blocked[:5]))
+            lines.append(f"kept masked channels at {len(self.blocked)} op(s):")
+            lines.extend(f"  {b.describe() if hasattr(b, 'describe') else b}" for b in self.blocked[:10])
         return lines
 
 
