@@ -261,20 +261,23 @@ class ExportOutcome:
         shown = self.artifact if self.artifact is not None else "(not kept: validation failed)"
         size = f", {_fmt_size(self.size_bytes)}" if self.size_bytes is not None else ""
         lines.append(f"artifact:   {shown} ({self.target}{size})")
-        if self.validation is None:  # the validation summary has its own params line
+        validation_lines: list[str] = []
+        if self.validation is not None:
+            try:
+                validation_lines = list(self.validation.summary_lines())
+            except Exception as exc:  # noqa: BLE001 - a rendering problem must not hide the verdict
+                log.debug("summary_lines failed: %s", exc)
+                validation_lines = [
+                    f"validation: {'PASSED' if self.passed else 'FAILED'} "
+                    f"(max abs error {getattr(self.validation, 'max_abs_error', float('nan')):.3g})"
+                ]
+        if not any(line.startswith("params") for line in validation_lines):
             ratio = self.params_after / self.params_before if self.params_before else 1.0
             lines.append(f"params:     {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)")
         if self.blocked:
             lines.append(f"compaction: {len(self.blocked)} op(s) kept masked channels (see the report notes)")
         if self.validation is not None:
-            try:
-                lines.extend(self.validation.summary_lines())
-            except Exception as exc:  # noqa: BLE001 - a rendering problem must not hide the verdict
-                log.debug("summary_lines failed: %s", exc)
-                lines.append(
-                    f"validation: {'PASSED' if self.passed else 'FAILED'} "
-                    f"(max abs error {getattr(self.validation, 'max_abs_error', float('nan')):.3g})"
-                )
+            lines.extend(validation_lines)
         else:
             lines.append("validation: skipped (--no-validate)")
         if self.report_path is not None:
@@ -369,7 +372,7 @@ def run_export(
         else:
             notes.append("the artifact failed validation and was removed; rerun with --keep-failed to keep it")
         if report is not None:
-            _annotate_report(report, loaded, comp, conversion, out_path if keep else None, notes)
+            _annotate_report(report, target, loaded, comp, conversion, out_path if keep else None, notes)
             if rpath is not None:
                 staged_report = stage.path(rpath.name)
                 staged_report.write_text(report.to_json(), encoding="utf-8")
@@ -419,8 +422,12 @@ def _validate(
             dense_path = None
     source_path = loaded.source if loaded.source.is_file() else None
     log.info("validating %s against %s", staged.name, loaded.source)
+    # ONNX runs in onnxruntime: compare its outputs with the masked source. Core ML cannot run
+    # on Linux: its read-back check compares stored weights with the model that was converted,
+    # i.e. the compact one (whose parity with the masked model finalize has just checked).
+    reference = comp.model if target == "coreml" and comp.model is not comp.source else comp.source
     report = validate(
-        comp.source,
+        reference,
         staged,
         loaded.example_inputs,
         n_inputs=n_inputs,
@@ -442,6 +449,7 @@ def _validate(
 
 def _annotate_report(
     report: Any,
+    target: str,
     loaded: LoadedModel,
     comp: Compacted,
     conversion: Any,
@@ -463,6 +471,11 @@ def _annotate_report(
         if not hasattr(report, "pipeline"):  # older report schema: keep the essentials as notes
             report_notes.append(
                 f"source {loaded.source} ({loaded.kind}), inputs {describe_inputs(loaded.example_inputs)}"
+            )
+        if target == "coreml" and comp.model is not comp.source:
+            report_notes.append(
+                "Core ML weights were checked against the compact model; its torch parity with the masked "
+                f"model is {comp.parity_max_abs:.3g} (max abs)"
             )
         if not comp.compacted:
             report_notes.append("finalize could not compact the model; the masked model was exported at full size")

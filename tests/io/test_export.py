@@ -288,3 +288,19 @@ def test_resnet_sample_compacts_by_half(tmp_path: Path) -> None:
     halved = [list(m.weight.shape) for n, m in spec_model.named_modules() if n in inner]
     for s in halved:
         assert [s[0] // 2, *s[1:]] in shapes
+
+
+def test_coreml_target_through_the_same_path(tmp_path: Path) -> None:
+    loaded = load_model(SAMPLES / "lenet.pt")
+    out = tmp_path / "lenet.mlpackage"
+    outcome = run_export(loaded, "coreml", out, n_inputs=2, latency=False)
+    assert outcome.passed is True and outcome.artifact == out and out.is_dir()
+    assert any(line.startswith("params:     44,426 -> 43,148") for line in outcome.summary_lines())
+    report = load_report(tmp_path / "lenet.mlpackage.report.json")
+    assert report.artifact.kind == "coreml" and report.passed
+    assert any("checked against the compact model" in n for n in report.notes)
+    # an existing package (a directory) is replaced only with force
+    with pytest.raises(OutputError, match="already exists"):
+        run_export(loaded, "coreml", out, n_inputs=2, latency=False)
+    run_export(loaded, "coreml", out, n_inputs=2, latency=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.mlpackage", "lenet.mlpackage.report.json"]
