@@ -30,9 +30,9 @@ from .registry import Registry
 ALLOCATORS: Registry[type[SparsityAllocator]] = Registry("sparsity allocator", "allocator")
 
 
-def register_allocator(name: str):
+def register_allocator(name: str, *, replace: bool = False):
     """Decorator: make a :class:`SparsityAllocator` subclass available as ``"allocator": name``."""
-    return ALLOCATORS.register(name)
+    return ALLOCATORS.register(name, replace=replace)
 
 
 @dataclass

@@ -44,9 +44,9 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def register_criterion(name: str):
+def register_criterion(name: str, *, replace: bool = False):
     """Decorator: make a :class:`Criterion` subclass available as ``"criterion": name``."""
-    return CRITERIA.register(name)
+    return CRITERIA.register(name, replace=replace)
 
 
 def seeded_generator(*parts: Any) -> torch.Generator:
@@ -123,8 +123,8 @@ class ChannelView(ParamView):
         flat = self.rows(t)
         if self._index is None:
             return flat
-        out = flat[self._index]  # [C, w, L]
-        out = out * self._valid.to(out.dtype).unsqueeze(-1)
+        out = flat[self._index.to(flat.device)]  # [C, w, L]
+        out = out * self._valid.to(device=out.device, dtype=out.dtype).unsqueeze(-1)
         return out.reshape(self.size, -1)
 
     def gather_mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ class ChannelView(ParamView):
         summed = self.gather(t).sum(1)
         if self._index is None:
             return summed / per_row
-        return summed / (self._valid.sum(1).to(summed.dtype) * per_row).clamp_min(1)
+        return summed / (self._valid.sum(1).to(device=summed.device, dtype=summed.dtype) * per_row).clamp_min(1)
 
     @property
     def is_norm(self) -> bool:

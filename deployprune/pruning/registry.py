@@ -33,7 +33,7 @@ class Registry(Generic[T]):
             if key in self._items and not replace and self._items[key] is not o:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pass replace=True to override it")
             self._items[key] = o
-            if hasattr(o, "name") and isinstance(o, type) and not getattr(o, "name", None):
+            if isinstance(o, type) and "name" not in vars(o):
                 o.name = key  # type: ignore[attr-defined]
             return o
 

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 SCHEDULES: Registry[type[Schedule]] = Registry("schedule", "schedule.type")
 
 
-def register_schedule(name: str):
+def register_schedule(name: str, *, replace: bool = False):
     """Decorator: make a :class:`Schedule` subclass available as ``{"type": name, ...}``."""
-    return SCHEDULES.register(name)
+    return SCHEDULES.register(name, replace=replace)
 
 
 class Schedule:
