@@ -141,6 +141,8 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     patched: list[tuple[str, str, int, int]] = []
     changes: list[LayerChange] = []
     err, scale = 0.0, 0.0
+    failing, why = None, ""
+    pinned_nodes: set[str] = set()
     for _attempt in range(MAX_REPAIRS):
         _solve(a)
         unpatchable = _plan_patches(a, work)
@@ -150,6 +152,13 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         failing, out = _check_shapes(a, candidate, inputs)
         if failing is not None:
             name, why = failing
+            if not name:  # not a size problem pinning could fix
+                log.error("finalize: %s; returning the masked model uncompacted", why)
+                break
+            if name in pinned_nodes:
+                log.error("finalize: %s again after keeping its channels; returning the masked model uncompacted",
+                          name)
+                break
             node = next(n for n in a.traced.graph.nodes if n.name == name)
             owner = node.meta.get("owner", "") or ""
             if (_is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_owners
@@ -160,6 +169,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
                 a.rewrite_owners.discard(owner)
                 a.rewrite_failed.add(owner)
             _pin_node(a, node, why)
+            pinned_nodes.add(name)
             continue
         err, scale = _compare(ref, out)
         if err <= rtol * max(scale, 1e-12) or err == 0.0:
@@ -170,7 +180,8 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         break
     if result_model is None:
         blocker = Blocker(node="<parity>", op="finalize", module="",
-                          reason=f"self-check failed (max abs error {err:.3g}); compaction abandoned")
+                          reason=f"self-check failed ({why if failing else f'max abs error {err:.3g}'}); "
+                                 "compaction abandoned")
         if strict:
             raise ParityError(f"finalize: {blocker.reason}; please report this model")
         _restore_modes(work, modes)
@@ -400,11 +411,13 @@ def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[tup
     """
     from .trace import RecordError, _record, _Tracer
 
-    tracer = _Tracer(set(a.traced.opaque))
+    # modules that were leaves stay leaves (a replacement GraphModule must not be traced into)
+    leaves = {str(n.target) for n in a.traced.graph.nodes if n.op == "call_module"}
+    tracer = _Tracer(set(a.traced.opaque), leaves)
     try:
         graph = tracer.trace(candidate)
     except Exception as exc:  # noqa: BLE001
-        return (_first_pinnable(a), f"the compacted model cannot be traced: {exc}"), None
+        return ("", f"the compacted model cannot be traced: {exc}"), None
     values: dict[fx.Node, Any] = {}
     out, failed = None, None
     try:
@@ -427,13 +440,6 @@ def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[tup
     if failed is not None:
         return (failed, "fails with the compacted sizes"), None
     return None, out
-
-
-def _first_pinnable(a: Analysis) -> str:
-    for node in a.traced.graph.nodes:
-        if node.op in ("call_function", "call_method") and node.target in ("view", "reshape"):
-            return node.name
-    return next(iter(a.traced.graph.nodes)).name
 
 
 def _count_kept_zero(a: Analysis) -> None:

@@ -1591,3 +1591,67 @@ def _pad(a: Analysis, node: fx.Node) -> None:
             if mode == "constant":
                 c = np.where(c == value, c, np.nan)
             a.set_cv(y, d, c)
+
+
+@register_module_rule(nn.MultiheadAttention)
+def _multihead_attention(a: Analysis, node: fx.Node, module: nn.Module) -> None:
+    """Whole heads whose value rows or output columns are zero are removed; embed_dim stays."""
+    name = str(node.target)
+    q, k, v = (a.var(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    metas = a.meta(node)
+    weights_used = any(u.target is not operator.getitem or (u.args[1] != 0 and len(u.users) > 0)
+                       for u in node.users)
+    plain = (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+             and all(arg(node, i, n) in (None, False) for i, n in ((3, "key_padding_mask"), (5, "attn_mask")))
+             and not node.kwargs.get("is_causal", False) and len(node.args) <= 4)
+    if q is None or k is None or v is None or not isinstance(metas, tuple) or not plain or weights_used:
+        opaque(a, node, "nn.MultiheadAttention with masks, bias_k/v, separate k/v dims or used attention "
+                        "weights: heads kept")
+        return
+    y = a.new_var(f"{node.name}.0", metas[0].shape)
+    out = (y,) + tuple(a.var_like(f"{node.name}.{i}", m) for i, m in enumerate(metas[1:], 1))
+    a.vars[node] = out
+    for t in (q, k, v):
+        a.pin(t, t.ndim - 1, "embed_dim of nn.MultiheadAttention")
+    for d in range(q.ndim):
+        a.same(q, d, y, d)
+    for extra in out[1:]:
+        for ev in flatten_vars(extra):
+            a.pin_var(ev, "attention weights")
+    E, h = module.embed_dim, module.num_heads
+    hd = E // h
+    W, Wo = a.module_param(name, "in_proj_weight"), a.module_param(f"{name}.out_proj", "weight")
+    a.pin(W, 1, "embed_dim of nn.MultiheadAttention")
+    a.pin(Wo, 0, "embed_dim of nn.MultiheadAttention")
+    if module.out_proj.bias is not None:
+        a.pin_var(a.module_param(f"{name}.out_proj", "bias"), "embed_dim of nn.MultiheadAttention")
+    heads = a.new_var(f"{node.name}.heads", (h,))
+    three, inner, inner2 = a.new_var("three", (3,)), a.new_var("hd", (hd,)), a.new_var("hd", (hd,))
+    for t in (three, inner, inner2):
+        a.pin_var(t, "inside a head")
+    view_in = Var(f"{name}.in_proj_rows", (3, h, hd), [three.slots[0], heads.slots[0], inner.slots[0]])
+    view_out = Var(f"{name}.out_proj_cols", (h, hd), [heads.slots[0], inner2.slots[0]])
+    couple_reshape(a, Var(f"{name}.in_proj_weight.0", (3 * E,), [W.slots[0]]), view_in)
+    couple_reshape(a, Var(f"{name}.out_proj.weight.1", (E,), [Wo.slots[1]]), view_out)
+    a.role(W, 0, "producer")
+    a.role(Wo, 1, "consumer")
+    if module.in_proj_bias is not None:
+        b = a.module_param(name, "in_proj_bias")
+        a.same(W, 0, b, 0)
+        a.role(b, 0, "producer")
+    w = module.in_proj_weight.detach().reshape(3, h, hd, E)
+    v_zero = (w[2] == 0).flatten(1).all(1)
+    if module.in_proj_bias is not None:
+        v_zero &= (module.in_proj_bias.detach().reshape(3, h, hd)[2] == 0).all(1)
+    out_zero = (module.out_proj.weight.detach().reshape(E, h, hd) == 0).all(2).all(0)
+    a.demand(heads, 0, ~(v_zero | out_zero).numpy())
+
+    def rebuild() -> nn.Module | None:
+        keep = a.keep(heads, 0)
+        if keep.all():
+            return None
+        from .mha import pruned_mha
+
+        return pruned_mha(module, torch.as_tensor(keep))
+
+    a.rebuilders.setdefault(name, rebuild)

@@ -40,15 +40,16 @@ class _Tracer(fx.Tracer):
     """Records, for every node, the innermost module whose ``forward`` created it, and the node
     range of every traced-through module call (so that call can be re-emitted as a GraphModule)."""
 
-    def __init__(self, opaque: set[str]):
+    def __init__(self, opaque: set[str], leaves: set[str] | None = None):
         super().__init__()
         self.opaque = opaque
+        self.leaves = leaves or set()  # qualnames to keep as leaves (re-tracing a compacted model)
         self.failing_module: str | None = None
         self.regions: dict[str, list[Region]] = {}
         self._n_nodes = 0
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque:
+        if qualname in self.opaque or qualname in self.leaves:
             return True
         from .rules import has_user_rule
 
