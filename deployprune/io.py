@@ -327,6 +327,11 @@ def _is_pt2(info: _ZipInfo | None) -> bool:
     return "archive_format" in rel or any(r.startswith("models/") and r.endswith(".json") for r in rel)
 
 
+#: Entries of a torch.save zip archive (below its single top-level folder): the pickle, tensor
+#: storages and small metadata records (version, byteorder, .data/..., .format_version ...).
+_TORCH_ZIP_ENTRY = re.compile(r"data\.pkl|data/\d+|\.data/[\w.]+|\.?[A-Za-z_][\w]*")
+
+
 def torch_load(
     path: Path,
     *,
@@ -351,6 +356,12 @@ def torch_load(
             )
         if "data.pkl" not in rel:
             raise InputError(f"{path}: zip archive without data.pkl; not a file written by torch.save")
+        for r in sorted(rel):
+            if not _TORCH_ZIP_ENTRY.fullmatch(r):
+                raise InputError(
+                    f"{path}: unexpected entry {r!r} in the archive (torch.save writes data.pkl, data/<n> "
+                    "and small metadata records only); refusing to read the file"
+                )
     try:
         with _quiet_torch_load():
             return torch.load(path, map_location="cpu", weights_only=True)

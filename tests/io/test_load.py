@@ -569,6 +569,28 @@ def test_bad_model_files(tmp_path: Path, name: str, make, error: type, expected:
     assert tree_digest(tmp_path) == before  # inputs byte-identical, nothing written
 
 
+@pytest.mark.parametrize(
+    ("entry", "error", "message"),
+    [
+        ("good/code/__torch__.py", UnsupportedError, "is a TorchScript archive, which deployprune does not load"),
+        ("good/payload.so", InputError, "unexpected entry 'payload.so' in the archive"),
+        ("good/../escape", InputError, "archive entry 'good/../escape' has an unsafe path"),
+        ("other/data.pkl", InputError, "unexpected archive layout (several top-level folders: good, other)"),
+    ],
+)
+def test_zip_with_unexpected_entries(tmp_path: Path, entry: str, error: type, message: str) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(tiny_conv().state_dict(), good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+        zout.writestr(entry, b"import os")
+    with pytest.raises(error) as exc:
+        load_model(bad, model_factory="tests.io.factories:tiny_conv", input_shapes=["1,3,8,8"])
+    assert message in one_line(exc)
+
+
 def test_directory_and_size_limit(tmp_path: Path, tiny_sd: Path) -> None:
     with pytest.raises(InputError, match="is a directory, expected a model file"):
         load_model(tmp_path)
@@ -595,6 +617,8 @@ def test_directory_and_size_limit(tmp_path: Path, tiny_sd: Path) -> None:
          "conv1.weight: mask contains NaN; masks must hold only 0 and 1"),
         ({"conv1": {"gamma": torch.ones(6)}}, "module 'conv1' (Conv2d) has no parameter 'gamma'"),
         ({"conv1": {"weight": "ones"}}, "conv1.weight: mask must be a tensor or array, got str"),
+        ({"conv1": {"weight": torch.ones(6, 1, 5, 5, dtype=torch.complex64)}},
+         "conv1.weight: mask dtype torch.complex64 is not supported; use bool or 0/1 floats"),
         ([torch.ones(3)], "expected masks as a dict {module_name: {param_name: mask}}, got list"),
     ],
 )
