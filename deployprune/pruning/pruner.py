@@ -392,6 +392,16 @@ class Pruner:
                               granularity=make_granularity(cfg), module_name=primary,
                               param_name="weight", module_type=type(modules[primary]).__name__, group=g,
                               modules=sorted({mod for mod, _ in cfgs})))
+        covered = {mod for t in out for mod in t.modules} | set(self._notes)
+        for name, cfg in self._resolved.items():
+            if isinstance(cfg, ModuleConfig) and cfg.structured and name not in covered \
+                    and self._has_heavy_param(modules[name]):
+                unit = "attention-head" if cfg.granularity == "head" else "channel"
+                self._notes[name] = (cfg, f"kept: the graph found no {unit} group produced by this layer")
+        head_configured = any(isinstance(c, ModuleConfig) and c.granularity == "head" for c in self._resolved.values())
+        if head_configured and not any(t.config.granularity == "head" for t in out):
+            log.warning("granularity 'head': the graph found no attention-head group in %s; nothing is pruned "
+                        "by head", type(self.model).__name__)
         return out
 
     @staticmethod

@@ -208,8 +208,9 @@ def test_heads(monkeypatch, criterion: str) -> None:
     for name in ("k", "v"):
         assert torch.equal((~masks[name]["weight"]).all(1), rows.reshape(-1))
         assert torch.equal(~masks[name]["bias"], rows.reshape(-1))
-    (row,) = p.report()
-    assert (row.channels_kept, row.channels_total, row.sparsity) == (2, 4, 0.5)
+    row, note = p.report()
+    assert (row.name, row.channels_kept, row.channels_total, row.sparsity) == ("q", 2, 4, 0.5)
+    assert note.name == "o" and note.note == "kept: the graph found no attention-head group produced by this layer"
 
 
 def test_mask_consumers(monkeypatch) -> None:

@@ -61,3 +61,30 @@ def test_exclude_last_layer_matches_the_zoo_output_layers(name: str) -> None:
     for layer in models.get(name).output_layers:
         assert layer not in masks, f"{layer} is an output layer"
     assert masks  # something else was pruned
+
+
+ATTENTION = ("bert", "vit", "vit_mha")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ATTENTION)
+def test_head_masks_compact_with_parity(name: str) -> None:
+    model = models.build(name)
+    inputs = models.example_inputs(name)
+    config = {"module_type_configs": {t: {"target_sparsity": 0.5, "granularity": "head"}
+                                      for t in ("Linear", "MultiheadAttention")}}
+    pruner = dp.Pruner(model, config, inputs)
+    pruner.prepare()
+    heads = [t for t in pruner.targets if t.config.granularity == "head"]
+    assert heads, "the graph found no attention-head group"
+    result = compact(plain_copy(model), inputs, pruner.masks())
+    assert result.compacted and not result.blocked, result.summary()
+    with torch.no_grad():
+        ref, out = model(*inputs), result.model(*inputs)
+    ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+    assert float((ref - out).abs().max() / ref.abs().max()) <= 1e-5
+    for t in heads:
+        for m in t.group.members:
+            if m.role == "producer":
+                size = getattr(result.model.get_submodule(m.module), m.param).shape[m.dim]
+                assert size <= getattr(model.get_submodule(m.module), m.param).shape[m.dim] // 2
