@@ -77,7 +77,7 @@ def magnitude_prune_(model: nn.Module, sparsity: float, min_elements: int = 0) -
     """Zero the smallest-|w| fraction of every conv/linear weight (per layer, per element)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.numel() >= min_elements:
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) and m.weight.numel() >= min_elements:
                 w = m.weight
                 k = int(round(sparsity * w.numel()))
                 if k == 0:
