@@ -646,46 +646,69 @@ def _first_bad(layers: list[LayerDiff], th: Thresholds) -> int | None:
     return first_exceeding
 
 
-def _scope_outputs(model: Any, modules: dict[str, nn.Module]) -> list[tuple[str, str, str, str]]:
-    """(scope, module name, op types, output tensor name) for each scope holding a compute op.
+def _node_scope(node: Any) -> str | None:
+    """Module scope of an ONNX node: from its name (``/layer1/conv1/Conv`` -> ``/layer1/conv1``)
+    or, for a node a simplifier renamed, from a scoped output tensor name; None if neither."""
+    if node.name.startswith("/"):
+        return node.name.rsplit("/", 1)[0]
+    for out in node.output:
+        if out.startswith("/") and "/" in out[1:]:
+            return out.rsplit("/", 1)[0]
+    return None
 
-    A scope's output is the last tensor it produces that is used outside the scope (or is a
-    graph output), so a Linear exported as MatMul + Add is compared after the Add.
+
+def _within(scope: str | None, outer: str) -> bool:
+    return scope is not None and (scope == outer or scope.startswith(outer + "/"))
+
+
+def _scope_outputs(model: Any, modules: dict[str, nn.Module]) -> list[tuple[str, str, str, str]]:
+    """(scope, module name, op types, output tensor name) of the layers to compare, in graph order.
+
+    Layers are the scopes that directly hold a Conv/ConvTranspose/Gemm/MatMul node, and the
+    scopes of torch modules that own a weight matrix (whose compute node a simplifier may have
+    renamed). A scope's output is the last tensor produced inside it (children included) that a
+    scoped node outside it, or the graph output, consumes: a Linear exported as MatMul + Add is
+    compared after the Add, an attention block after its output projection. Consumers without
+    a scope (renamed by a simplifier) are not counted: they may belong to the scope itself.
     """
-    graph = model.graph
-    scope_of: dict[str, str] = {}
-    nodes_by_scope: dict[str, list[Any]] = {}
-    for node in graph.node:
-        if not node.name.startswith("/"):
-            continue
-        scope = node.name.rsplit("/", 1)[0]
-        nodes_by_scope.setdefault(scope, []).append(node)
-        for o in node.output:
-            scope_of[o] = scope
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        scope = node.name.rsplit("/", 1)[0] if node.name.startswith("/") else ""
+    nodes = list(model.graph.node)
+    scopes = [_node_scope(n) for n in nodes]
+    consumers: dict[str, list[str | None]] = {}
+    for node, scope in zip(nodes, scopes, strict=True):
         for i in node.input:
-            consumers.setdefault(i, set()).add(scope)
-    graph_outputs = {o.name for o in graph.output}
+            consumers.setdefault(i, []).append(scope)
+    graph_outputs = {o.name for o in model.graph.output}
     index = ScopeIndex(modules)
-    result = []
-    seen_modules: dict[str, int] = {}
-    for scope, nodes in nodes_by_scope.items():
-        ops = [n.op_type for n in nodes]
-        if not any(op in _COMPUTE_OPS for op in ops):
-            continue
+    direct_ops: dict[str, list[str]] = {}
+    for node, scope in zip(nodes, scopes, strict=True):
+        if scope:
+            ops = direct_ops.setdefault(scope, [])
+            if node.op_type in _COMPUTE_OPS and node.name.startswith("/"):
+                ops.append(node.op_type)
+    found = []
+    for scope, ops in direct_ops.items():
         module = module_name_from_scope(scope + "/_", index)
         if module is None:
             continue
-        exits = [o for n in nodes for o in n.output
-                 if o in graph_outputs or any(c != scope for c in consumers.get(o, ()))]
-        if not exits:
+        weight = getattr(modules[module], "weight", None)
+        owns_matrix = isinstance(weight, torch.Tensor) and weight.ndim >= 2
+        if not ops and not owns_matrix:
             continue
-        seen_modules[module] = seen_modules.get(module, -1) + 1
-        kinds = "+".join(dict.fromkeys(op for op in ops if op in _COMPUTE_OPS))
-        result.append((scope, module, kinds, exits[-1]))
-    return result
+        exit_at = None
+        for k, (node, s) in enumerate(zip(nodes, scopes, strict=True)):
+            if not _within(s, scope):
+                continue
+            for out in node.output:
+                users = consumers.get(out, [])
+                if out in graph_outputs or any(u is not None and not _within(u, scope)
+                                               for u in users):
+                    exit_at = (k, out)
+        if exit_at is None:
+            continue
+        kinds = "+".join(dict.fromkeys(ops)) or type(modules[module]).__name__
+        found.append((exit_at[0], scope, module, kinds, exit_at[1]))
+    found.sort(key=lambda t: t[0])
+    return [t[1:] for t in found]
 
 
 def _localize_onnx(source: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],

@@ -121,3 +121,82 @@ class Offset(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) + self.offset
+
+
+class Attention(nn.Module):
+    """ViT-style attention: a qkv Linear, functional attention, an output projection."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Two transformer blocks on (batch, tokens, 8) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(TransformerBlock(), TransformerBlock())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean(1))
+
+
+def simplify_onnx(src: Path, dst: Path) -> Path:
+    """onnxsim, as the ONNX converter runs it: it fuses MatMul + Add of 3-D Linears into
+    Reshape/Gemm/Reshape nodes named ``Gemm_3`` (no module scope)."""
+    import onnxsim
+
+    model, ok = onnxsim.simplify(onnx.load(str(src)))
+    assert ok
+    onnx.save(model, str(dst))
+    return dst
+
+
+def perturb_initializer_of(src: Path, dst: Path, bias_name: str, delta: float = 0.5) -> None:
+    """Add seeded noise of size ``delta`` to the weight of the (possibly renamed) node whose
+    bias is ``bias_name`` (noise, not a constant: a constant shift of a weight that reads a
+    LayerNorm output changes nothing, the normalized features sum to zero)."""
+    import numpy as np
+
+    model = onnx.load(str(src))
+    node = next(n for n in model.graph.node if bias_name in n.input)
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w += (delta * np.random.default_rng(0).standard_normal(w.shape)).astype(w.dtype)
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(dst))

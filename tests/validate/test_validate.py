@@ -26,9 +26,12 @@ from deployprune.validate import Thresholds, validate
 from .helpers import (
     PRUNED,
     Offset,
+    TinyViT,
     export_onnx,
     masked_and_compact,
+    perturb_initializer_of,
     perturb_onnx_weight,
+    simplify_onnx,
     tiny_net,
 )
 
@@ -107,6 +110,30 @@ def test_localize_on_request_matches_every_layer(exported: tuple[nn.Module, Path
     assert matched["layer1.conv1"] == "folded-bn" and matched["layer1.conv2"] == "same"
     assert loc.first_bad is None
     assert max(x.max_rel for x in loc.layers) < 1e-5
+
+
+def test_simplified_transformer_layers_are_found_through_tensor_names(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(1, 5, 8)
+    raw = export_onnx(model, (x,), tmp_path / "raw.onnx")
+    simple = simplify_onnx(raw, tmp_path / "simple.onnx")
+    report = validate(model, simple, (x,), latency=False, localize=True)
+    assert report.passed, report.failures
+    modules = [layer.module for layer in report.localization.layers]
+    for block in ("blocks.0", "blocks.1"):
+        # fc1/fc2/proj run as unscoped Gemm nodes after onnxsim; their outputs keep scoped names
+        for name in ("attn", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            assert f"{block}.{name}" in modules
+    assert modules[-1] == "head"
+    assert all(layer.matched == "same" and layer.max_rel < 1e-5
+               for layer in report.localization.layers)
+
+    broken = tmp_path / "broken.onnx"
+    perturb_initializer_of(simple, broken, "blocks.1.mlp.fc1.bias", delta=0.3)
+    bad = validate(model, broken, (x,), latency=False)
+    assert not bad.passed
+    assert bad.localization.first_bad_layer.module == "blocks.1.mlp.fc1"
 
 
 def test_wrong_number_of_inputs_is_an_input_error(exported: tuple[nn.Module, Path]) -> None:
