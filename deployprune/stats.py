@@ -304,18 +304,47 @@ def onnx_macs(path: str | os.PathLike,
     return total
 
 
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Add", "Identity")
+
+
+def _renamed_node_scope(node: Any, consumers: dict[str, list[Any]],
+                        names: set[str] | None) -> str | None:
+    """Module of a compute node a simplifier renamed (``Gemm_3``): from the torch name of its
+    initializers (``blocks.0.mlp.fc2.bias``), else from a scoped tensor name a few shape-only
+    ops downstream (``/blocks/blocks.0/mlp/fc2/Add_output_0``), as a ``/``-scope or a module."""
+    for name in node.input[1:]:
+        for suffix in (".weight", ".bias"):
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                if names is None or module in names:
+                    return "module:" + module
+    frontier = list(node.output)
+    for _ in range(3):
+        nxt = []
+        for tensor in frontier:
+            for user in consumers.get(tensor, []):
+                if user.op_type not in _SHAPE_OPS:
+                    continue
+                for out in user.output:
+                    if out.startswith("/") and "/" in out[1:]:
+                        return out.rsplit("/", 1)[0]
+                nxt.extend(user.output)
+        frontier = nxt
+    return None
+
+
 def onnx_layers(path: str | os.PathLike,
                 modules: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per torch module scope holding Conv/Gemm/MatMul nodes with constant weights: channels,
+    """Per torch module holding Conv/Gemm/MatMul nodes with constant weights: channels,
     parameters and weight sparsity of the exported layer.
 
     Node names follow the TorchScript exporter (``/layer1/layer1.0/conv1/Conv``); the module
-    name is recovered from the scope. ``in_channels`` comes from the scope's first weighted
-    node and ``out_channels`` from its last (an attention block: input projection in,
-    output projection out); parameters sum every float initializer the scope's nodes use
-    (a bias added by a separate ``Add`` included). Nodes without a scope (renamed by a
-    simplifier) are left out. ``modules`` (the source's qualified module names) makes the
-    name recovery exact, see :func:`module_name_from_scope`.
+    name is recovered from the scope (``modules``, the source's qualified module names, makes
+    this exact, see :func:`module_name_from_scope`). A node a simplifier renamed is placed
+    through its initializers' torch names or the scoped name of a tensor just downstream.
+    ``in_channels`` comes from the module's first weighted node and ``out_channels`` from its
+    last (an attention block: input projection in, output projection out); parameters sum
+    every float initializer its nodes use (a bias added by a separate ``Add`` included).
     """
     import numpy as np
     from onnx import numpy_helper
@@ -323,23 +352,37 @@ def onnx_layers(path: str | os.PathLike,
     path = Path(path)
     model = _load_onnx(path, with_data=True)
     floats = {i.name: i for i in _float_initializers(model)}
-    index = ScopeIndex(modules) if modules is not None else None
-    scopes: dict[str, list[Any]] = {}
+    names = set(modules) if modules is not None else None
+    index = ScopeIndex(names) if names is not None else None
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    groups: dict[str, list[Any]] = {}
     for node in model.graph.node:
         if node.name.startswith("/"):
-            scopes.setdefault(node.name.rsplit("/", 1)[0], []).append(node)
+            scope = node.name.rsplit("/", 1)[0]
+        elif node.op_type in _COMPUTE_OPS and len(node.input) > 1 and node.input[1] in floats:
+            scope = _renamed_node_scope(node, consumers, names)
+            if scope is None:
+                continue
+        else:
+            continue
+        if scope.startswith("module:"):
+            module = scope[len("module:"):]
+        else:
+            module = module_name_from_scope(scope + "/_", index)
+        if module:
+            groups.setdefault(module, []).append(node)
     out: dict[str, dict[str, Any]] = {}
-    for scope, nodes in scopes.items():
+    for module, nodes in groups.items():
         weighted = [n for n in nodes
                     if n.op_type in _COMPUTE_OPS and len(n.input) > 1 and n.input[1] in floats]
         if not weighted:
             continue
-        module = module_name_from_scope(scope + "/_", index)
-        if not module or module in out:
-            continue
-        ios = [_weight_io(n, numpy_helper.to_array(floats[n.input[1]])) for n in weighted]
-        used = dict.fromkeys(i for n in nodes for i in n.input if i in floats)
         weights = [numpy_helper.to_array(floats[n.input[1]]) for n in weighted]
+        ios = [_weight_io(n, w) for n, w in zip(weighted, weights, strict=True)]
+        used = dict.fromkeys(i for n in nodes for i in n.input if i in floats)
         size = sum(int(w.size) for w in weights)
         zeros = sum(int((w == 0).sum()) for w in weights)
         out[module] = {

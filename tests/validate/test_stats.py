@@ -23,7 +23,7 @@ from deployprune.stats import (
     onnx_params,
 )
 
-from .helpers import export_onnx, masked_and_compact, tiny_net
+from .helpers import TinyViT, export_onnx, masked_and_compact, simplify_onnx, tiny_net
 
 
 class _Mask(nn.Module):
@@ -203,3 +203,20 @@ def test_export_helper_keeps_scoped_names(tmp_path: Path) -> None:
     names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
     assert names == ["/stem/Conv", "/layer1/conv1/Conv", "/layer1/conv2/Conv",
                      "/layer2/conv1/Conv", "/layer2/conv2/Conv"]
+
+
+def test_layer_table_finds_layers_a_simplifier_renamed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    raw = export_onnx(model, (torch.randn(1, 5, 8),), tmp_path / "raw.onnx")
+    simple = simplify_onnx(raw, tmp_path / "simple.onnx")
+    renamed = [n for n in onnx.load(str(simple)).graph.node
+               if n.op_type == "Gemm" and not n.name.startswith("/")]
+    assert len(renamed) >= 6  # qkv, proj, fc1, fc2 of each block
+    rows = {r.name: r for r in layer_table(model, simple)}
+    for block in ("blocks.0", "blocks.1"):
+        for name, (i, o) in {"attn.qkv": (8, 24), "attn.proj": (8, 8), "mlp.fc1": (8, 16),
+                             "mlp.fc2": (16, 8)}.items():
+            row = rows[f"{block}.{name}"]
+            assert (row.in_after, row.out_after) == (i, o), row
+            assert row.params_after == row.params_before == i * o + o
