@@ -89,6 +89,25 @@ def _plain(value: object) -> str:
     return json.dumps(value, sort_keys=False, separators=(", ", ": "), default=str)
 
 
+def _coreml_items(details: dict) -> list[tuple[str, str]]:
+    """Core ML read-back details, one short line each (long lists become counts)."""
+    items = []
+    for key, value in details.items():
+        if isinstance(value, list):
+            if value and all(isinstance(v, str) for v in value) and len(value) <= 5:
+                text = "; ".join(value)
+            else:
+                text = f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
+        elif isinstance(value, dict):
+            text = _plain(value)
+            if len(text) > 160:
+                text = f"{len(value)} key(s)"
+        else:
+            text = _plain(value)
+        items.append((str(key), text))
+    return items
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -315,14 +334,20 @@ def _loc_rows(r: ValidationReport) -> list[list[str]]:
     return rows
 
 
+def _intro(r: ValidationReport) -> str:
+    shapes = ", ".join("×".join(map(str, s)) for s in r.inputs.shapes)
+    if r.artifact.runtime == "coreml-readback":
+        return (f"({r.artifact.kind}): its saved program was read back and checked against the "
+                "source weights; outputs were not compared (Core ML predicts only on macOS)")
+    return (f"({r.artifact.kind}, run in {r.artifact.runtime}) against the source model over "
+            f"{r.inputs.count} {r.inputs.origin} input(s) ({shapes})")
+
+
 def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
     h = "#" * level
     out = [f"{h} Validation report: {r.name}", ""]
     verdict = "**PASS**" if r.passed else "**FAIL**"
-    out.append(f"{verdict}: `{r.artifact.path or r.name}` ({r.artifact.kind}, run in "
-               f"{r.artifact.runtime}) against the source model over {r.inputs.count} "
-               f"{r.inputs.origin} input(s) "
-               f"({', '.join('×'.join(map(str, s)) for s in r.inputs.shapes)}).")
+    out.append(f"{verdict}: `{r.artifact.path or r.name}` {_intro(r)}.")
     out += ["", "```", *summary_lines(r), "```", ""]
     if r.failures:
         out += [f"{h}# Failures", ""] + [f"- {f}" for f in r.failures] + [""]
@@ -332,7 +357,7 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
                           "samples", "note"], _parity_rows(r)) + [""]
     if r.coreml is not None:
         out += [f"{h}# Core ML verification", ""]
-        out += [f"- {k}: {v}" for k, v in r.coreml.items()] + [""]
+        out += [f"- {k}: {v}" for k, v in _coreml_items(r.coreml)] + [""]
     if r.localization is not None:
         loc = r.localization
         out += [f"{h}# Layer localization", ""]
@@ -691,9 +716,7 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
                else '<span class="verdict fail">FAIL</span>')
     parts = [f'<section class="run" data-run="{_e(r.name)}">',
              f"<{heading}>{_e(r.name)} {verdict}</{heading}>",
-             f"<p>{_e(r.artifact.path or r.name)} ({_e(r.artifact.kind)}, run in "
-             f"{_e(r.artifact.runtime)}) against the source over {r.inputs.count} "
-             f"{_e(r.inputs.origin)} input(s).</p>",
+             f"<p>{_e(r.artifact.path or r.name)} {_e(_intro(r))}.</p>",
              f"<pre>{_e(chr(10).join(summary_lines(r)))}</pre>"]
     if r.failures:
         parts.append(f"<{sub}>Failures</{sub}><ul>"
@@ -705,7 +728,7 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
                                   "top-1", "samples", "note"], _parity_rows(r)))
     if r.coreml is not None:
         parts.append(f"<{sub}>Core ML verification</{sub}><ul>"
-                     + "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in r.coreml.items())
+                     + "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _coreml_items(r.coreml))
                      + "</ul>")
     if r.localization is not None:
         loc = r.localization

@@ -797,6 +797,9 @@ def _coreml_readback(path: Path, source: nn.Module,
         result = verify_coreml(path, source, example_inputs)
     except DeployPruneError as exc:
         return False, [f"coreml read-back: {exc}"], {"available": True, "error": str(exc)}
+    except Exception as exc:  # a verifier crash must not pass for a verdict: report it
+        msg = f"coreml read-back could not run ({first_line(exc)})"
+        return False, [msg], {"available": True, "error": first_line(exc)}
     details: dict[str, Any]
     if isinstance(result, bool):
         details, passed = {}, result

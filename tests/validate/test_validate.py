@@ -459,6 +459,9 @@ def test_coreml_readback_verdict_on_linux(monkeypatch: pytest.MonkeyPatch,
     assert report.outputs == []
     assert report.artifact_stats.size_bytes == 1002  # directory summed
     assert report.artifact_stats.size_kind == "directory"
+    md = report.to_markdown()
+    assert "outputs were not compared (Core ML predicts only on macOS)" in md
+    assert "- checked: 7\n- mismatches: 0 entries\n" in md
 
     _fake_coreml(monkeypatch, _FakeVerification(False, 7, ["conv1.weight differs"]))
     failed = validate(model, mlpackage, (x,), latency=False)
