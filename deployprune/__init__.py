@@ -34,6 +34,7 @@ __all__ = [
     "finalize",
     "compact",
     "export",
+    "load",
     "validate",
     "Pruner",
     "DeployPruneError",
@@ -56,6 +57,7 @@ from .validate import validate  # noqa: E402
 
 _LAZY = {
     "export": ("deployprune.api", "export"),
+    "load": ("deployprune.api", "load"),
     "Pruner": ("deployprune.pruning", "Pruner"),
 }
 

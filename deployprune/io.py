@@ -1032,46 +1032,10 @@ def _looks_like_masks(obj: Mapping) -> bool:
 
 
 def remove_parametrizations_(model: nn.Module, *, leave_parametrized: bool) -> None:
-    """Remove every parametrization from ``model`` without touching shared classes.
+    """Remove every parametrization from ``model`` without touching shared classes (see masks)."""
+    from .masks import strip_parametrizations_
 
-    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the property from the
-    module's generated ``Parametrized*`` class; a ``copy.deepcopy`` of a parametrized model
-    shares that class, so removing parametrizations from a copy that way breaks the original
-    (``'ParametrizedConv2d' object has no attribute 'weight'``). Here only the instance changes.
-    ``leave_parametrized=False`` keeps the original (unmasked) tensors.
-    """
-    from torch.nn.utils import parametrize
-
-    for module in model.modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        plist = module.parametrizations
-        restored: dict[str, torch.Tensor] = {}
-        for name in list(plist.keys()):
-            entry = plist[name]
-            original = getattr(entry, "original", None)
-            if not isinstance(original, torch.Tensor):
-                raise UnsupportedError(
-                    f"parametrization of {type(module).__name__}.{name} has several "
-                    "original tensors; remove it before handing the model to deployprune"
-                )
-            if leave_parametrized:
-                with torch.no_grad():
-                    value = getattr(module, name).detach().clone()
-            else:
-                value = original.detach()
-            restored[name] = (
-                nn.Parameter(value, requires_grad=original.requires_grad)
-                if isinstance(original, nn.Parameter)
-                else value
-            )
-        module.__class__ = module.__class__.__bases__[0]
-        del module._modules["parametrizations"]
-        for name, value in restored.items():
-            if isinstance(value, nn.Parameter):
-                module.register_parameter(name, value)
-            else:
-                module.register_buffer(name, value)
+    strip_parametrizations_(model, leave_parametrized=leave_parametrized)
 
 
 def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:

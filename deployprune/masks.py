@@ -120,23 +120,61 @@ def extract_attached_masks(model: nn.Module) -> Masks:
             continue
         for pname in list(plist.keys()):
             mask = None
+            shape = plist[pname].original.shape
             for par in plist[pname]:
                 m = getattr(par, "mask", None)
                 if isinstance(m, torch.Tensor):
-                    mask = m.detach().to(torch.bool) if mask is None else (mask & m.detach().to(torch.bool))
+                    m = _expand_mask(m.detach().to(torch.bool), shape)
+                    mask = m if mask is None else (mask & m)
             if mask is not None:
                 out.setdefault(mod_name, {})[pname] = mask.cpu()
     return out
 
 
-def strip_parametrizations_(model: nn.Module) -> None:
-    """Remove every parametrization, keeping the parametrized (masked) values."""
+def _expand_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-output-channel masks (torch.ao structured sparsifiers keep a (C,) mask) to the weight's shape."""
+    if tuple(mask.shape) == tuple(shape) or mask.dim() != 1 or len(shape) == 0 or mask.shape[0] != shape[0]:
+        return mask
+    return mask.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+
+
+def strip_parametrizations_(model: nn.Module, *, leave_parametrized: bool = True) -> None:
+    """Remove every parametrization from ``model``, changing only this instance.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the property from the
+    module's generated ``Parametrized*`` class; a ``copy.deepcopy`` of a parametrized model
+    shares that class, so removing parametrizations from a copy that way breaks the original
+    (``'ParametrizedConv2d' object has no attribute 'weight'``). ``leave_parametrized=True``
+    keeps the parametrized (masked) values, ``False`` the original tensors.
+    """
     from torch.nn.utils import parametrize
 
+    from .errors import UnsupportedError
+
     for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for pname in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        if not parametrize.is_parametrized(module):
+            continue
+        plist = module.parametrizations
+        restored: dict[str, torch.Tensor] = {}
+        for name in list(plist.keys()):
+            original = getattr(plist[name], "original", None)
+            if not isinstance(original, torch.Tensor):
+                raise UnsupportedError(f"parametrization of {type(module).__name__}.{name} has several original "
+                                       "tensors; remove it before handing the model to deployprune")
+            if leave_parametrized:
+                with torch.no_grad():
+                    value = getattr(module, name).detach().clone()
+            else:
+                value = original.detach()
+            restored[name] = nn.Parameter(value, requires_grad=original.requires_grad) if isinstance(
+                original, nn.Parameter) else value
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        for name, value in restored.items():
+            if isinstance(value, nn.Parameter):
+                module.register_parameter(name, value)
+            else:
+                module.register_buffer(name, value)
 
 
 def _is_finite(x: float) -> bool:
