@@ -146,12 +146,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
     ``model`` untouched."""
     import copy
 
+    from ..masks import strip_parametrizations_
+
     work = copy.deepcopy(model)
-    for module in work.modules():
-        if parametrize.is_parametrized(module):
-            _unshare_class(module)
-            for pname in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+    strip_parametrizations_(work)
     return work
 
 
@@ -664,8 +662,10 @@ class Pruner:
             raise UsageError("finalize: pass example_inputs (to Pruner or to finalize)")
         from ..finalize import finalize
 
-        kwargs.pop("inplace", None)
-        return finalize(plain_copy(self.model), inputs, self.masks(), inplace=True, **kwargs)
+        if kwargs.get("inplace"):
+            raise UsageError("finalize: inplace=True would strip the pruner's masks from the model; "
+                             "call pruner.remove() first, then deployprune.finalize(model, ..., inplace=True)")
+        return finalize(self.model, inputs, self.masks(), **kwargs)
 
     def remove(self) -> nn.Module:
         """Detach the mask parametrizations; parameters keep their masked values."""
