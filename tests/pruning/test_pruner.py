@@ -286,7 +286,7 @@ def test_taylor_without_gradients_at_update_time(mlp) -> None:
 
 
 def test_a_new_criterion_in_a_few_lines(mlp) -> None:
-    @register_criterion("test_l3_cubed")
+    @register_criterion("test_l3_cubed", replace=True)
     class L3(Criterion):
         def element_scores(self, view):
             return view.tensor.abs() ** 3
@@ -301,7 +301,7 @@ def test_a_new_criterion_in_a_few_lines(mlp) -> None:
 
 
 def test_a_new_allocator(mlp) -> None:
-    @register_allocator("test_keep_first_rows")
+    @register_allocator("test_keep_first_rows", replace=True)
     class KeepFirst(SparsityAllocator):
         def allocate(self, requests: list[AllocationRequest]) -> dict[str, torch.Tensor]:
             out = {}
