@@ -110,22 +110,28 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     warnings: list[str] = []
     with eval_mode(model):
         folded, folded_pairs = fold_batchnorm_pairs(model, inputs)
-    reference = run_torch(folded, inputs)
+    with torch.no_grad():
+        raw = folded(*inputs)
+    reference = [t.detach().cpu().numpy() for t in flatten_outputs(raw)]
     in_names, out_names = io_names(opts, len(inputs), len(reference), TARGET)
 
     lossy = fp16_losses(folded) if opts["precision"] == "fp16" else {}
-    for layer, counts in lossy.items():
-        if counts["zeroed"]:
-            warnings.append(f"fp16 storage turns {counts['zeroed']} non-zero weights of {layer!r} into 0 "
-                            "(|w| < 2.98e-08); pass precision='fp32' to keep them")
-        if counts["overflow"]:
-            warnings.append(f"fp16 storage turns {counts['overflow']} weights of {layer!r} into inf "
-                            f"(|w| > {FP16_MAX:g}); pass precision='fp32' to keep them")
+    overflow = {layer: counts["overflow"] for layer, counts in lossy.items() if counts["overflow"]}
+    if overflow:
+        layer, n = next(iter(overflow.items()))
+        raise UsageError(f"coreml option 'precision': fp16 cannot store {n} weights of {layer} (|w| > "
+                         f"{FP16_MAX:g}, they would become inf); pass precision='fp32'")
+    zeroed = {layer: counts["zeroed"] for layer, counts in lossy.items() if counts["zeroed"]}
+    if zeroed:
+        where = ", ".join(f"{layer}: {n}" for layer, n in list(zeroed.items())[:5])
+        more = f" and {len(zeroed) - 5} more tensors" if len(zeroed) > 5 else ""
+        warnings.append(f"fp16 storage turns {sum(zeroed.values())} non-zero weight values into 0 "
+                        f"(|w| < 2.98e-08; {where}{more}); pass precision='fp32' to keep them")
     if opts["compute_units"] == "cpu_and_ne" and opts["precision"] == "fp32":
         warnings.append("compute_units='cpu_and_ne' with precision='fp32': the Neural Engine runs "
                         "fp16 only, so this model will run on the CPU")
 
-    dense = _ct_convert(ct, folded, inputs, in_names, out_names, opts)
+    dense = _ct_convert(ct, folded, inputs, raw, in_names, out_names, opts)
     dense_weight_bytes = _weight_file_bytes(Path(dense.weights_dir)) if dense.weights_dir else 0
     mlmodel = _sparsify(dense, opts) if opts["sparse"] else dense
 
@@ -149,6 +155,7 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         if opts["verify"]:
             verification = verify_coreml(
                 tmp, folded, inputs, input_names=in_names, output_names=out_names, fold=False,
+                torch_outputs=reference,
                 expect_sparse=opts["sparse"], sparse_min_sparsity=opts["sparse_min_sparsity"],
                 sparse_min_elements=opts["sparse_min_elements"])
             if not verification.passed:
@@ -313,11 +320,9 @@ def _input_type(ct: Any, name: str, t: torch.Tensor, dynamic_batch: bool, max_ba
 _CT_OP = re.compile(r"op '([^']+)'")
 
 
-def _ct_convert(ct: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
+def _ct_convert(ct: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], raw: Any, in_names: list[str],
                 out_names: list[str], opts: dict[str, Any]) -> Any:
     name = type(model).__name__
-    with torch.no_grad():
-        raw = model(*inputs)
     traced_model = model if isinstance(raw, torch.Tensor) or (
         isinstance(raw, tuple) and all(isinstance(o, torch.Tensor) for o in raw)) else _TupleOutputs(model)
     try:
@@ -462,7 +467,8 @@ _LOSSY_CONSTEXPR = ("constexpr_affine_dequantize", "constexpr_lut_to_dense", "co
 def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
                   input_names: list[str] | None = None, output_names: list[str] | None = None,
                   fold: bool = True, expect_sparse: bool = False, sparse_min_sparsity: float = 0.1,
-                  sparse_min_elements: int = 2048, rtol: float | None = None) -> CoreMLVerification:
+                  sparse_min_elements: int = 2048, rtol: float | None = None,
+                  torch_outputs: list[np.ndarray] | None = None) -> CoreMLVerification:
     """Read an ``.mlpackage`` back without running it and check it against ``torch_model``.
 
     * Loads the spec with ``MLModel(path, skip_model_load=True)`` and rebuilds the MIL program
@@ -478,6 +484,8 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
       ``expect_sparse`` every weight with enough zeros stored sparse).
     * On macOS also runs a prediction and compares it with torch (``rtol``: 1e-2 for fp16
       programs, 1e-4 for fp32 ones, relative to the output scale).
+
+    ``torch_outputs`` may pass the model's outputs on ``example_inputs`` when already computed.
     """
     ct = _coremltools()
     path = Path(path)
@@ -485,7 +493,8 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
     failures: list[str] = []
     with eval_mode(torch_model):
         reference_model = fold_batchnorm(torch_model, inputs) if fold else torch_model
-    torch_outputs = run_torch(reference_model, inputs)
+    if torch_outputs is None:
+        torch_outputs = run_torch(reference_model, inputs)
 
     with _quiet():
         mlmodel = ct.models.MLModel(str(path), skip_model_load=True)

@@ -66,8 +66,8 @@ def test_sparse_package_passes_read_back(package) -> None:
 
 def test_fp16_zeroing_is_reported_not_silent(package) -> None:
     path, model, result = package
-    assert result.warnings == ["fp16 storage turns 1 non-zero weights of 'fc.weight' into 0 (|w| < 2.98e-08); "
-                               "pass precision='fp32' to keep them"]
+    assert result.warnings == ["fp16 storage turns 1 non-zero weight values into 0 (|w| < 2.98e-08; "
+                               "fc.weight: 1); pass precision='fp32' to keep them"]
     assert result.metadata["fp16_losses"] == {"fc.weight": {"zeroed": 1, "overflow": 0, "below_eps": 1}}
     assert result.metadata["verification"]["zeroed_by_fp16"] == 1
 
@@ -292,6 +292,17 @@ def test_verify_rejects_a_non_mlprogram(tmp_path: Path, package) -> None:
 
 
 # --------------------------------------------------------------------------- fp16 losses
+
+
+def test_fp16_overflow_is_refused(tmp_path: Path) -> None:
+    model = ConvBNNet().eval()
+    with torch.no_grad():
+        model.fc.weight[0, :3] = 1e5
+    with pytest.raises(UsageError) as exc:
+        converters.get("coreml").convert(model, INPUTS, tmp_path / "m.mlpackage")
+    assert str(exc.value) == ("coreml option 'precision': fp16 cannot store 3 weights of fc.weight (|w| > 65504, "
+                              "they would become inf); pass precision='fp32'")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp16_losses_counts_underflow_and_overflow() -> None:
