@@ -1,0 +1,260 @@
+"""Finalize benchmark: wall time, peak memory and parameters per model, and time against depth.
+
+Run from the repository root::
+
+    python -m benchmarks.finalize                 # zoo + benchmark-size models + depth family
+    python benchmarks/finalize.py --models resnet50,vit_small --repeat 5
+
+Every model gets random 50% group masks as a pruner would make them (``channel_groups``: half
+of each prunable group's removable channels, the same positions in every block of grouped
+convolutions, every producer slice zeroed). The figures:
+
+* ``time``: median wall time of ``deployprune.compact`` over ``--repeat`` runs (default 3);
+  computing the groups and the masks is not included (it is shown separately as ``groups``).
+* ``peak mem``: the peak resident set size during one extra, untimed run, above the RSS just
+  before it: glibc's free lists are trimmed (``malloc_trim``), the kernel's high-water mark is
+  reset (``/proc/self/clear_refs``), and ``VmHWM`` is read afterwards. Where that is not
+  available, the delta of ``resource.getrusage().ru_maxrss`` is shown instead (marked ``*``;
+  it only sees new process-wide highs, so it can under-report).
+* ``params``: before and after, with the ratio; ``rel err``: the engine's own self-check
+  (max abs error / max abs output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import logging
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deployprune as dp  # noqa: E402
+import models  # noqa: E402
+from deployprune.finalize import ChannelGroup, channel_groups  # noqa: E402
+
+DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def group_masks(model: torch.nn.Module, groups: list[ChannelGroup], ratio: float = 0.5,
+                seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Zero ``ratio`` of every prunable group's removable channels in all of its producer slices."""
+    rng = np.random.default_rng(seed)
+    params = dict(model.named_parameters())
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for g in groups:
+        if not g.prunable or g.removable is None:
+            continue
+        d = max(int(g.divisions), 1)
+        per = g.size // d
+        cand = np.flatnonzero(np.asarray(g.removable, bool).reshape(d, per).all(axis=0))
+        k = int(len(cand) * ratio)
+        if k == 0:
+            continue
+        chosen = rng.choice(cand, size=k, replace=False)
+        channels = np.concatenate([b * per + chosen for b in range(d)])
+        for mem in g.producers():
+            p = params.get(f"{mem.module}.{mem.param}" if mem.module else mem.param)
+            if p is None:
+                continue
+            if mem.indices is None:
+                pos = channels
+            else:
+                pos = np.concatenate([np.asarray(mem.indices[int(c)]).reshape(-1) for c in channels])
+            mask = masks.setdefault(mem.module, {}).setdefault(mem.param, torch.ones_like(p))
+            mask.index_fill_(mem.dim, torch.as_tensor(pos, dtype=torch.long), 0.0)
+    return masks
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _maxrss_kib() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r // 1024 if sys.platform == "darwin" else r
+
+
+def peak_memory_mib(fn) -> tuple[float, bool]:
+    """(peak RSS above the starting RSS while ``fn`` runs, in MiB; True if from VmHWM)."""
+    _trim()
+    if _reset_peak():
+        start = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+        if start is not None and peak is not None:
+            return max(peak - start, 0) / 1024, True
+    start = _maxrss_kib()
+    fn()
+    return max(_maxrss_kib() - start, 0) / 1024, False
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Row:
+    name: str
+    input_shape: str
+    groups_s: float
+    time_s: float
+    times: list[float]
+    mem_mib: float
+    mem_exact: bool
+    before: int
+    after: int
+    rel_err: float
+    blocked: int
+    compacted: bool
+
+
+def bench(name: str, repeat: int) -> Row:
+    model = models.build(name)
+    x = models.example_inputs(name)
+    t0 = time.perf_counter()
+    groups = channel_groups(model, x)
+    masks = group_masks(model, groups)
+    groups_s = time.perf_counter() - t0
+    times = []
+    result = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = dp.compact(model, x, masks)
+        times.append(time.perf_counter() - t)
+        del result.model
+    result = None
+    holder: list = []
+    mem, exact = peak_memory_mib(lambda: holder.append(dp.compact(model, x, masks)))
+    result = holder[0]
+    shape = "x".join(str(s) for s in x[0].shape)
+    return Row(name=name, input_shape=shape, groups_s=groups_s, time_s=statistics.median(times), times=times,
+               mem_mib=mem, mem_exact=exact, before=result.params_before, after=result.params_after,
+               rel_err=result.max_abs_error / max(result.output_scale, 1e-30), blocked=len(result.blocked),
+               compacted=result.compacted)
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (f"{'model':<20} {'input':<12} {'time (s)':>9} {'runs (s)':>20} {'peak mem':>11} "
+            f"{'params before':>14} {'after':>9} {'ratio':>6} {'rel err':>8} {'groups (s)':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        runs = " ".join(f"{t:.2f}" for t in r.times)
+        mem = f"{r.mem_mib:.0f} MiB" + ("" if r.mem_exact else "*")
+        flag = "" if r.compacted else "  (NOT COMPACTED)"
+        flag += f"  ({r.blocked} blocker(s))" if r.blocked else ""
+        print(f"{r.name:<20} {r.input_shape:<12} {r.time_s:>9.3f} {runs:>20} {mem:>11} "
+              f"{_fmt_params(r.before):>14} {_fmt_params(r.after):>9} {r.after / r.before:>6.1%} "
+              f"{r.rel_err:>8.1e} {r.groups_s:>10.2f}{flag}")
+
+
+def print_depth(rows: list[Row]) -> None:
+    fam = sorted((r for r in rows if r.name in DEPTH), key=lambda r: DEPTH[r.name])
+    if len(fam) < 2:
+        return
+    base = fam[0]
+    print()
+    print("time against depth (ResNet family, 224x224, 50% group masks)")
+    head = (f"{'model':<10} {'depth':>5} {'params':>8} {'time (s)':>9} {'ms/layer':>9} "
+            f"{'time ratio':>10} {'depth ratio':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in fam:
+        d = DEPTH[r.name]
+        print(f"{r.name:<10} {d:>5} {_fmt_params(r.before):>8} {r.time_s:>9.3f} {1000 * r.time_s / d:>9.1f} "
+              f"{r.time_s / base.time_s:>10.2f} {d / DEPTH[base.name]:>11.2f}")
+    xs = np.log([DEPTH[r.name] for r in fam])
+    ys = np.log([r.time_s for r in fam])
+    slope = float(np.polyfit(xs, ys, 1)[0])
+    print(f"growth: time ~ depth^{slope:.2f} (log-log fit; 1.00 = linear); "
+          f"{fam[-1].name}/{base.name}: time x{fam[-1].time_s / base.time_s:.2f} "
+          f"for depth x{DEPTH[fam[-1].name] / DEPTH[base.name]:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", help="comma-separated model names (default: zoo + benchmark + depth family)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per model; the median is shown (default 3)")
+    p.add_argument("--skip-zoo", action="store_true", help="only the benchmark-size models")
+    p.add_argument("--skip-large", action="store_true", help="only the zoo models")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.models:
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+        for n in names:
+            models.get(n)  # unknown names fail early with the list of known ones
+    else:
+        names = [] if args.skip_zoo else list(models.names("zoo"))
+        if not args.skip_large:
+            large = sorted(set(models.names("benchmark")) | set(models.names("depth-family")),
+                           key=lambda n: (n not in DEPTH, DEPTH.get(n, 0), n))
+            names += [n for n in large if n not in names]
+    print(f"finalize benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} thread(s), median of {args.repeat}")
+    rows = []
+    for name in names:
+        row = bench(name, args.repeat)
+        rows.append(row)
+        print(f"  {name}: {row.time_s:.3f} s", file=sys.stderr, flush=True)
+    print()
+    print_table(rows)
+    if any(not r.mem_exact for r in rows):
+        print("* peak memory from the ru_maxrss delta (VmHWM reset unavailable): may under-report")
+    print_depth(rows)
+    slow = [r for r in rows if r.name == "resnet50" and r.time_s >= 1.0]
+    if slow:
+        print(f"note: resnet50 took {slow[0].time_s:.2f} s (target < 1 s)")
+    return 0 if all(r.compacted and math.isfinite(r.rel_err) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Ops without a rule: a correct model that keeps their channels, a named blocker, strict mode, user rules."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deployprune as dp
+from deployprune.errors import EXIT_UNSUPPORTED, UnsupportedError
+from deployprune.finalize import register_function_rule, register_module_rule, rules
+
+from .helpers import RTOL, assert_plain_tree, assert_untouched, masked_copy, param_count, relative_error, snapshot
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "finalize.md"
+
+
+@pytest.fixture(autouse=True)
+def isolated_rule_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules registered by a test live in a copy of the registry that is dropped afterwards."""
+    monkeypatch.setattr(rules, "_FUNCTION_RULES", dict(rules._FUNCTION_RULES))
+    monkeypatch.setattr(rules, "_MODULE_RULES", dict(rules._MODULE_RULES))
+
+
+class Spectral(nn.Module):
+    """A user's leaf module: magnitude of the FFT along the last (spatial) dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(x, dim=-1).abs()
+
+
+class FFTNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = Spectral()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(torch.relu(self.conv1(x)))
+        y = torch.relu(self.conv2(y))
+        return self.head(y.mean((2, 3)))
+
+
+class EinsumNet(nn.Module):
+    """``torch.einsum`` in the root forward, mixing the spatial grid with a fixed window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("window", torch.linspace(0.5, 1.5, 8))
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = torch.einsum("bchw,w->bch", y, self.window)
+        y = torch.relu(self.conv2(y.unsqueeze(-1)))
+        return self.head(y.mean((2, 3)))
+
+
+class Gate(nn.Module):
+    """Data-dependent Python in forward: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > -1e30:
+            return x * 2.0
+        return x
+
+
+class GateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gate(torch.relu(self.conv1(x)))
+        y = torch.relu(self.conv2(y))
+        return self.head(y.mean((2, 3)))
+
+
+KEEP = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.float32)
+
+
+def _build(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+def _masks() -> dict:
+    """conv1 and conv2: channels 1, 3, 5, 7 zeroed (weight rows and bias)."""
+    return {
+        "conv1": {"weight": KEEP.view(-1, 1, 1, 1).expand(8, 3, 3, 3).clone(), "bias": KEEP.clone()},
+        "conv2": {"weight": KEEP.view(-1, 1, 1, 1).expand(8, 8, 1, 1).clone(), "bias": KEEP.clone()},
+    }
+
+
+def _x(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _parity(model: nn.Module, compacted: nn.Module, masks: dict) -> float:
+    ref = masked_copy(model, masks)
+    with torch.no_grad():
+        return max(relative_error(ref(_x(b, s)), compacted(_x(b, s))) for b in (1, 2) for s in (1, 2))
+
+
+# conv1 kept whole (8 channels) but conv2 halved: conv2 (4, 8) + head (4, 4)
+PARAMS_CONV1_BLOCKED = (8 * 3 * 9 + 8) + (4 * 8 + 4) + (4 * 4 + 4)
+# everything compacted: conv1 (4, 3), conv2 (4, 4), head (4, 4)
+PARAMS_ALL_COMPACT = (4 * 3 * 9 + 4) + (4 * 4 + 4) + (4 * 4 + 4)
+
+
+# ---------------------------------------------------------------------------- no rule
+
+
+@pytest.mark.parametrize(("cls", "needle", "module"), [
+    (FFTNet, "fft", "mix"),
+    (EinsumNet, "einsum", ""),
+])
+def test_op_without_rule_keeps_channels_and_is_reported(cls, needle, module, caplog) -> None:
+    model = _build(cls)
+    masks = _masks()
+    before = snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="deployprune"):
+        r = dp.compact(model, _x(), masks)
+    assert_untouched(model, before)
+    assert r.compacted
+    assert _parity(model, r.model, masks) <= RTOL
+    # conv1's masked channels reach the op: kept; conv2 comes after it and still shrinks
+    assert r.model.conv1.out_channels == 8
+    assert r.model.conv2.out_channels == 4
+    assert param_count(r.model) == PARAMS_CONV1_BLOCKED
+    hits = [b for b in r.blocked if needle in b.node or needle in b.op]
+    assert len(hits) == 1, [b.describe() for b in r.blocked]
+    b = hits[0]
+    assert b.module == module
+    assert b.kept_zero_channels == 4
+    text = b.describe()
+    assert needle in text and "kept 4 masked channel(s)" in text
+    if module:
+        assert f"module {module!r}" in text
+    logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert any(b.node in line for line in logged), logged
+
+
+@pytest.mark.parametrize(("cls", "needle"), [(FFTNet, "fft"), (EinsumNet, "einsum"), (GateNet, "gate")])
+def test_strict_mode_raises_naming_the_blocker(cls, needle) -> None:
+    model = _build(cls)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        dp.compact(model, _x(), _masks(), strict=True)
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+    assert info.value.exit_code == EXIT_UNSUPPORTED
+    assert_untouched(model, before)
+
+
+def test_untraceable_module_is_kept_whole_and_named() -> None:
+    model = _build(GateNet)
+    masks = _masks()
+    r = dp.compact(model, _x(), masks)
+    assert r.compacted
+    assert _parity(model, r.model, masks) <= RTOL
+    assert r.model.conv1.out_channels == 8 and r.model.conv2.out_channels == 4
+    assert param_count(r.model) == PARAMS_CONV1_BLOCKED
+    hits = [b for b in r.blocked if b.module == "gate" or "gate" in b.node]
+    assert hits, [b.describe() for b in r.blocked]
+    assert "cannot be traced" in hits[0].reason
+    assert_plain_tree(r.model, model)
+
+
+def test_op_without_rule_on_unmasked_channels_is_not_reported() -> None:
+    """A rule-less op only matters where it keeps masked channels."""
+    model = _build(FFTNet)
+    masks = {"conv2": _masks()["conv2"]}
+    r = dp.compact(model, _x(), masks, strict=True)
+    assert not r.blocked
+    assert r.model.conv2.out_channels == 4
+    assert _parity(model, r.model, masks) <= RTOL
+
+
+# ---------------------------------------------------------------------------- user rules
+
+
+def _fft_rule(a, node) -> None:
+    """torch.fft.fft(x, n=None, dim=-1): channels pass through, the transformed dim is mixed."""
+    x = a.var(node.args[0])
+    y = rules.out_var(a, node)
+    if x is None or y is None or x.shape != y.shape:
+        rules.opaque(a, node)
+        return
+    dim = rules.norm_dim(rules.arg(node, 2, "dim", -1), x.ndim)
+    a.same_all(x, y)
+    a.pin(x, dim, "mixed by fft")
+    for d, c in x.cval.items():
+        if d != dim:
+            a.set_cv(y, d, np.where(c == 0, 0.0, np.nan))  # only exact zeros stay known
+
+
+def test_registered_function_rule_compacts() -> None:
+    model = _build(FFTNet)
+    masks = _masks()
+    register_function_rule(torch.fft.fft)(_fft_rule)
+    r = dp.compact(model, _x(), masks, strict=True)
+    assert not r.blocked
+    assert r.model.conv1.out_channels == 4 and r.model.conv2.in_channels == 4
+    assert param_count(r.model) == PARAMS_ALL_COMPACT
+    assert _parity(model, r.model, masks) <= RTOL
+
+
+def test_registered_module_rule_compacts_custom_leaf() -> None:
+    model = _build(FFTNet)
+    masks = _masks()
+
+    @register_module_rule(Spectral)
+    def _spectral(a, node, module) -> None:
+        # channels pass through unchanged (the FFT mixes only the last dimension); zeros stay zero
+        x = a.var(node.args[0])
+        y = rules.out_var(a, node)
+        a.same_all(x, y)
+        a.pin(x, x.ndim - 1, "mixed by Spectral")
+        for d, c in x.cval.items():
+            if d != x.ndim - 1:
+                a.set_cv(y, d, np.where(c == 0, 0.0, np.nan))
+
+    r = dp.compact(model, _x(), masks, strict=True)
+    assert not r.blocked
+    assert r.model.conv1.out_channels == 4
+    assert param_count(r.model) == PARAMS_ALL_COMPACT
+    assert _parity(model, r.model, masks) <= RTOL
+
+
+def test_registered_module_rule_for_untraceable_module() -> None:
+    model = _build(GateNet)
+    masks = _masks()
+
+    @register_module_rule(Gate)
+    def _gate(a, node, module) -> None:
+        rules.elementwise(a, node, fn=lambda t: t * 2.0)
+
+    r = dp.compact(model, _x(), masks, strict=True)
+    assert not r.blocked
+    assert param_count(r.model) == PARAMS_ALL_COMPACT
+    assert _parity(model, r.model, masks) <= RTOL
+
+
+def _doc_blocks() -> list[str]:
+    text = DOCS.read_text()
+    blocks = re.findall(r"<!-- tested -->\s*```python\n(.*?)```", text, flags=re.S)
+    return blocks
+
+
+def test_documented_custom_rule_example_runs() -> None:
+    """The example in docs/finalize.md is run as written (its own asserts included)."""
+    blocks = _doc_blocks()
+    assert blocks, f"no '<!-- tested -->' python block in {DOCS}"
+    namespace: dict = {"__name__": "docs_example"}
+    for code in blocks:
+        exec(compile(code, str(DOCS), "exec"), namespace)  # noqa: S102 - our own documentation
+    assert namespace.get("result") is not None
+    assert not namespace["result"].blocked
