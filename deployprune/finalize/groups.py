@@ -61,7 +61,7 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
     for p in z.pins:
         pin_reason.setdefault(a.find(p.slot), p.reason)
 
-    maps, owned = _index_maps(a, z)
+    maps, owned, kinds = _index_maps(a, z)
 
     def has_producer(root: int) -> bool:
         return any(a.roles.get(v.slots[d]) == "producer" for v, d in by_root.get(root, []))
@@ -80,7 +80,7 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
                 divisions = int(np.lcm(divisions, g))
         group = ChannelGroup(id=len(groups), size=n, prunable=bool(removable.any()),
                              reason=None if removable.any() else pin_reason.get(root, "kept by the graph"),
-                             unit="channel" if has_producer(root) else "head")
+                             unit="channel" if has_producer(root) else kinds.get(root, "head"))
         group.removable = removable
         group.divisions = divisions
         for r, idx in reach.items():
@@ -92,7 +92,8 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
     return groups
 
 
-def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, list[np.ndarray]]]], set[int]]:
+def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, list[np.ndarray]]]], set[int],
+                                                    dict[int, str]]:
     """Space-to-space index maps from concat and reshape relations.
 
     ``maps[src]`` lists ``(dst, idx)`` where ``idx[k]`` are the indices of ``dst`` that channel ``k``
@@ -100,6 +101,7 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
     """
     maps: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
     owned: set[int] = set()
+    kinds: dict[int, str] = {}  # spaces made by splitting a dim: "head" (outer) or "head_position" (innermost)
     for rel in a.relations:
         if rel[0] == "cat":
             _, out_slot, parts = rel
@@ -122,7 +124,11 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
                     continue
                 maps.setdefault(src, []).append((dst, [np.nonzero(coords[i] == k)[0] for k in range(sizes[i])]))
                 owned.add(dst)
-    return maps, owned
+                if i == len(sizes) - 1:
+                    kinds.setdefault(src, "head_position")
+                else:
+                    kinds[src] = "head"
+    return maps, owned, kinds
 
 
 def _reach(root: int, n: int, maps: dict[int, list[tuple[int, list[np.ndarray]]]]) -> dict[int, list | None]:
