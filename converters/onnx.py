@@ -107,7 +107,7 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     with eval_mode(model):
         reference = run_torch(model, inputs)
         in_names, out_names = io_names(opts, len(inputs), len(reference), TARGET)
-        proto = _export(model, inputs, in_names, out_names, opts)
+        proto = _export(model, inputs, in_names, out_names, opts, scratch_parent=path.parent)
     opset = _default_opset(proto)
     if opset != opts["opset"]:
         warnings.append(f"the {opts['exporter']} exporter produced opset {opset}, not the requested "
@@ -249,14 +249,14 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
-            out_names: list[str], opts: dict[str, Any]) -> Any:
+            out_names: list[str], opts: dict[str, Any], scratch_parent: Path) -> Any:
     import onnx
 
     exporter, opset = opts["exporter"], opts["opset"]
     try:
         with slow_path_tracing(model), contextlib.redirect_stdout(io.StringIO()) as chatter:
             if exporter == "torchscript":
-                proto = _export_torchscript(model, inputs, in_names, out_names, opts)
+                proto = _export_torchscript(model, inputs, in_names, out_names, opts, scratch_parent)
             else:
                 proto = _export_dynamo(model, inputs, in_names, out_names, opts)
     except (UnsupportedError, UsageError):
@@ -271,7 +271,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
 
 
 def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
-                        out_names: list[str], opts: dict[str, Any]) -> Any:
+                        out_names: list[str], opts: dict[str, Any], scratch_parent: Path) -> Any:
     import onnx
 
     kwargs: dict[str, Any] = dict(
@@ -291,8 +291,9 @@ def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_n
             torch.onnx.export(model, inputs, buf, **kwargs)
             return onnx.load_from_string(buf.getvalue())
         # Too big for one protobuf: the exporter writes external data next to a file; read it back
-        # into memory (scratch directory next to nothing the user owns, removed afterwards).
-        with tempfile.TemporaryDirectory(prefix="deployprune-onnx-") as scratch:
+        # into memory. The hidden scratch directory sits next to the output (where the space for
+        # the artifact is) and is removed afterwards.
+        with tempfile.TemporaryDirectory(prefix=".deployprune-onnx-", dir=scratch_parent) as scratch:
             f = Path(scratch) / "model.onnx"
             torch.onnx.export(model, inputs, str(f), **kwargs)
             return onnx.load(str(f), load_external_data=True)
