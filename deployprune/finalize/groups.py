@@ -67,6 +67,21 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
         return any(a.roles.get(v.slots[d]) == "producer" for v, d in by_root.get(root, []))
 
     primaries = [r for r in sorted(set(by_root) | set(maps)) if a.size[r] > 1 and r not in owned]
+    # chunk (channel split, as in ShuffleNet) couples equal positions of several spaces; groups do not
+    # describe that coupling yet, so those spaces are offered as not prunable rather than over-promised
+    chunked = {a.find(sl) for rel in a.relations if rel[0] == "chunk" for sl in [rel[1], *rel[2]]}
+    # likewise a split and a merge of the same dims in another order (a channel shuffle permutes channels)
+    orders: dict[frozenset, set[tuple]] = {}
+    singles: dict[frozenset, set[int]] = {}
+    for rel in a.relations:
+        if rel[0] == "reshape":
+            roots = tuple(a.find(sl) for sl, size in zip(rel[2], rel[3], strict=True) if size > 1)
+            if len(roots) > 1:
+                orders.setdefault(frozenset(roots), set()).add(roots)
+                singles.setdefault(frozenset(roots), set()).add(a.find(rel[1]))
+    for key, seen in orders.items():
+        if len(seen) > 1:
+            chunked |= singles[key] | set(key)
     groups: list[ChannelGroup] = []
     for root in primaries:
         n = a.size[root]
@@ -74,13 +89,21 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
         if not any(has_producer(r) for r in reach):
             continue
         removable = ~z.keep_of(root)
+        unit = "channel" if has_producer(root) else kinds.get(root, "head")
+        if chunked & set(reach) or unit == "head_position":
+            # positions inside a head: forward code usually derives q, k and v sizes from one head_dim
+            removable = np.zeros(n, bool)
         divisions = 1
         for s, g in a.divisions.items():
             if a.find(s) == root:
                 divisions = int(np.lcm(divisions, g))
         group = ChannelGroup(id=len(groups), size=n, prunable=bool(removable.any()),
-                             reason=None if removable.any() else pin_reason.get(root, "kept by the graph"),
-                             unit="channel" if has_producer(root) else kinds.get(root, "head"))
+                             reason=None if removable.any() else (
+                                 "positions inside attention heads are kept; remove whole heads"
+                                 if unit == "head_position" else
+                                 "coupled through a channel split (chunk) or shuffle: not supported by groups yet"
+                                 if chunked & set(reach) else pin_reason.get(root, "kept by the graph")),
+                             unit=unit)
         group.removable = removable
         group.divisions = divisions
         for r, idx in reach.items():
@@ -111,7 +134,7 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
                 if src != dst:
                     maps.setdefault(src, []).append((dst, [np.array([off + k]) for k in range(a.size[src])]))
                     owned.add(dst)
-        else:
+        elif rel[0] == "reshape":
             _, single, multi, sizes = rel
             dst = a.find(single)
             # every removable dim of the multi-dim side owns the single dim's indices with its coordinate

@@ -1341,6 +1341,7 @@ def _split(a: Analysis, node: fx.Node) -> None:
             a.pin(o, d, f"split into fixed sizes by {name}")
         return
     n = sizes[0]
+    a.relations.append(("chunk", x.slots[d], [o.slots[d] for o in outs]))
 
     def chunks() -> bool:
         pattern = a.keep(x, d).reshape(len(outs), n).any(0)

@@ -10,11 +10,9 @@ import models
 from deployprune.finalize import compact
 from deployprune.pruning.pruner import plain_copy
 
-# The graph marks these groups prunable, but finalize keeps the zeroed channels (reported to the
-# finalize owner). strict=True: the test fails as soon as finalize removes them.
-GRAPH_OVERPROMISES = {
-    "shufflenet": "branch outputs before the channel shuffle are marked prunable, finalize keeps them",
-}
+# Architectures whose groups over-promise removable channels (none at present; the graph marks
+# chunk/shuffle-coupled spaces as not prunable). strict=True: the test fails once they are fixed.
+GRAPH_OVERPROMISES: dict[str, str] = {}
 
 
 def _params(name: str):
