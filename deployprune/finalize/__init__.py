@@ -77,6 +77,9 @@ class CompactionResult:
     max_abs_error: float = 0.0
     output_scale: float = 0.0
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # layers whose output channels are exactly zero in the masked model but had to stay
+    kept_zero: dict[str, int] = field(default_factory=dict)
     compacted: bool = True  # False when compaction had to be abandoned (the masked model is returned)
 
     def summary(self) -> str:
@@ -86,6 +89,9 @@ class CompactionResult:
                  f"{self.seconds * 1000:.0f} ms"]
         for b in self.blocked:
             lines.append(f"  kept: {b.describe()}")
+        if self.kept_zero:
+            lines.append("  zero output channels kept (their constants reach a padded conv, a norm or an output): "
+                         + ", ".join(f"{k} ({v})" for k, v in self.kept_zero.items()))
         return "\n".join(lines)
 
 
@@ -108,6 +114,13 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     model, relative to the output's scale.
     """
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [t0]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
     if not isinstance(model, nn.Module):
         raise InputError(f"finalize: expected a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
@@ -120,6 +133,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     work.eval()
     params_before = _count(work)
 
+    lap("copy and bake masks")
     try:
         traced = trace(work, inputs)
     except RuntimeError as exc:
@@ -134,8 +148,10 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
 
     ref = traced.output  # the masked model's output, from the recording run of its graph
     a = Analysis(traced, work)
+    lap("trace and record")
     for node in traced.graph.nodes:
         apply_rule(a, node)
+    lap("rules")
 
     result_model: nn.Module | None = None
     patched: list[tuple[str, str, int, int]] = []
@@ -146,10 +162,13 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     for _attempt in range(MAX_REPAIRS):
         _solve(a)
         unpatchable = _plan_patches(a, work)
+        lap("solve")
         if unpatchable:
             continue
         candidate, patched, changes = _build(a, work)
+        lap("rebuild")
         failing, out = _check_shapes(a, candidate, inputs)
+        lap("check")
         if failing is not None:
             name, why = failing
             if not name:  # not a size problem pinning could fix
@@ -197,7 +216,8 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         raise UnsupportedError("finalize (strict): " + "; ".join(b.describe() for b in blocked))
     res = CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
                            params_before=params_before, params_after=_count(result_model), max_abs_error=err,
-                           output_scale=scale, seconds=time.perf_counter() - t0)
+                           output_scale=scale, seconds=time.perf_counter() - t0, timings=timings,
+                           kept_zero=_kept_zero_outputs(a))
     log.info("finalize: %s", res.summary())
     return res
 
@@ -440,6 +460,27 @@ def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[tup
     if failed is not None:
         return (failed, "fails with the compacted sizes"), None
     return None, out
+
+
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                   nn.InstanceNorm3d, nn.GroupNorm)
+
+
+def _kept_zero_outputs(a: Analysis) -> dict[str, int]:
+    """Zero output channels of rebuilt layers that compaction could not remove (for reports)."""
+    out: dict[str, int] = {}
+    for node in a.traced.graph.nodes:
+        if node.op != "call_module" or str(node.target) not in a.rebuilders:
+            continue
+        y = a.vars.get(node)
+        if not isinstance(y, Var) or y.ndim < 2:
+            continue
+        d = 1 if isinstance(a.modules[str(node.target)], _CHANNELS_FIRST) else y.ndim - 1
+        n = int(((a.cv(y, d) == 0) & a.keep(y, d)).sum())
+        if n:
+            out[str(node.target)] = out.get(str(node.target), 0) + n
+    return out
 
 
 def _count_kept_zero(a: Analysis) -> None:
