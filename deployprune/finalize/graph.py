@@ -99,9 +99,7 @@ class Analysis:
         self.blockers: list[Blocker] = []
         self.rebuilders: dict[str, Callable[[], nn.Module | None]] = {}
         self.call_counts: dict[str, int] = {}
-        self.size_refs: dict[fx.Node, tuple[Var, int | None]] = {}
         self.literal_sizes: list[tuple[fx.Node, Var, int, int]] = []  # node, out var, dim, literal
-        self.current: fx.Node | None = None
         self.roles: dict[int, str] = {}  # slot -> "producer" | "consumer" (for pruners)
         self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
         self.patches: list[tuple[str, str, int, int]] = []

@@ -198,33 +198,6 @@ def get_attr_rule(a: Analysis, node: fx.Node) -> None:
         a.pin_var(v, f"constant attribute {target!r} that is not a registered parameter or buffer")
 
 
-# ============================================================================ size queries
-
-
-def _shape_query(a: Analysis, node: fx.Node) -> bool:
-    """``x.shape``, ``x.size()``, ``x.size(d)``, ``x.shape[d]``: remember which slot the value names."""
-    t, name = node.target, None
-    if node.op == "call_function" and t is getattr and len(node.args) == 2 and node.args[1] == "shape":
-        v = a.var(node.args[0])
-        if v is not None:
-            a.size_refs[node] = (v, None)
-        return True
-    if node.op == "call_method" and t == "size":
-        v = a.var(node.args[0])
-        d = arg(node, 1, "dim")
-        if v is not None:
-            a.size_refs[node] = (v, None if d is None else norm_dim(d, v.ndim))
-        return True
-    if node.op == "call_function" and t is operator.getitem and isinstance(node.args[0], fx.Node):
-        ref = a.size_refs.get(node.args[0])
-        if ref is not None and ref[1] is None and isinstance(node.args[1], int):
-            v = ref[0]
-            a.size_refs[node] = (v, norm_dim(node.args[1], v.ndim))
-            return True
-    del name
-    return False
-
-
 # ============================================================================ activations and friends
 
 _UNARY_MODULES = (
@@ -1496,7 +1469,6 @@ def _factory(a: Analysis, node: fx.Node) -> None:
 
 
 def apply_rule(a: Analysis, node: fx.Node) -> None:
-    a.current = node
     if node.op == "placeholder":
         placeholder_rule(a, node)
         return
@@ -1521,8 +1493,6 @@ def apply_rule(a: Analysis, node: fx.Node) -> None:
         rule(a, node, module)
         return
     # call_function / call_method
-    if _shape_query(a, node):
-        return
     if not _produces_tensor(meta):
         if node.target in (operator.getitem,) and isinstance(a.vars.get(node.args[0]), tuple):
             pass
@@ -1555,10 +1525,6 @@ def _non_tensor(a: Analysis, node: fx.Node) -> None:
                 a.pin_var(v, f"value read by Tensor.{node.target}")
 
 
-def is_size_expression(a: Analysis, value: Any) -> bool:
-    return isinstance(value, fx.Node) and value in a.size_refs
-
-
 __all__ = [
     "register_module_rule",
     "register_function_rule",
@@ -1567,7 +1533,6 @@ __all__ = [
     "couple_reshape",
     "apply_rule",
     "owner_of",
-    "math",
 ]
 
 
