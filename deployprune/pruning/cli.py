@@ -1,0 +1,134 @@
+"""``deployprune prune`` and ``deployprune run`` (scenario files); registered by ``deployprune/cli.py``.
+
+Heavy imports stay inside the handlers so ``deployprune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import EXIT_OK, UsageError
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (VALUE is JSON, e.g. momentum=0.9)")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "prune",
+        parents=[parents["load"], parents["common"]],
+        help="prune a model by a config, fine-tune it with the schedule, write it with its masks",
+        description="Attach masks by --config, fine-tune on --data (the sparsity schedule advances once per "
+        "optimizer step) and write the model with its masks as a deployprune checkpoint "
+        "(export it with 'deployprune export OUT --target onnx'). Without --data the schedule "
+        "is run to its end on the loaded weights (one-shot pruning). Runs under torchrun "
+        "(DistributedDataParallel; rank 0 writes the files).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="pruning config (.json/.yaml; docs/pruning.md)")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--data", metavar="DATA", help="'digits' (scikit-learn's bundled 8x8 digits) or "
+                   "package.module:function returning (train_loader, val_loader)")
+    g.add_argument("--epochs", type=int, default=None, metavar="N", help="fine-tuning epochs (default 3 with "
+                   "--data, else 0)")
+    g.add_argument("--lr", type=float, default=None, metavar="X", help="learning rate (default: the optimizer's)")
+    g.add_argument("--optimizer", default="torch.optim.Adam", metavar="PATH", help="optimizer class import path "
+                   "(default torch.optim.Adam)")
+    g.add_argument("--optimizer-arg", dest="optimizer_args", action="append", default=[], type=_kv,
+                   metavar="KEY=VALUE", help="optimizer keyword argument (repeatable; VALUE parsed as JSON)")
+    g.add_argument("--criterion", default="torch.nn.CrossEntropyLoss", metavar="PATH",
+                   help="loss class import path (default torch.nn.CrossEntropyLoss)")
+    g.add_argument("--criterion-arg", dest="criterion_args", action="append", default=[], type=_kv,
+                   metavar="KEY=VALUE", help="criterion keyword argument (repeatable)")
+    g.add_argument("--batch-size", type=int, default=32, metavar="N", help="training batch size (default 32)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the RNGs and the data shuffle (default 0)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="write a training checkpoint (last.pt) after every epoch")
+    g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir exactly")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-o", "--output", metavar="OUT", help="pruned checkpoint (default ./<model stem>.pruned.pt)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (and restart a checkpoint)")
+    p.set_defaults(func=cmd_prune)
+
+    r = subparsers.add_parser(
+        "run",
+        parents=[parents["common"]],
+        help="run a scenario file: prune -> fine-tune -> finalize -> export -> validate",
+        description="A JSON (or YAML) scenario holds the whole run; see docs/training.md.",
+    )
+    r.add_argument("scenario", metavar="SCENARIO", help="scenario file (.json/.yaml)")
+    r.add_argument("--force", action="store_true", default=None, help="overwrite existing outputs")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..cli import load_from_args
+    from ..pipeline import check_not_input, default_output
+    from ..training import prune_loaded
+
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    epochs = args.epochs if args.epochs is not None else (3 if args.data else 0)
+    if epochs > 0 and not args.data:
+        raise UsageError(f"--epochs {epochs} needs --data (digits or package.module:function)")
+    out = Path(args.output) if args.output else default_output(Path(args.model_path), ".pruned.pt")
+    check_not_input(out, Path(args.model_path))
+    config = args.config
+    if not Path(config).is_file():
+        from ..errors import InputError
+
+        raise InputError(f"{config}: pruning config not found (--config)")
+    loaded = load_from_args(args)
+    outcome = prune_loaded(
+        loaded,
+        config,
+        data=args.data,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        optimizer_kwargs=dict(args.optimizer_args),
+        criterion=args.criterion,
+        criterion_kwargs=dict(args.criterion_args),
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        output=out,
+        force=args.force,
+    )
+    if outcome.output is not None:
+        _print(outcome.lines)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..training import run_scenario
+
+    outcome = run_scenario(args.scenario, progress=not args.no_progress, force=args.force)
+    _print(outcome.lines)
+    if outcome.exit_code:
+        from ..errors import ValidationFailed
+
+        raise ValidationFailed(f"{args.scenario}: the exported artifact failed validation (see the report)")
+    return EXIT_OK

@@ -1,0 +1,595 @@
+"""The fine-tuning loop: one pruner step per optimizer step, evaluation and a checkpoint per epoch.
+
+Exact resume: the checkpoint written after every epoch holds the model (with its mask
+buffers), the optimizer, the pruner state (schedule step, masks, unit state), the epoch and
+step counters and the python / numpy / torch RNG states taken *after* the epoch's evaluation.
+The shuffle order of epoch ``e`` comes from the loader's generator re-seeded with
+``loader_seed(seed, e)`` (or ``DistributedSampler.set_epoch(e)``), so a resumed run draws
+exactly the batches the uninterrupted run would have drawn.
+
+Distributed: when the process runs under ``torchrun`` (``WORLD_SIZE`` > 1) or a process group
+is already initialised, the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
+CUDA), the training loader is re-built around a :class:`DistributedSampler`, the pruner state is
+broadcast from rank 0 after every mask update (so data-driven criteria cannot diverge), and
+only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError
+from ..fsutil import atomic_output
+
+log = logging.getLogger("deployprune.training")
+
+CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_FORMAT = "deployprune-train"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Import paths
+# --------------------------------------------------------------------------------------------
+
+
+def import_object(path: str, what: str) -> Any:
+    """Resolve ``package.module.Name`` or ``package.module:Name`` (``what`` names the option in errors)."""
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"{what}: expected an import path such as torch.optim.Adam, got {path!r}")
+    path = path.strip()
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+    else:
+        module_name, _, attr_path = path.rpartition(".")
+    if not module_name or not attr_path:
+        raise ConfigError(f"{what} {path!r}: not an import path; write package.module.Name (e.g. torch.optim.Adam)")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what} {path!r}: cannot import module {module_name!r} ({exc}); check the path") from None
+    except Exception as exc:  # noqa: BLE001 - user module failing at import
+        raise ConfigError(f"{what} {path!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})") from None
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{what} {path!r}: {module_name!r} has no attribute {attr_path!r}; check the spelling")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{what} {path!r}: is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def _build(path: Any, what: str, args: tuple, kwargs: Mapping[str, Any] | None, *, name: Any = None) -> Any:
+    factory = import_object(path, what) if isinstance(path, str) else path
+    if not callable(factory):
+        raise ConfigError(f"{what}: expected an import path or a callable, got {type(path).__name__}")
+    try:
+        return factory(*args, **dict(kwargs or {}))
+    except DeployPruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - wrong kwargs etc.
+        name = name if isinstance(name, str) else path if isinstance(path, str) else getattr(
+            path, "__qualname__", repr(path))
+        msg = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"{what} {name}: cannot be created with {dict(kwargs or {})} ({type(exc).__name__}: {msg})"
+                          ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def _setup_distributed() -> _Dist:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(True, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _Dist()
+    if not dist.is_available():
+        raise UsageError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    log.info("distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return _Dist(True, dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def _distributed_loader(loader: Any, dist_info: _Dist, seed: int) -> Any:
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    if not isinstance(loader, DataLoader):
+        raise UsageError("distributed fine-tuning needs the training data as a torch DataLoader "
+                         f"(got {type(loader).__name__})")
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if loader.batch_size is None:
+        raise UsageError("distributed fine-tuning: the training DataLoader must use batch_size (not a batch_sampler)")
+    sampler = DistributedSampler(loader.dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
+                                 drop_last=loader.drop_last)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _split_batch(batch: Any, where: str) -> tuple[tuple[torch.Tensor, ...], Any]:
+    if isinstance(batch, Mapping) and "target" in batch:
+        inputs = batch.get("inputs", batch.get("input"))
+        if inputs is None:
+            raise InputError(f"{where}: a dict batch needs 'inputs' (or 'input') and 'target' keys")
+        batch = (inputs, batch["target"])
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError(f"{where}: each batch must be (inputs, target), got {type(batch).__name__}"
+                         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    inputs, target = batch
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
+        inputs = tuple(inputs)
+    else:
+        raise InputError(f"{where}: batch inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    return inputs, target
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+def _correct(output: Any, target: Any) -> int | None:
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    if output.ndim != 2 or target.ndim != 1 or target.dtype.is_floating_point:
+        return None
+    return int((output.argmax(1) == target).sum())
+
+
+def evaluate(model: nn.Module, loader: Iterable[Any], criterion: Any = None, *,
+             device: str | torch.device | None = None) -> dict[str, float | None]:
+    """Mean loss (when ``criterion`` is given) and top-1 accuracy (class-index targets) over ``loader``.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    dev = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum, counted = 0, 0, 0.0, True
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, target = _split_batch(batch, "validation data")
+                inputs, target = _to(inputs, dev), _to(target, dev)
+                out = model(*inputs)
+                n = int(target.shape[0]) if isinstance(target, torch.Tensor) and target.ndim else 1
+                if criterion is not None:
+                    loss_sum += float(criterion(out, target)) * n
+                c = _correct(out, target)
+                if c is None:
+                    counted = False
+                else:
+                    correct += c
+                total += n
+    finally:
+        model.train(was_training)
+    if total == 0:
+        return {"loss": None, "accuracy": None, "samples": 0}
+    return {
+        "loss": loss_sum / total if criterion is not None else None,
+        "accuracy": correct / total if counted else None,
+        "samples": total,
+    }
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    """The seed of the training loader's shuffle in ``epoch`` (a pure function: resumable)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**63 - 1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": int(n["pos"])},
+        "has_gauss": int(n["has_gauss"]),
+        "gauss": float(n["gauss"]),
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_loader(loader: Any, seed: int, epoch: int) -> int | None:
+    """Make the loader's shuffle of ``epoch`` a function of (seed, epoch); returns the seed used."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+        return int(getattr(sampler, "seed", 0))
+    gen = getattr(loader, "generator", None)
+    s = loader_seed(seed, epoch)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(s)
+        return s
+    sgen = getattr(sampler, "generator", None)
+    if isinstance(sgen, torch.Generator):
+        sgen.manual_seed(s)
+        return s
+    return None  # shuffle (if any) follows the global torch RNG, which the checkpoint restores
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        msg = " ".join(str(exc).split())[:160]
+        raise InputError(f"{path}: cannot read the training checkpoint ({type(exc).__name__}: {msg}); "
+                         "delete it or start without --resume") from None
+    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a deployprune training checkpoint; choose another --checkpoint-dir")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: training checkpoint version {obj.get('version')!r} is not supported "
+                         f"(expected {CHECKPOINT_VERSION})")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`finetune` did. ``history`` has one dict per epoch run in this process or
+    restored from the checkpoint (epoch, step, train_loss, val_loss, val_accuracy, seconds)."""
+
+    epochs: int
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+    checkpoint: Path | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def final_val_accuracy(self) -> float | None:
+        return self.history[-1].get("val_accuracy") if self.history else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.history[-1].get("val_loss") if self.history else None
+
+
+def _progress_enabled(progress: bool, is_main: bool) -> bool:
+    if not progress or not is_main:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def finetune(
+    model: nn.Module,
+    pruner: Any,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any] | None = None,
+    *,
+    epochs: int,
+    optimizer: Any = "torch.optim.Adam",
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    criterion: Any = "torch.nn.CrossEntropyLoss",
+    criterion_kwargs: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    force: bool = False,
+) -> TrainResult:
+    """Train ``model`` for ``epochs`` epochs, calling ``pruner.step()`` after every optimizer step.
+
+    ``pruner``: a :class:`deployprune.Pruner` built on ``model`` (prepared here if needed), or
+    ``None`` for plain training. ``optimizer`` / ``criterion``: import paths (``torch.optim.SGD``)
+    or callables, built as ``optimizer(model.parameters(), **optimizer_kwargs)`` and
+    ``criterion(**criterion_kwargs)``. Batches are ``(inputs, target)``.
+
+    ``checkpoint_dir``: a checkpoint ``last.pt`` is written there (atomically) after every epoch;
+    an existing one is refused unless ``resume`` (continue it exactly) or ``force`` (start over).
+    The global RNGs are seeded with ``seed`` at the start of a fresh run.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"finetune: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise UsageError(f"finetune: epochs must be a non-negative integer, got {epochs!r}")
+    if pruner is not None and getattr(pruner, "model", model) is not model:
+        raise UsageError("finetune: the pruner was built on another model; pass the model given to the Pruner")
+    # resolve the import paths first: a typo must fail before any work
+    opt_factory = import_object(optimizer, "optimizer") if isinstance(optimizer, str) else optimizer
+    crit = _build(criterion, "criterion", (), criterion_kwargs)
+    # wrong optimizer kwargs must also fail before the model is touched: try them on a dummy parameter
+    _build(opt_factory, "optimizer", ([nn.Parameter(torch.zeros(1))],), optimizer_kwargs, name=optimizer)
+
+    dist_info = _setup_distributed()
+    try:
+        return _finetune(model, pruner, train_loader, val_loader, epochs=epochs, opt_factory=opt_factory,
+                         optimizer_name=optimizer, optimizer_kwargs=optimizer_kwargs, crit=crit,
+                         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
+                         device=device, force=force, dist_info=dist_info)
+    finally:
+        if dist_info.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, *,
+              epochs: int, opt_factory: Any, optimizer_name: Any, optimizer_kwargs: Mapping[str, Any] | None,
+              crit: Any, checkpoint_dir: str | os.PathLike | None, resume: bool, seed: int, progress: bool,
+              device: str | torch.device | None, force: bool, dist_info: _Dist) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    if device is None:
+        dev = torch.device(f"cuda:{dist_info.local_rank}") if (dist_info.enabled and torch.cuda.is_available()) \
+            else _model_device(model)
+    else:
+        dev = torch.device(device)
+    model.to(dev)
+
+    ckpt_path: Path | None = None
+    state: dict[str, Any] | None = None
+    if checkpoint_dir is not None:
+        cdir = Path(checkpoint_dir)
+        ckpt_path = cdir / CHECKPOINT_NAME
+        if ckpt_path.exists():
+            if resume:
+                state = _read_checkpoint(ckpt_path)
+            elif not force:
+                raise OutputError(f"{ckpt_path}: a training checkpoint already exists; pass --resume (resume=True) "
+                                  "to continue it, --force to start over, or choose another --checkpoint-dir")
+        elif resume:
+            log.warning("%s: no checkpoint to resume from; starting at epoch 0", ckpt_path)
+        if dist_info.is_main:
+            if cdir.exists() and not cdir.is_dir():
+                raise OutputError(f"{cdir}: is not a directory; choose another --checkpoint-dir")
+            cdir.mkdir(parents=True, exist_ok=True)
+    elif resume:
+        raise UsageError("resume needs a checkpoint directory (--checkpoint-dir)")
+
+    if state is not None and int(state.get("seed", seed)) != int(seed):
+        raise ConfigError(f"{ckpt_path}: was written with seed {state.get('seed')}, not {seed}; resume with the "
+                          "same seed (or start over with --force)")
+    if state is None:
+        _seed_everything(seed)
+
+    if pruner is not None:
+        pruner.prepare()
+    opt = _build(opt_factory, "optimizer", (model.parameters(),), optimizer_kwargs, name=optimizer_name)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer {optimizer_name}: built a {type(opt).__name__}, not a torch.optim.Optimizer")
+
+    start_epoch, global_step = 0, 0
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if pruner is not None:
+                if state.get("pruner") is None:
+                    raise InputError(f"{ckpt_path}: was written without a pruner; resume it without one")
+                pruner.load_state_dict(state["pruner"])
+        except DeployPruneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - state from another model/config
+            msg = " ".join(str(exc).split())[:200]
+            raise InputError(f"{ckpt_path}: does not fit this model/optimizer ({type(exc).__name__}: {msg}); "
+                             "resume with the model, config and optimizer that wrote it") from None
+        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        history = [dict(h) for h in state.get("history", [])]
+        _set_rng_state(state["rng"])
+        log.info("resuming from %s: epoch %d, step %d", ckpt_path, start_epoch, global_step)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+        train_loader = _distributed_loader(train_loader, dist_info, seed)
+        if pruner is not None:
+            _sync_pruner(pruner, dist_info)
+
+    show = _progress_enabled(progress, dist_info.is_main)
+    result = TrainResult(epochs=epochs, global_step=global_step, history=history,
+                         resumed_from_epoch=start_epoch if state is not None else None, checkpoint=ckpt_path,
+                         rank=dist_info.rank, world_size=dist_info.world_size)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        used_seed = _seed_loader(train_loader, seed, epoch)
+        train_model.train()
+        loss_sum, n_seen = 0.0, 0
+        try:
+            n_batches = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        bar = tqdm(train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            inputs, target = _split_batch(batch, "training data")
+            inputs, target = _to(inputs, dev), _to(target, dev)
+            opt.zero_grad(set_to_none=True)
+            out = train_model(*inputs)
+            loss = crit(out, target)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise ConfigError("criterion: must return a scalar tensor; check --criterion and its arguments")
+            loss.backward()
+            opt.step()
+            global_step += 1
+            if pruner is not None:
+                pruner.step()
+                if dist_info.enabled and pruner.schedule.is_update_step(pruner.step_count):
+                    _sync_pruner(pruner, dist_info)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise InputError(f"training diverged at epoch {epoch + 1}, step {global_step} (loss {value}); "
+                                 "lower the learning rate")
+            n = int(target.shape[0]) if isinstance(target, torch.Tensor) and target.ndim else 1
+            loss_sum += value * n
+            n_seen += n
+            if show:
+                bar.set_postfix(loss=f"{value:.4f}")
+        bar.close()
+        train_loss = loss_sum / n_seen if n_seen else None
+        if dist_info.enabled and n_seen:
+            t = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t[0] / t[1])
+        metrics = evaluate(model, val_loader, crit, device=dev) if val_loader is not None else {}
+        row = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "train_loss": train_loss,
+            "val_loss": metrics.get("loss"),
+            "val_accuracy": metrics.get("accuracy"),
+            "sparsity": _sparsity(pruner),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(row)
+        acc = row["val_accuracy"]
+        log.info("epoch %d/%d: train loss %s, val loss %s, val accuracy %s, step %d", epoch + 1, epochs,
+                 _fmt(train_loss), _fmt(row["val_loss"]), f"{acc:.4f}" if acc is not None else "-", global_step)
+        if ckpt_path is not None:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "seed": int(seed),
+                "loader_seed": used_seed,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": _cpu(opt.state_dict()),
+                "pruner": pruner.state_dict() if pruner is not None else None,
+                "rng": _rng_state(),
+                "history": [_plain_row(h) for h in history],
+                "world_size": dist_info.world_size,
+            }
+            if dist_info.is_main:
+                with atomic_output(ckpt_path, force=True) as tmp, open(tmp, "wb") as fh:
+                    torch.save(ckpt, fh)
+            dist_info.barrier()
+    result.global_step = global_step
+    model.eval()
+    return result
+
+
+def _sync_pruner(pruner: Any, dist_info: _Dist) -> None:
+    """Rank 0's pruner state (masks, unit state, collectors) on every rank."""
+    box = [pruner.state_dict() if dist_info.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if not dist_info.is_main:
+        pruner.load_state_dict(box[0])
+
+
+def _sparsity(pruner: Any) -> float | None:
+    if pruner is None:
+        return None
+    masks = pruner.masks()
+    total = sum(int(m.numel()) for per in masks.values() for m in per.values())
+    zeros = sum(int((~m.bool()).sum()) for per in masks.values() for m in per.values())
+    return zeros / total if total else 0.0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu(v) for v in obj)
+    return obj

@@ -1,0 +1,305 @@
+"""``prune`` and ``run`` (scenario) flows over a loaded model: prune -> fine-tune -> save -> export.
+
+Used by the CLI (``deployprune/pruning/cli.py``) and callable from Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, InputError, UnsupportedError, UsageError
+from .loop import TrainResult, evaluate, finetune, import_object
+
+log = logging.getLogger("deployprune.training")
+
+
+@dataclass
+class PruneOutcome:
+    """Result of :func:`prune_loaded`: the model still carries the pruner's masks."""
+
+    model: nn.Module
+    pruner: Any
+    train: TrainResult | None
+    accuracy_before: float | None = None
+    output: Path | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return self.train.final_val_accuracy if self.train is not None else None
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def prune_loaded(
+    loaded: Any,
+    config: Any,
+    *,
+    data: Any = None,
+    epochs: int = 0,
+    batch_size: int = 32,
+    lr: float | None = None,
+    optimizer: str = "torch.optim.Adam",
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    criterion: str = "torch.nn.CrossEntropyLoss",
+    criterion_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+) -> PruneOutcome:
+    """Prune ``loaded`` (a :class:`deployprune.io.LoadedModel`) by ``config`` and fine-tune it on
+    ``data`` (``"digits"``, ``"pkg.mod:fn"`` or a ``(train_loader, val_loader)`` pair) for
+    ``epochs`` epochs; with ``output``, write the model and its masks as a deployprune
+    checkpoint (rank 0 only). Without data (or with 0 epochs) the schedule is run to its end on
+    the loaded weights: one-shot pruning."""
+    from ..fsutil import check_writable
+    from ..pruning import Pruner
+
+    if loaded.masks:
+        raise UsageError(f"{loaded.source}: already carries masks; export/finalize it, or prune the unmasked model")
+    if loaded.compact:
+        log.info("%s: is a compacted model; pruning it again", loaded.source)
+    if output is not None:
+        if loaded.arch is None and loaded.factory is None:
+            raise UnsupportedError(f"{loaded.source}: a {loaded.kind} model cannot be saved as a deployprune "
+                                   "checkpoint; load a checkpoint or a state_dict with --model package.module:factory")
+        check_writable(output, force=force)
+    if epochs < 0:
+        raise UsageError(f"--epochs {epochs}: must be 0 or more")
+    okw = dict(optimizer_kwargs or {})
+    if lr is not None:
+        if lr <= 0:
+            raise UsageError(f"--lr {lr}: must be positive")
+        okw["lr"] = lr
+    # import paths fail before loading data or touching the model
+    import_object(optimizer, "optimizer")
+    import_object(criterion, "criterion")
+
+    train_loader = val_loader = None
+    if data is not None:
+        if isinstance(data, str):
+            from ..data import load_data
+
+            train_loader, val_loader = load_data(data, batch_size=batch_size, seed=seed)
+        else:
+            train_loader, val_loader = data
+    elif epochs > 0:
+        raise UsageError(f"--epochs {epochs} needs training data: pass --data digits or --data package.module:fn")
+
+    model = loaded.model
+    lines: list[str] = []
+    acc_before = None
+    if val_loader is not None:
+        acc_before = evaluate(model, val_loader)["accuracy"]
+        if acc_before is not None:
+            lines.append(f"accuracy:   {acc_before:.4f} before pruning (validation data)")
+
+    pruner = Pruner(model, config, loaded.example_inputs)
+    result = None
+    if epochs > 0 and train_loader is not None:
+        result = finetune(model, pruner, train_loader, val_loader, epochs=epochs, optimizer=optimizer,
+                          optimizer_kwargs=okw, criterion=criterion, criterion_kwargs=criterion_kwargs,
+                          checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
+                          force=force)
+        for row in result.history:
+            acc = row.get("val_accuracy")
+            lines.append(f"epoch {row['epoch']:>3}: train loss {row['train_loss']:.4f}"
+                         + (f", val accuracy {acc:.4f}" if acc is not None else "")
+                         + f", sparsity {row['sparsity']:.1%}, step {row['step']}")
+    else:
+        pruner.prepare()
+        last = pruner.schedule.last_update_step
+        if last is not None and last > 0:
+            log.info("no fine-tuning: running the schedule to its last update step (%d) on the loaded weights", last)
+            while pruner.step_count < last:
+                pruner.step()
+        if val_loader is not None:
+            acc = evaluate(model, val_loader)["accuracy"]
+            if acc is not None:
+                lines.append(f"accuracy:   {acc:.4f} after one-shot pruning (no fine-tuning)")
+    model.eval()
+    lines.extend(pruner.summary().splitlines())
+    outcome = PruneOutcome(model=model, pruner=pruner, train=result, accuracy_before=acc_before, lines=lines)
+    if output is not None and _is_main_process():
+        from ..io import save_checkpoint
+
+        meta = {"pruned_by": "deployprune prune", "epochs": epochs, "seed": seed}
+        if outcome.accuracy_after is not None:
+            meta["val_accuracy"] = float(outcome.accuracy_after)
+        save_checkpoint(output, model, force=force, arch=loaded.arch,
+                        factory=None if loaded.arch else loaded.factory, input_shapes=loaded.input_shapes or None,
+                        meta=meta)
+        outcome.output = Path(output)
+        lines.append(f"pruned:     {output} (deployprune checkpoint with masks)")
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario files
+# --------------------------------------------------------------------------------------------
+
+SCENARIO_KEYS = {
+    "model": "model file, or {path, factory, input_shapes, trust_pickle}",
+    "pruning": "pruning config (dict, NNI config_list, or a .json/.yaml path)",
+    "data": "'digits' or package.module:function returning (train_loader, val_loader)",
+    "finetuning": "{epochs, batch_size, learning_rate, optimizer, optimizer_kwargs, criterion, criterion_kwargs, "
+                  "seed, checkpoint_dir, resume}",
+    "output": "path of the pruned deployprune checkpoint",
+    "export": "{target, path, options, validate, thresholds, n_inputs, latency}",
+    "force": "overwrite existing outputs",
+    "description": "free text",
+}
+MODEL_KEYS = ("path", "factory", "input_shapes", "trust_pickle")
+FINETUNE_KEYS = ("epochs", "batch_size", "learning_rate", "optimizer", "optimizer_kwargs", "criterion",
+                 "criterion_kwargs", "seed", "checkpoint_dir", "resume")
+EXPORT_KEYS = ("target", "path", "options", "validate", "thresholds", "n_inputs", "latency")
+
+
+@dataclass
+class ScenarioOutcome:
+    prune: PruneOutcome | None
+    export: Any = None
+    accuracy_compact: float | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return self.export.exit_code if self.export is not None else 0
+
+
+def _check_keys(obj: Any, allowed: Sequence[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{where}: expected an object, got {type(obj).__name__}")
+    import difflib
+
+    for key in obj:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+    return dict(obj)
+
+
+def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a scenario file (JSON, or YAML by suffix); paths stay relative to its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: scenario file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text)
+        else:
+            obj = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                          f"({' '.join(str(exc).split())[:160]})") from None
+    sc = _check_keys(obj, list(SCENARIO_KEYS), str(p))
+    for required in ("model", "pruning", "output"):
+        if required not in sc:
+            raise ConfigError(f"{p}: missing key {required!r} ({SCENARIO_KEYS[required]})")
+    return sc
+
+
+def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None) -> ScenarioOutcome:
+    """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes."""
+    from ..io import load_model
+
+    p = Path(path)
+    sc = load_scenario(p)
+    base = p.parent
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return str(base / value)
+        return value
+
+    force = bool(sc.get("force", False)) if force is None else force
+    model_spec = sc["model"]
+    if isinstance(model_spec, str):
+        model_spec = {"path": model_spec}
+    model_spec = _check_keys(model_spec, MODEL_KEYS, f"{p}: model")
+    if "path" not in model_spec:
+        raise ConfigError(f"{p}: model: missing key 'path'")
+    ft = _check_keys(sc.get("finetuning", {}), FINETUNE_KEYS, f"{p}: finetuning")
+    exp = _check_keys(sc.get("export", {}), EXPORT_KEYS, f"{p}: export") if sc.get("export") is not None else None
+    config = sc["pruning"]
+    if isinstance(config, str):
+        config = rel(config)
+    out = Path(rel(sc["output"]))
+
+    if exp is not None:  # fail before training if the artifact cannot be written
+        import converters
+
+        from ..fsutil import check_writable
+        from ..pipeline import default_output, target_suffix
+
+        converters.get(exp.get("target", "onnx"))
+        art = Path(rel(exp["path"])) if exp.get("path") else default_output(out, target_suffix(exp.get("target",
+                                                                                                        "onnx")))
+        check_writable(art, force=force)
+
+    loaded = load_model(rel(model_spec["path"]), model_factory=model_spec.get("factory"),
+                        allow_pickle=bool(model_spec.get("trust_pickle", False)),
+                        input_shapes=model_spec.get("input_shapes"))
+    data = sc.get("data")
+    if data is not None and not isinstance(data, str):
+        raise ConfigError(f"{p}: data: expected 'digits' or 'package.module:function', got {type(data).__name__}")
+    batch_size = int(ft.get("batch_size", 32))
+    seed = int(ft.get("seed", 0))
+    data_pair = None
+    if data is not None:
+        from ..data import load_data
+
+        data_pair = load_data(data, batch_size=batch_size, seed=seed)
+    ckdir = ft.get("checkpoint_dir")
+    pr = prune_loaded(loaded, config, data=data_pair, epochs=int(ft.get("epochs", 0)), batch_size=batch_size,
+                      lr=ft.get("learning_rate"), optimizer=ft.get("optimizer", "torch.optim.Adam"),
+                      optimizer_kwargs=ft.get("optimizer_kwargs"), criterion=ft.get("criterion",
+                                                                                     "torch.nn.CrossEntropyLoss"),
+                      criterion_kwargs=ft.get("criterion_kwargs"), seed=seed,
+                      checkpoint_dir=rel(ckdir) if ckdir else None, resume=bool(ft.get("resume", False)),
+                      progress=progress, output=out, force=force)
+    outcome = ScenarioOutcome(prune=pr, lines=list(pr.lines))
+    if exp is None or not _is_main_process():
+        return outcome
+
+    from ..pipeline import compact_loaded, run_export
+
+    pruned = load_model(out)
+    if data_pair is not None and data_pair[1] is not None:
+        comp = compact_loaded(pruned)
+        acc = evaluate(comp.model, data_pair[1])["accuracy"]
+        outcome.accuracy_compact = acc
+        if acc is not None:
+            outcome.lines.append(f"accuracy:   {acc:.4f} after finalize (compact model, validation data)")
+    thresholds = exp.get("thresholds")
+    res = run_export(pruned, exp.get("target", "onnx"), rel(exp["path"]) if exp.get("path") else None,
+                     options=exp.get("options") or {}, force=force, validate=bool(exp.get("validate", True)),
+                     thresholds=thresholds, n_inputs=int(exp.get("n_inputs", 8)),
+                     latency=bool(exp.get("latency", True)))
+    outcome.export = res
+    outcome.lines.extend(res.summary_lines())
+    return outcome
+
+
+__all__ = ["PruneOutcome", "ScenarioOutcome", "load_scenario", "prune_loaded", "run_scenario"]
