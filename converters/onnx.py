@@ -145,6 +145,9 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         if external:
             _relocate_external_data(tmp, path.name + EXTERNAL_SUFFIX)
 
+    if not external and side.exists():
+        # force=True replaced a model that had external data: its old side file is now stale
+        side.unlink()
     size = tree_size(path) + (side.stat().st_size if external and side.exists() else 0)
     for w in warnings:
         log.warning("%s: %s", path, w)

@@ -243,6 +243,10 @@ def test_existing_side_file_needs_force(tmp_path: Path, convbn, image) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
     converters.get("onnx").convert(convbn, image, tmp_path / "m.onnx", external_data=True, force=True)
     assert (tmp_path / "m.onnx.data").read_bytes() != b"old"
+    # overwriting it with an inline model removes the now stale side file
+    converters.get("onnx").convert(convbn, image, tmp_path / "m.onnx", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert rel_err(torch_out(convbn, *image), run(tmp_path / "m.onnx", *image)[0]) <= 1e-5
 
 
 # --------------------------------------------------------------------------- sparse weights
