@@ -99,6 +99,7 @@ class _Dist:
     enabled: bool = False
     rank: int = 0
     world_size: int = 1
+    mask_sync_differences: int = 0  # distributed: mask tensors that differed from rank 0's before syncing
     local_rank: int = 0
     owns_group: bool = False
 
@@ -328,6 +329,7 @@ class TrainResult:
     checkpoint: Path | None = None
     rank: int = 0
     world_size: int = 1
+    mask_sync_differences: int = 0  # distributed: mask tensors that differed from rank 0's before syncing
 
     @property
     def final_val_accuracy(self) -> float | None:
@@ -466,6 +468,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         log.info("resuming from %s: epoch %d, step %d", ckpt_path, start_epoch, global_step)
 
     train_model: nn.Module = model
+    result_syncs = 0
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -473,7 +476,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         train_model = DistributedDataParallel(model, device_ids=ids)
         train_loader = _distributed_loader(train_loader, dist_info, seed)
         if pruner is not None:
-            _sync_pruner(pruner, dist_info)
+            result_syncs = _sync_pruner(pruner, dist_info)
 
     show = _progress_enabled(progress, dist_info.is_main)
     result = TrainResult(epochs=epochs, global_step=global_step, history=history,
@@ -504,7 +507,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             if pruner is not None:
                 pruner.step()
                 if dist_info.enabled and pruner.schedule.is_update_step(pruner.step_count):
-                    _sync_pruner(pruner, dist_info)
+                    result_syncs += _sync_pruner(pruner, dist_info)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise InputError(f"training diverged at epoch {epoch + 1}, step {global_step} (loss {value}); "
@@ -554,16 +557,29 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
                     torch.save(ckpt, fh)
             dist_info.barrier()
     result.global_step = global_step
+    result.mask_sync_differences = result_syncs
     model.eval()
     return result
 
 
-def _sync_pruner(pruner: Any, dist_info: _Dist) -> None:
-    """Rank 0's pruner state (masks, unit state, collectors) on every rank."""
+def _sync_pruner(pruner: Any, dist_info: _Dist) -> int:
+    """Put rank 0's pruner state (masks, unit state, collectors) on every rank.
+
+    Returns how many mask tensors on this rank differed from rank 0's before the copy: 0 for
+    criteria that read only the weights (DDP keeps them identical); data-driven criteria see
+    each rank's own batches and may differ, which is why rank 0's state is authoritative.
+    """
     box = [pruner.state_dict() if dist_info.is_main else None]
     torch.distributed.broadcast_object_list(box, src=0)
-    if not dist_info.is_main:
-        pruner.load_state_dict(box[0])
+    if dist_info.is_main:
+        return 0
+    mine = pruner.masks()
+    theirs = box[0]["masks"]
+    differ = sum(1 for m, per in mine.items() for p, t in per.items() if not torch.equal(t, theirs[m][p].to(t.dtype)))
+    if differ:
+        log.debug("rank %d: %d mask tensor(s) differed from rank 0 and were replaced", dist_info.rank, differ)
+    pruner.load_state_dict(box[0])
+    return differ
 
 
 def _sparsity(pruner: Any) -> float | None:
