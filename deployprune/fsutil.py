@@ -51,7 +51,11 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False,
     """
     path = check_writable(path, force=force)
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmpname = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=parent)
+    try:
+        fd, tmpname = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create files in {parent} ({exc.strerror or exc}); "
+                          "choose another output path") from exc
     os.close(fd)
     tmp = Path(tmpname)
     tmp.unlink()  # the producer creates it (file or directory)

@@ -804,7 +804,9 @@ def _coreml_readback(path: Path, source: nn.Module,
     if isinstance(result, bool):
         details, passed = {}, result
     else:
-        if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        if callable(getattr(result, "to_dict", None)):
+            details = dict(result.to_dict())  # the verifier's own compact summary
+        elif dataclasses.is_dataclass(result) and not isinstance(result, type):
             details = dataclasses.asdict(result)
         elif isinstance(result, dict):
             details = dict(result)
