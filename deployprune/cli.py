@@ -40,6 +40,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 PLUGIN_MODULES = ("deployprune.pruning.cli",)
+GRAPH_OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
 
 
 class Terminated(BaseException):
@@ -168,6 +169,44 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
+def _add_latency_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency (deployprune.latency.LatencyConfig)")
+    g.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed calls per model first (default 5)")
+    g.add_argument("--repeats", type=int, default=30, metavar="N", help="timed calls per model (default 30)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="intra-op threads of onnxruntime and torch (default 1; 0 = the runtimes' default)",
+    )
+    g.add_argument(
+        "--graph-opt",
+        choices=GRAPH_OPTIMIZATION_LEVELS,  # = deployprune.latency's (kept here: no torch import for --help)
+        default="all",
+        help="onnxruntime graph optimization level for timing (default all)",
+    )
+    g.add_argument(
+        "--providers",
+        metavar="P1,P2",
+        default=None,
+        help="onnxruntime execution providers, comma-separated (default CPUExecutionProvider)",
+    )
+    g.add_argument(
+        "--batch-sizes",
+        metavar="B1,B2",
+        default=None,
+        help="batch sizes timed, comma-separated, e.g. 1,8 (default: 1)",
+    )
+    g.add_argument("--no-eager", action="store_true", help="do not time the source model in PyTorch eager mode")
+    g.add_argument(
+        "--localize",
+        choices=("always", "never", "on-failure"),
+        default="on-failure",
+        help="compare intermediate layers: always, never, or only when the artifact fails (default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_parent()
     load = _load_parent()
@@ -243,10 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare an artifact (.onnx / .mlpackage) with the (masked) source model",
     )
     p.add_argument("artifact", metavar="ARTIFACT", help=".onnx file or .mlpackage directory")
-    p.add_argument("--dense", metavar="ONNX", help="dense reference artifact to time against")
+    p.add_argument(
+        "--dense",
+        "--dense-artifact",
+        dest="dense",
+        metavar="ONNX",
+        help="the same model exported without compaction, timed next to ARTIFACT (like for like)",
+    )
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report to FILE")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument(
+        "--html", dest="html_out", metavar="FILE", help="also write the report as a self-contained HTML page"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json / --html file")
     _add_validation_options(p)
+    _add_latency_options(p)
     p.set_defaults(func=cmd_validate)
 
     # report ---------------------------------------------------------------------------------
@@ -255,18 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="render a JSON report as Markdown or HTML",
     )
-    p.add_argument("report", metavar="REPORT.json", help="report written by export/validate")
+    p.add_argument(
+        "reports",
+        nargs="+",
+        metavar="REPORT.json",
+        help="report(s) written by export/validate; several are compared side by side",
+    )
     p.add_argument(
         "-o",
         "--output",
         metavar="OUT",
-        help="write to OUT (.md or .html; default: Markdown on stdout)",
+        help="write to OUT (.md, .html or .json; default: Markdown on stdout)",
     )
     p.add_argument(
         "--format",
-        choices=("md", "html"),
+        choices=("md", "html", "json"),
         default=None,
-        help="output format (default: from the -o suffix, else md)",
+        help="output format (default: from the -o suffix, else md); json holds one run",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_report)
@@ -396,6 +450,58 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = tuple(int(t) for t in parts)
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{option} {text!r}: expected positive integers separated by commas, e.g. 1,8")
+    return values
+
+
+def _providers(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--providers {text!r}: expected provider names, e.g. CPUExecutionProvider")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UsageError(
+            f"--providers: onnxruntime execution provider(s) {', '.join(missing)} not available here; "
+            f"available: {', '.join(available)}"
+        )
+    return names
+
+
+def latency_config_from_args(args: argparse.Namespace):
+    """The :class:`~deployprune.latency.LatencyConfig` of the latency flags (``False`` with --no-latency)."""
+    from .latency import LatencyConfig
+
+    if args.no_latency:
+        return False
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: expected 0 (runtime default) or a positive count")
+    kwargs: dict[str, Any] = {
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": args.threads or None,
+        "graph_optimization": args.graph_opt,
+        "eager": not args.no_eager,
+    }
+    providers = _providers(args.providers)
+    if providers:
+        kwargs["providers"] = tuple(providers)
+    if args.batch_sizes is not None:
+        kwargs["batch_sizes"] = _int_list("--batch-sizes", args.batch_sizes)
+    return LatencyConfig(**kwargs)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -409,8 +515,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from .errors import InputError
 
         raise InputError(f"{artifact}: no such artifact; check the path")
-    if args.json_out:
-        check_writable(args.json_out, force=args.force)
+    if args.dense and not Path(args.dense).is_file():
+        from .errors import InputError
+
+        raise InputError(f"{args.dense}: no such dense artifact (--dense-artifact); check the path")
+    latency = latency_config_from_args(args)  # bad flags fail before the model is loaded
+    providers = list(latency.providers) if latency else _providers(args.providers)
+    for out in (args.json_out, args.html_out):
+        if out:
+            check_writable(out, force=args.force)
+    if args.json_out and args.html_out and Path(args.json_out).resolve() == Path(args.html_out).resolve():
+        raise UsageError(f"--json and --html name the same file {args.json_out}; give two different paths")
     loaded = load_from_args(args)
     source = masked_copy(loaded.model, loaded.masks)
     report = validate(
@@ -420,8 +535,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         n_inputs=args.n_inputs,
         seed=args.seed,
         thresholds=_thresholds(args),
-        latency=not args.no_latency,
+        latency=latency,
         dense_artifact=args.dense,
+        providers=providers,
+        localize={"always": True, "never": False}.get(args.localize),
         name=loaded.source.stem,
         source_path=loaded.source,
     )
@@ -429,6 +546,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json_out:
         write_text_atomic(args.json_out, report.to_json(), force=args.force)
         _print_lines([f"report:     {args.json_out}"])
+    if args.html_out:
+        from .report import write_report
+
+        write_report(report, args.html_out, format="html", force=args.force)
+        _print_lines([f"html:       {args.html_out}"])
     report.raise_for_failure()
     return EXIT_OK
 
@@ -436,27 +558,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .fsutil import write_text_atomic
-    from .validate import load_report
+    from .report import load_reports, render_html, render_markdown, write_report
 
     fmt = args.format
     if fmt is None:
-        fmt = "html" if args.output and Path(args.output).suffix.lower() in (".html", ".htm") else "md"
-    report = load_report(args.report)
-    from . import report as report_mod
-
-    if fmt == "html":
-        render = getattr(report_mod, "render_html", None)
-        if render is None:
-            raise UsageError("HTML reports are not available in this installation; use --format md")
-        text = render(report)
-    else:
-        text = report_mod.render_markdown(report)
+        suffix = Path(args.output).suffix.lower() if args.output else ""
+        fmt = {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
+    reports = load_reports(args.reports)
     if args.output:
-        write_text_atomic(args.output, text, force=args.force)
+        write_report(reports, args.output, format=fmt, force=args.force)
         _print_lines([f"report: {args.output}"])
+        return EXIT_OK
+    if fmt == "json":
+        if len(reports) != 1:
+            raise UsageError(
+                f"--format json holds one run, got {len(reports)} reports; use --format md or html to compare runs"
+            )
+        text = reports[0].to_json()
+    elif fmt == "html":
+        text = render_html(reports)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        text = render_markdown(reports if len(reports) > 1 else reports[0])
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
 
 
