@@ -17,7 +17,8 @@ convolutions, every producer slice zeroed). The figures:
   available, the delta of ``resource.getrusage().ru_maxrss`` is shown instead (marked ``*``;
   it only sees new process-wide highs, so it can under-report).
 * ``params``: before and after, with the ratio; ``rel err``: the engine's own self-check
-  (max abs error / max abs output).
+  (max abs error / max abs output); ``load``: the 1-minute load average after the model's runs
+  (on a shared machine, other processes slow every figure down: compare rows with low load).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ctypes
 import gc
 import logging
 import math
+import os
 import platform
 import resource
 import statistics
@@ -148,6 +150,8 @@ class Row:
     rel_err: float
     blocked: int
     compacted: bool
+    stages: dict[str, float]
+    load: float
 
 
 def bench(name: str, repeat: int) -> Row:
@@ -158,13 +162,14 @@ def bench(name: str, repeat: int) -> Row:
     masks = group_masks(model, groups)
     groups_s = time.perf_counter() - t0
     times = []
-    result = None
+    stage_runs: list[dict[str, float]] = []
     for _ in range(repeat):
         t = time.perf_counter()
         result = dp.compact(model, x, masks)
         times.append(time.perf_counter() - t)
-        del result.model
-    result = None
+        stage_runs.append(dict(getattr(result, "timings", {}) or {}))
+        del result
+    stages = {k: statistics.median(run.get(k, 0.0) for run in stage_runs) for k in stage_runs[0]}
     holder: list = []
     mem, exact = peak_memory_mib(lambda: holder.append(dp.compact(model, x, masks)))
     result = holder[0]
@@ -172,7 +177,7 @@ def bench(name: str, repeat: int) -> Row:
     return Row(name=name, input_shape=shape, groups_s=groups_s, time_s=statistics.median(times), times=times,
                mem_mib=mem, mem_exact=exact, before=result.params_before, after=result.params_after,
                rel_err=result.max_abs_error / max(result.output_scale, 1e-30), blocked=len(result.blocked),
-               compacted=result.compacted)
+               compacted=result.compacted, stages=stages, load=_load1())
 
 
 def _fmt_params(n: int) -> str:
@@ -181,7 +186,7 @@ def _fmt_params(n: int) -> str:
 
 def print_table(rows: list[Row]) -> None:
     head = (f"{'model':<20} {'input':<12} {'time (s)':>9} {'runs (s)':>20} {'peak mem':>11} "
-            f"{'params before':>14} {'after':>9} {'ratio':>6} {'rel err':>8} {'groups (s)':>10}")
+            f"{'params before':>14} {'after':>9} {'ratio':>6} {'rel err':>8} {'groups (s)':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -191,7 +196,21 @@ def print_table(rows: list[Row]) -> None:
         flag += f"  ({r.blocked} blocker(s))" if r.blocked else ""
         print(f"{r.name:<20} {r.input_shape:<12} {r.time_s:>9.3f} {runs:>20} {mem:>11} "
               f"{_fmt_params(r.before):>14} {_fmt_params(r.after):>9} {r.after / r.before:>6.1%} "
-              f"{r.rel_err:>8.1e} {r.groups_s:>10.2f}{flag}")
+              f"{r.rel_err:>8.1e} {r.groups_s:>10.2f} {r.load:>5.1f}{flag}")
+
+
+def print_stages(rows: list[Row]) -> None:
+    rows = [r for r in rows if r.stages and r.time_s >= 0.1]
+    if not rows:
+        return
+    names = list(dict.fromkeys(k for r in rows for k in r.stages))
+    print()
+    print("where the time goes (median seconds per stage, from CompactionResult.timings; models >= 0.1 s)")
+    head = f"{'model':<20} " + " ".join(f"{n[:16]:>16}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.name:<20} " + " ".join(f"{r.stages.get(n, 0.0):>16.3f}" for n in names))
 
 
 def print_depth(rows: list[Row]) -> None:
@@ -217,6 +236,20 @@ def print_depth(rows: list[Row]) -> None:
           f"for depth x{DEPTH[fam[-1].name] / DEPTH[base.name]:.2f}")
 
 
+def _load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def _load() -> str:
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", help="comma-separated model names (default: zoo + benchmark + depth family)")
@@ -239,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                            key=lambda n: (n not in DEPTH, DEPTH.get(n, 0), n))
             names += [n for n in large if n not in names]
     print(f"finalize benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeat}")
+          f"{os.cpu_count()} CPU(s), {torch.get_num_threads()} torch thread(s), median of {args.repeat}; "
+          f"load average {_load()} at start")
     rows = []
     for name in names:
         row = bench(name, args.repeat)
@@ -249,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if any(not r.mem_exact for r in rows):
         print("* peak memory from the ru_maxrss delta (VmHWM reset unavailable): may under-report")
+    print_stages(rows)
     print_depth(rows)
+    print(f"load average {_load()} at the end (other processes on this machine slow every figure down)")
     slow = [r for r in rows if r.name == "resnet50" and r.time_s >= 1.0]
     if slow:
         print(f"note: resnet50 took {slow[0].time_s:.2f} s (target < 1 s)")

@@ -189,6 +189,18 @@ def test_group_masks_param_count_matches_removed_groups(name: str) -> None:
     assert param_count(case.result.model) == sum(int(np.prod(s)) for s in expected.values())
 
 
+@pytest.mark.parametrize("name", ZOO)
+def test_group_masks_result_is_plain_and_serializable(name: str, tmp_path) -> None:
+    case = group_case(name)
+    assert_plain_tree(case.result.model, case.model, allow_graph_modules=True)
+    path = tmp_path / f"{name}.pt"
+    torch.save(case.result.model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        for x in parity_inputs(name):
+            assert torch.equal(loaded(*x), case.result.model(*x))
+
+
 def test_group_masks_zero_every_producer_slice() -> None:
     """The group masks the tests build zero whole channels: the masked model's channel is exactly 0."""
     case = group_case("resnet_basic")
@@ -206,9 +218,12 @@ def test_group_masks_zero_every_producer_slice() -> None:
 # ---------------------------------------------------------------------------- export, modes
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet_basic", "mobilenet_v3_tiny", "vit", "convnext", "unet"])
-def test_torch_export_of_compacted_model(name: str) -> None:
-    case = random_case(name)
+@pytest.mark.parametrize(("name", "masks"), [
+    ("lenet", "random"), ("resnet_basic", "random"), ("mobilenet_v3_tiny", "random"), ("vit", "random"),
+    ("convnext", "random"), ("unet", "random"), ("vit", "groups"), ("vit_mha", "groups"), ("bert", "groups"),
+])
+def test_torch_export_of_compacted_model(name: str, masks: str) -> None:
+    case = random_case(name) if masks == "random" else group_case(name)
     compacted = case.result.model
     x = models.example_inputs(name)
     exported = torch.export.export(compacted, x)
