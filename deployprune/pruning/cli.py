@@ -50,6 +50,12 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
                    help="loss class import path (default torch.nn.CrossEntropyLoss)")
     g.add_argument("--criterion-arg", dest="criterion_args", action="append", default=[], type=_kv,
                    metavar="KEY=VALUE", help="criterion keyword argument (repeatable)")
+    g.add_argument("--lr-scheduler", metavar="PATH", help="learning-rate scheduler import path, e.g. "
+                   "torch.optim.lr_scheduler.CosineAnnealingLR (built with the optimizer)")
+    g.add_argument("--lr-scheduler-arg", dest="lr_scheduler_args", action="append", default=[], type=_kv,
+                   metavar="KEY=VALUE", help="scheduler keyword argument (repeatable), e.g. T_max=10")
+    g.add_argument("--lr-scheduler-interval", choices=("epoch", "step"), default="epoch",
+                   help="step the scheduler after every epoch (default) or every optimizer step")
     g.add_argument("--batch-size", type=int, default=32, metavar="N", help="training batch size (default 32)")
     g.add_argument("--seed", type=int, default=0, help="seed of the RNGs and the data shuffle (default 0)")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="write a training checkpoint (last.pt) after every epoch")
@@ -84,6 +90,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..pipeline import check_not_input, default_output
     from ..training import prune_loaded
 
+    if args.lr_scheduler_args and not args.lr_scheduler:
+        raise UsageError("--lr-scheduler-arg needs --lr-scheduler")
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
     if args.batch_size < 1:
@@ -110,6 +118,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         optimizer_kwargs=dict(args.optimizer_args),
         criterion=args.criterion,
         criterion_kwargs=dict(args.criterion_args),
+        lr_scheduler=args.lr_scheduler,
+        lr_scheduler_kwargs=dict(args.lr_scheduler_args),
+        lr_scheduler_interval=args.lr_scheduler_interval,
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,

@@ -364,6 +364,9 @@ def finetune(
     resume: bool = False,
     seed: int = 0,
     progress: bool = True,
+    lr_scheduler: Any = None,
+    lr_scheduler_kwargs: Mapping[str, Any] | None = None,
+    lr_scheduler_interval: str = "epoch",
     device: str | torch.device | None = None,
     force: bool = False,
 ) -> TrainResult:
@@ -377,6 +380,11 @@ def finetune(
     ``checkpoint_dir``: a checkpoint ``last.pt`` is written there (atomically) after every epoch;
     an existing one is refused unless ``resume`` (continue it exactly) or ``force`` (start over).
     The global RNGs are seeded with ``seed`` at the start of a fresh run.
+
+    ``lr_scheduler``: optional import path or callable (``torch.optim.lr_scheduler.CosineAnnealingLR``),
+    built as ``lr_scheduler(optimizer, **lr_scheduler_kwargs)`` and stepped after every epoch
+    (``lr_scheduler_interval="epoch"``) or every optimizer step (``"step"``); its state is part of
+    the checkpoint.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"finetune: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -388,14 +396,23 @@ def finetune(
     opt_factory = import_object(optimizer, "optimizer") if isinstance(optimizer, str) else optimizer
     crit = _build(criterion, "criterion", (), criterion_kwargs)
     # wrong optimizer kwargs must also fail before the model is touched: try them on a dummy parameter
-    _build(opt_factory, "optimizer", ([nn.Parameter(torch.zeros(1))],), optimizer_kwargs, name=optimizer)
+    dummy_opt = _build(opt_factory, "optimizer", ([nn.Parameter(torch.zeros(1))],), optimizer_kwargs, name=optimizer)
+    sched_factory = None
+    if lr_scheduler is not None:
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"lr_scheduler_interval: expected 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        sched_factory = import_object(lr_scheduler, "lr_scheduler") if isinstance(lr_scheduler, str) else lr_scheduler
+        if isinstance(dummy_opt, torch.optim.Optimizer):
+            _build(sched_factory, "lr_scheduler", (dummy_opt,), lr_scheduler_kwargs, name=lr_scheduler)
 
     dist_info = _setup_distributed()
     try:
         return _finetune(model, pruner, train_loader, val_loader, epochs=epochs, opt_factory=opt_factory,
                          optimizer_name=optimizer, optimizer_kwargs=optimizer_kwargs, crit=crit,
                          checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
-                         device=device, force=force, dist_info=dist_info)
+                         device=device, force=force, dist_info=dist_info, sched_factory=sched_factory,
+                         sched_name=lr_scheduler, sched_kwargs=lr_scheduler_kwargs,
+                         sched_per_step=lr_scheduler_interval == "step")
     finally:
         if dist_info.owns_group:
             torch.distributed.destroy_process_group()
@@ -404,7 +421,9 @@ def finetune(
 def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, *,
               epochs: int, opt_factory: Any, optimizer_name: Any, optimizer_kwargs: Mapping[str, Any] | None,
               crit: Any, checkpoint_dir: str | os.PathLike | None, resume: bool, seed: int, progress: bool,
-              device: str | torch.device | None, force: bool, dist_info: _Dist) -> TrainResult:
+              device: str | torch.device | None, force: bool, dist_info: _Dist, sched_factory: Any = None,
+              sched_name: Any = None, sched_kwargs: Mapping[str, Any] | None = None,
+              sched_per_step: bool = False) -> TrainResult:
     from tqdm.auto import tqdm
 
     if device is None:
@@ -445,6 +464,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
     opt = _build(opt_factory, "optimizer", (model.parameters(),), optimizer_kwargs, name=optimizer_name)
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(f"optimizer {optimizer_name}: built a {type(opt).__name__}, not a torch.optim.Optimizer")
+    sched = _build(sched_factory, "lr_scheduler", (opt,), sched_kwargs, name=sched_name) if sched_factory else None
 
     start_epoch, global_step = 0, 0
     history: list[dict[str, Any]] = []
@@ -452,6 +472,10 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                if state.get("lr_scheduler") is None:
+                    raise InputError(f"{ckpt_path}: was written without an lr_scheduler; resume with the same options")
+                sched.load_state_dict(state["lr_scheduler"])
             if pruner is not None:
                 if state.get("pruner") is None:
                     raise InputError(f"{ckpt_path}: was written without a pruner; resume it without one")
@@ -503,6 +527,8 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
                 raise ConfigError("criterion: must return a scalar tensor; check --criterion and its arguments")
             loss.backward()
             opt.step()
+            if sched is not None and sched_per_step:
+                sched.step()
             global_step += 1
             if pruner is not None:
                 pruner.step()
@@ -518,6 +544,8 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             if show:
                 bar.set_postfix(loss=f"{value:.4f}")
         bar.close()
+        if sched is not None and not sched_per_step:
+            sched.step()
         train_loss = loss_sum / n_seen if n_seen else None
         if dist_info.enabled and n_seen:
             t = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64)
@@ -530,6 +558,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             "train_loss": train_loss,
             "val_loss": metrics.get("loss"),
             "val_accuracy": metrics.get("accuracy"),
+            "lr": float(opt.param_groups[0]["lr"]),
             "sparsity": _sparsity(pruner),
             "seconds": round(time.perf_counter() - t0, 3),
         }
@@ -547,6 +576,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
                 "loader_seed": used_seed,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": _cpu(opt.state_dict()),
+                "lr_scheduler": sched.state_dict() if sched is not None else None,
                 "pruner": pruner.state_dict() if pruner is not None else None,
                 "rng": _rng_state(),
                 "history": [_plain_row(h) for h in history],

@@ -57,6 +57,9 @@ def prune_loaded(
     optimizer_kwargs: Mapping[str, Any] | None = None,
     criterion: str = "torch.nn.CrossEntropyLoss",
     criterion_kwargs: Mapping[str, Any] | None = None,
+    lr_scheduler: str | None = None,
+    lr_scheduler_kwargs: Mapping[str, Any] | None = None,
+    lr_scheduler_interval: str = "epoch",
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -91,6 +94,8 @@ def prune_loaded(
     # import paths fail before loading data or touching the model
     import_object(optimizer, "optimizer")
     import_object(criterion, "criterion")
+    if lr_scheduler is not None:
+        import_object(lr_scheduler, "lr_scheduler")
 
     train_loader = val_loader = None
     if data is not None:
@@ -117,7 +122,8 @@ def prune_loaded(
         result = finetune(model, pruner, train_loader, val_loader, epochs=epochs, optimizer=optimizer,
                           optimizer_kwargs=okw, criterion=criterion, criterion_kwargs=criterion_kwargs,
                           checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
-                          force=force)
+                          force=force, lr_scheduler=lr_scheduler, lr_scheduler_kwargs=lr_scheduler_kwargs,
+                          lr_scheduler_interval=lr_scheduler_interval)
         for row in result.history:
             acc = row.get("val_accuracy")
             lines.append(f"epoch {row['epoch']:>3}: train loss {row['train_loss']:.4f}"
@@ -160,7 +166,7 @@ SCENARIO_KEYS = {
     "pruning": "pruning config (dict, NNI config_list, or a .json/.yaml path)",
     "data": "'digits' or package.module:function returning (train_loader, val_loader)",
     "finetuning": "{epochs, batch_size, learning_rate, optimizer, optimizer_kwargs, criterion, criterion_kwargs, "
-                  "seed, checkpoint_dir, resume}",
+                  "lr_scheduler, lr_scheduler_kwargs, lr_scheduler_interval, seed, checkpoint_dir, resume}",
     "output": "path of the pruned deployprune checkpoint",
     "export": "{target, path, options, validate, thresholds, n_inputs, latency}",
     "force": "overwrite existing outputs",
@@ -168,7 +174,8 @@ SCENARIO_KEYS = {
 }
 MODEL_KEYS = ("path", "factory", "input_shapes", "trust_pickle")
 FINETUNE_KEYS = ("epochs", "batch_size", "learning_rate", "optimizer", "optimizer_kwargs", "criterion",
-                 "criterion_kwargs", "seed", "checkpoint_dir", "resume")
+                 "criterion_kwargs", "lr_scheduler", "lr_scheduler_kwargs", "lr_scheduler_interval", "seed",
+                 "checkpoint_dir", "resume")
 EXPORT_KEYS = ("target", "path", "options", "validate", "thresholds", "n_inputs", "latency")
 
 
@@ -276,7 +283,9 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
                       lr=ft.get("learning_rate"), optimizer=ft.get("optimizer", "torch.optim.Adam"),
                       optimizer_kwargs=ft.get("optimizer_kwargs"), criterion=ft.get("criterion",
                                                                                      "torch.nn.CrossEntropyLoss"),
-                      criterion_kwargs=ft.get("criterion_kwargs"), seed=seed,
+                      criterion_kwargs=ft.get("criterion_kwargs"), lr_scheduler=ft.get("lr_scheduler"),
+                      lr_scheduler_kwargs=ft.get("lr_scheduler_kwargs"),
+                      lr_scheduler_interval=ft.get("lr_scheduler_interval", "epoch"), seed=seed,
                       checkpoint_dir=rel(ckdir) if ckdir else None, resume=bool(ft.get("resume", False)),
                       progress=progress, output=out, force=force)
     outcome = ScenarioOutcome(prune=pr, lines=list(pr.lines))

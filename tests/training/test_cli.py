@@ -113,6 +113,7 @@ def test_errors_are_one_line_in_process(workdir: Path, case: str, monkeypatch, c
     assert not (workdir / "out.pt").exists()
 
 
+@pytest.mark.slow
 def test_scenario_runs_prune_finalize_export_validate(workdir: Path):
     scenario = {
         "description": "NNI-style channel pruning of the digits net, then ONNX",

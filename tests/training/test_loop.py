@@ -65,7 +65,8 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path):
     kw = dict(epochs=3, optimizer="torch.optim.SGD", optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
-              progress=False, seed=3)
+              lr_scheduler="torch.optim.lr_scheduler.StepLR", lr_scheduler_kwargs={"step_size": 4, "gamma": 0.8},
+              lr_scheduler_interval="step", progress=False, seed=3)
     model, pruner = _fresh()
     train, val = _data()
     full = finetune(model, pruner, train, val, checkpoint_dir=tmp_path / "full", **kw)
@@ -101,6 +102,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path):
     assert (torch.equal(ref_rng[0], torch.get_rng_state()), ref_rng[1], ref_rng[2]) == (
         True, random.random(), np.random.rand())
     assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in full.history]
+    assert resumed.history[-1]["lr"] == pytest.approx(0.05 * 0.8 ** (18 // 4))
     # the masks reached the configured sparsity at the end of the schedule
     masks = pruner3.masks()
     assert abs(float((~masks["conv"]["weight"]).float().mean()) - 0.5) < 0.03
@@ -136,6 +138,10 @@ def test_resume_with_another_seed_is_refused(tmp_path):
         ({"criterion": "torch.nn.CrossEntropyLos"}, "criterion 'torch.nn.CrossEntropyLos': 'torch.nn' has no"),
         ({"criterion": "Adam"}, "criterion 'Adam': not an import path"),
         ({"optimizer_kwargs": {"lrr": 0.1}}, "optimizer torch.optim.Adam: cannot be created with {'lrr': 0.1}"),
+        ({"lr_scheduler": "torch.optim.lr_scheduler.StepLR"},
+         "lr_scheduler torch.optim.lr_scheduler.StepLR: cannot be created with {} (TypeError"),
+        ({"lr_scheduler": "torch.optim.lr_scheduler.StepLR", "lr_scheduler_kwargs": {"step_size": 1},
+          "lr_scheduler_interval": "batch"}, "lr_scheduler_interval: expected 'epoch' or 'step', got 'batch'"),
     ],
 )
 def test_bad_import_paths_fail_before_training(kwargs, message):
