@@ -236,8 +236,8 @@ def relative_error(ref: Any, out: Any) -> float:
     assert r, "the reference produced no tensor output"
     if len(r) != len(o) or any(x.shape != y.shape for x, y in zip(r, o, strict=True)):
         return math.inf
-    err = max(float((x.double() - y.double()).abs().max()) for x, y in zip(r, o, strict=True))
-    scale = max(float(x.double().abs().max()) for x in r)
+    err = max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(r, o, strict=True))
+    scale = max(float(x.detach().double().abs().max()) for x in r)
     if err == 0.0:
         return 0.0
     return err / scale if scale > 0 else math.inf

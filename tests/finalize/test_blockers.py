@@ -189,6 +189,34 @@ def test_op_without_rule_on_unmasked_channels_is_not_reported() -> None:
     assert _parity(model, r.model, masks) <= RTOL
 
 
+class FixedSplit(nn.Module):
+    """Forward code with literal split sizes: channels cannot be removed without changing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, 4, 1)
+        self.conv3 = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv1(x), [5, 3], dim=1)
+        return self.conv2(a) + self.conv3(b)
+
+
+def test_fixed_size_split_keeping_masked_channels_is_reported() -> None:
+    model = _build(FixedSplit)
+    masks = {"conv1": _masks()["conv1"]}
+    r = dp.compact(model, _x(), masks)
+    assert _parity(model, r.model, masks) <= RTOL
+    if r.model.conv1.out_channels == 4:
+        return  # the split sizes were rewritten: nothing kept, nothing to report
+    assert r.model.conv1.out_channels == 8
+    hits = [b for b in r.blocked if "split" in b.describe()]
+    assert hits and hits[0].kept_zero_channels == 4, [b.describe() for b in r.blocked]
+    with pytest.raises(UnsupportedError, match="split"):
+        dp.compact(model, _x(), masks, strict=True)
+
+
 # ---------------------------------------------------------------------------- user rules
 
 
