@@ -1,0 +1,725 @@
+"""Hostile-input corpus: every file deployprune reads, made bad in every way we could think of.
+
+The corpus is generated into a temporary directory (no binary blobs in the repository) and fed to
+every entry point that reads it (``export``, ``finalize``, ``validate``, ``prune``, ``report``,
+``run``). Every case must end with
+
+* exactly one ``error: ...`` line on stderr naming the file, and the documented exit code,
+* every input byte-identical afterwards (sha256 of the whole input directory),
+* no file left in the output directory (the working directory) or in the input directory,
+* the side-effect sentinel absent: nothing in a file ran code.
+
+Most cases run the CLI in-process (``deployprune.cli.main``) to stay fast; the disk-full cases run
+``python -m deployprune`` under a real kernel file-size limit (``RLIMIT_FSIZE``), so that torch's
+C++ writers fail the way they do on a full disk.
+
+Bugs this corpus found are marked ``xfail(strict=True)`` with their id (see docs/security.md);
+strict, so the marker has to go as soon as the library is fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.external_data_helper import set_external_data
+from torch import nn
+
+import converters
+import deployprune as dp
+import models
+from deployprune import cli
+from deployprune.errors import ConfigError
+from deployprune.io import save_checkpoint
+from tests.io.conftest import tree_digest
+
+REPO = Path(__file__).resolve().parents[2]
+LENET = "models.lenet:TorchModel"
+SENTINEL = "SENTINEL"
+
+EXIT_USAGE, EXIT_INPUT, EXIT_UNSUPPORTED = 2, 3, 5
+
+
+class Boom:
+    """Unpickling this creates the sentinel file: the stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def xfail(bug: str, what: str):
+    return pytest.mark.xfail(strict=True, reason=f"{bug}: {what} (see /tmp/security_bugs.md, docs/security.md)")
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus generation
+
+
+def _local_data_offset(raw: bytes, info: zipfile.ZipInfo) -> int:
+    """Offset of an entry's data: the local header's own name/extra lengths (torch pads them)."""
+    h = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[h + 26 : h + 30])
+    return h + 30 + name_len + extra_len
+
+
+def _rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], list[tuple[str, bytes]]]) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            for name, data in edit(info.filename, zin.read(info.filename)):
+                zout.writestr(name, data)
+
+
+def _lenet() -> nn.Module:
+    torch.manual_seed(0)
+    return models.build("lenet").eval()
+
+
+def build_corpus(d: Path) -> None:
+    """Write every good and hostile input file into ``d``."""
+    model = _lenet()
+    sentinel = d / SENTINEL
+    rng = random.Random(8)
+
+    # ---- good inputs the bad ones are derived from
+    torch.save(model.state_dict(), d / "sd.pt")
+    save_checkpoint(d / "ckpt.pt", model, arch="lenet")
+    program = torch.export.export(model, (torch.randn(1, 1, 28, 28),))
+    torch.export.save(program, str(d / "prog.pt2"))
+    converters.get("onnx").convert(model, (torch.randn(1, 1, 28, 28),), d / "good.onnx")
+    (d / "cfg.json").write_text(json.dumps({"target_sparsity": 0.5, "granularity": "out_channel"}))
+    ones = {n: {"weight": torch.ones_like(m.weight)} for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+    torch.save(ones, d / "masks_ok.pt")
+
+    # ---- model files
+    sd = (d / "sd.pt").read_bytes()
+    ckpt = (d / "ckpt.pt").read_bytes()
+    (d / "garbage.pt").write_bytes(b"\x80\x02garbage" * 50)
+    (d / "random.pt").write_bytes(rng.randbytes(4096))
+    (d / "empty.pt").write_bytes(b"")
+    (d / "text.pt").write_text(json.dumps({"conv1.weight": [[1.0]]}))
+    (d / "trunc_sd.pt").write_bytes(sd[: len(sd) // 2])
+    (d / "trunc_sd_tail.pt").write_bytes(sd[:-7])
+    (d / "trunc_ckpt.pt").write_bytes(ckpt[: len(ckpt) * 2 // 3])
+    with zipfile.ZipFile(d / "sd.pt") as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename)
+    flipped = bytearray(sd)
+    flipped[_local_data_offset(sd, info) + 8] ^= 0xFF
+    (d / "bitflip_sd.pt").write_bytes(bytes(flipped))
+    (d / "evil_raw.pt").write_bytes(pickle.dumps({"conv1.weight": Boom(sentinel)}))
+    torch.save({"conv1.weight": Boom(sentinel)}, d / "evil_zip.pt")
+    torch.save(model, d / "whole_module.pt")
+    torch.save({"format": "deployprune.checkpoint", "version": 1,
+                "factory": "tests.hostile.sentinel_factory:build",
+                "state_dict": nn.Linear(2, 2).state_dict()}, d / "ckpt_foreign_factory.pt")
+    torch.save({"format": "deployprune.checkpoint", "version": "1", "arch": "lenet",
+                "state_dict": model.state_dict()}, d / "ckpt_bad_version.pt")
+    torch.save({"format": "deployprune.checkpoint", "version": 99, "arch": "lenet",
+                "state_dict": model.state_dict()}, d / "ckpt_future.pt")
+    torch.save({"format": "deployprune.checkpoint", "version": 1, "arch": "lenet",
+                "state_dict": [1, 2, 3]}, d / "ckpt_sd_list.pt")
+    torch.save({"format": "deployprune.checkpoint", "version": 1, "arch": "no_such_arch",
+                "state_dict": model.state_dict()}, d / "ckpt_unknown_arch.pt")
+    top = "sd"
+    _rewrite_zip(d / "sd.pt", d / "zip_extra_entry.pt",
+                 lambda n, b: [(n, b)] + ([(f"{top}/payload.py", b"import os")] if n.endswith("data.pkl") else []))
+    _rewrite_zip(d / "sd.pt", d / "zip_traversal.pt",
+                 lambda n, b: [(n, b)] + ([("../../escape", b"x")] if n.endswith("data.pkl") else []))
+    with zipfile.ZipFile(d / "zip_bomb.pt", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/data.pkl", b"\0" * (4 * 1024**2))
+    torch.jit.script(model).save(str(d / "scripted.pt"))
+    (d / "a_directory.pt").mkdir()
+
+    # ---- .pt2 programs
+    pt2 = (d / "prog.pt2").read_bytes()
+    (d / "pt2_trunc.pt2").write_bytes(pt2[: len(pt2) * 2 // 3])
+    ptop = "prog"
+
+    def add_pickle(n: str, b: bytes) -> list[tuple[str, bytes]]:
+        extra = [(f"{ptop}/extra.pkl", pickle.dumps(Boom(sentinel)))] if n.endswith("archive_format") else []
+        return [(n, b), *extra]
+
+    def pickled_config(n: str, b: bytes) -> list[tuple[str, bytes]]:
+        if n.endswith("_weights_config.json"):
+            cfg = json.loads(b)
+            for meta in cfg["config"].values():
+                meta["use_pickle"] = True
+            b = json.dumps(cfg).encode()
+        return [(n, b)]
+
+    _rewrite_zip(d / "prog.pt2", d / "pt2_extra_pickle.pt2", add_pickle)
+    _rewrite_zip(d / "prog.pt2", d / "pt2_use_pickle.pt2", pickled_config)
+    _rewrite_zip(d / "prog.pt2", d / "pt2_pickled_weight.pt2",
+                 lambda n, b: [(n, pickle.dumps(Boom(sentinel)) if n.endswith("weights/weight_0") else b)])
+    _rewrite_zip(d / "prog.pt2", d / "pt2_pickled_sample.pt2",
+                 lambda n, b: [(n, pickle.dumps(Boom(sentinel)) if "sample_inputs" in n else b)])
+    _rewrite_zip(d / "prog.pt2", d / "pt2_bad_json.pt2",
+                 lambda n, b: [(n, b"{not json" if "/models/" in n else b)])
+    _rewrite_zip(d / "prog.pt2", d / "pt2_no_model.pt2",
+                 lambda n, b: [] if "/models/" in n else [(n, b)])
+
+    # ---- masks files (for lenet: conv1.weight is 6x1x5x5)
+    w = model.conv1.weight
+    torch.save({"conv1": {"weight": torch.full_like(w, float("nan"))}}, d / "m_nan.pt")
+    torch.save({"conv1": {"weight": torch.full_like(w, float("inf"))}}, d / "m_inf.pt")
+    torch.save({"conv1": {"weight": torch.ones(w.shape, dtype=torch.complex64)}}, d / "m_complex.pt")
+    torch.save({"conv1": {"weight": "all ones"}}, d / "m_string.pt")
+    torch.save({"conv1": {"weight": [[1, 0], [0, 1]]}}, d / "m_nested_list.pt")
+    torch.save({"conv1": {"weight": torch.ones(6, 1, 3, 3)}}, d / "m_shape.pt")
+    torch.save({"conv1": {"weight": torch.ones(6)}}, d / "m_vector_wrong_axis.pt")
+    half = torch.ones_like(w)
+    half[0] = 0.5
+    torch.save({"conv1": {"weight": half}}, d / "m_half.pt")
+    torch.save({"conv1": {"weight": -torch.ones_like(w)}}, d / "m_negative.pt")
+    torch.save({"conv1": {"weight": torch.full(w.shape, 2, dtype=torch.int64)}}, d / "m_int_two.pt")
+    torch.save([torch.ones_like(w)], d / "m_list.pt")
+    torch.save({1: {"weight": torch.ones_like(w)}}, d / "m_int_module_key.pt")
+    torch.save({"conv1": {0: torch.ones_like(w)}}, d / "m_int_param_key.pt")
+    torch.save({"conv1": torch.ones_like(w)}, d / "m_flat.pt")
+    torch.save({"conv9": {"weight": torch.ones_like(w)}}, d / "m_unknown_module.pt")
+    torch.save({"conv1": {"gamma": torch.ones_like(w)}}, d / "m_unknown_param.pt")
+    torch.save({"conv1": {"bias": torch.ones(5)}}, d / "m_bias_shape.pt")
+    torch.save({"conv1": {"weight": np.ones(tuple(w.shape), dtype=np.float32)}}, d / "m_numpy.pt")
+    (d / "m_evil.pt").write_bytes(pickle.dumps({"conv1": {"weight": Boom(sentinel)}}))
+    torch.save({"conv1": {"weight": Boom(sentinel)}}, d / "m_evil_zip.pt")
+    (d / "m_garbage.pt").write_bytes(rng.randbytes(2048))
+    ok = (d / "masks_ok.pt").read_bytes()
+    (d / "m_trunc.pt").write_bytes(ok[: len(ok) // 2])
+    # a masks file bigger than the model file, for --max-file-size between the two sizes
+    big = {n: {"weight": torch.ones(m.weight.shape, dtype=torch.float64)} for n, m in model.named_modules()
+           if isinstance(m, (nn.Conv2d, nn.Linear))}
+    torch.save(big, d / "m_big.pt")
+
+    # ---- pruning configs
+    configs = {
+        "c_sparsity_str.json": json.dumps({"sparsity": "high"}),
+        "c_target_str.json": json.dumps({"target_sparsity": "high"}),
+        "c_unknown_key.json": json.dumps({"target_sparsity": 0.5, "frobnicate": 1}),
+        "c_list_of_ints.json": json.dumps([1, 2, 3]),
+        "c_null.json": "null",
+        "c_number.json": "42",
+        "c_nan.json": '{"target_sparsity": NaN}',
+        "c_too_big.json": json.dumps({"target_sparsity": 1.5}),
+        "c_negative.json": json.dumps({"target_sparsity": -0.5}),
+        "c_bool.json": json.dumps({"target_sparsity": True}),
+        "c_trunc.json": '{"target_sparsity": 0.',
+        "c_nested_wrong.json": json.dumps({"module_type_configs": [1, 2]}),
+        "c_nni_wrong.json": json.dumps([{"op_types": "Conv2d", "sparse_ratio": "x"}]),
+        "c_deep.json": "[" * 100_000 + "]" * 100_000,
+        "c_evil.yaml": f"!!python/object/apply:os.system ['touch {sentinel}']\n",
+        "c_evil_value.yaml": f"target_sparsity: !!python/object/apply:os.system ['touch {sentinel}']\n",
+        "c_config.txt": "target_sparsity=0.5",
+    }
+    for name, text in configs.items():
+        (d / name).write_text(text)
+    (d / "c_not_utf8.json").write_bytes(b"\xff\xfe\x00garbage")
+
+    # ---- ONNX artifacts for `validate SOURCE ARTIFACT`
+    good = (d / "good.onnx").read_bytes()
+    (d / "a_trunc.onnx").write_bytes(good[: len(good) // 2])
+    (d / "a_garbage.onnx").write_bytes(rng.randbytes(5000))
+    (d / "a_empty.onnx").write_bytes(b"")
+    (d / "a_text.onnx").write_text("not a model")
+    proto = onnx.load(str(d / "good.onnx"))
+    init = proto.graph.initializer[0]
+    size = len(init.raw_data)
+    set_external_data(init, location="../../../../../../etc/hostname", offset=0, length=size)
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    (d / "a_escape.onnx").write_bytes(proto.SerializeToString())
+    converters.get("onnx").convert(nn.Sequential(nn.Linear(12, 10)).eval(), (torch.randn(1, 12),),
+                                   d / "a_other_rank.onnx")
+    (d / "a_weird.bin").write_bytes(good)
+    report = dp.validate(model, d / "good.onnx", (torch.randn(1, 1, 28, 28),), n_inputs=2, latency=False)
+    (d / "good_report.json").write_text(report.to_json())
+
+    # ---- reports and scenarios
+    (d / "r_trunc.json").write_text('{"schema": ')
+    (d / "r_list.json").write_text("[1, 2]")
+    (d / "r_binary.json").write_bytes(b"\x80\x04garbage")
+    (d / "r_empty.json").write_bytes(b"")
+    (d / "r_deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "r_wrong_fields.json").write_text(json.dumps({"passed": "yes", "outputs": 3}))
+    (d / "s_evil.yaml").write_text(f"!!python/object/apply:os.system ['touch {sentinel}']\n")
+    (d / "s_list.json").write_text("[1]")
+    (d / "s_not_utf8.json").write_bytes(b"\xff\xfe\x00garbage")
+    (d / "s_deep.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("hostile_inputs")
+    build_corpus(d)
+    return d
+
+
+@dataclass
+class Outcome:
+    code: int
+    err: str
+    out: str = ""
+
+
+@dataclass
+class Runner:
+    """Runs the CLI in-process from an empty output directory and checks the four guarantees."""
+
+    corpus: Path
+    out: Path
+    capsys: pytest.CaptureFixture
+    before: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, *args: str) -> Outcome:
+        argv = [a.format(d=self.corpus) for a in args]
+        self.before = tree_digest(self.corpus)
+        self.capsys.readouterr()
+        code = cli.main(argv)
+        captured = self.capsys.readouterr()
+        return Outcome(code, captured.err, captured.out)
+
+    def check(self, outcome: Outcome, code: int, *needles: str) -> str:
+        """One ``error:`` line with ``code`` containing every needle; nothing written or changed."""
+        assert not (self.corpus / SENTINEL).exists(), "a file ran code (the sentinel exists)"
+        assert outcome.code == code, (outcome.code, outcome.err)
+        lines = outcome.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), outcome.err
+        assert "Traceback" not in outcome.err and "internal error" not in outcome.err, outcome.err
+        for needle in needles:
+            assert needle.format(d=self.corpus) in lines[0], (needle, lines[0])
+        assert tree_digest(self.corpus) == self.before, "an input file changed or a file appeared next to it"
+        assert sorted(p.name for p in self.out.iterdir()) == [], "something was written to the output directory"
+        return lines[0]
+
+
+@pytest.fixture
+def run(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Runner:
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    monkeypatch.setenv("DP_HOSTILE_SENTINEL", str(corpus / SENTINEL))
+    return Runner(corpus, out, capsys)
+
+
+# Every command that loads a model file, with the other inputs it needs (all valid).
+ENTRY_POINTS = {
+    "export": ["export", "{m}", "--no-latency", "--n-inputs", "2"],
+    "finalize": ["finalize", "{m}"],
+    "validate": ["validate", "{m}", "{d}/good.onnx", "--no-latency", "--n-inputs", "2"],
+    "prune": ["prune", "{m}", "--config", "{d}/cfg.json"],
+}
+
+
+def command(entry: str, model: str, *extra: str) -> list[str]:
+    return [a.replace("{m}", model) for a in ENTRY_POINTS[entry]] + list(extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Model files, for every entry point that loads one
+
+# (id, file, extra flags, exit code, text the message must contain, marks)
+MODEL_FILES = [
+    ("garbage", "garbage.pt", [], EXIT_INPUT, "cannot be read as a PyTorch file", ()),
+    ("random-bytes", "random.pt", [], EXIT_INPUT, "cannot be read as a PyTorch file", ()),
+    ("empty", "empty.pt", [], EXIT_INPUT, "file is empty", ()),
+    ("json-text", "text.pt", [], EXIT_INPUT, "cannot be read as a PyTorch file", ()),
+    ("state_dict-truncated-half", "trunc_sd.pt", ["--model", LENET], EXIT_INPUT, "truncated or corrupt", ()),
+    ("state_dict-truncated-tail", "trunc_sd_tail.pt", ["--model", LENET], EXIT_INPUT, "truncated or corrupt", ()),
+    ("checkpoint-truncated", "trunc_ckpt.pt", [], EXIT_INPUT, "truncated or corrupt", ()),
+    ("state_dict-bitflip", "bitflip_sd.pt", ["--model", LENET], EXIT_INPUT, "corrupt",
+     (xfail("BUG-H2", "torch does not check zip CRCs: a flipped byte in tensor data loads silently"),)),
+    ("code-running-pickle", "evil_raw.pt", ["--input-shape", "1,1,28,28"], EXIT_INPUT,
+     "loading it would run code from the file", ()),
+    ("code-running-torch-save", "evil_zip.pt", ["--input-shape", "1,1,28,28"], EXIT_INPUT,
+     "loading it would run code from the file", ()),
+    ("whole-module-pickle", "whole_module.pt", [], EXIT_INPUT, "rerun with --trust-pickle", ()),
+    ("checkpoint-foreign-factory", "ckpt_foreign_factory.pt", [], EXIT_INPUT,
+     "importing it would run code named by the file", ()),
+    ("checkpoint-version-type", "ckpt_bad_version.pt", [], EXIT_INPUT, "'version' must be an integer", ()),
+    ("checkpoint-future-version", "ckpt_future.pt", [], EXIT_INPUT, "upgrade deployprune", ()),
+    ("checkpoint-state_dict-list", "ckpt_sd_list.pt", [], EXIT_INPUT, "state_dict", ()),
+    ("checkpoint-unknown-arch", "ckpt_unknown_arch.pt", [], EXIT_INPUT, "unknown architecture 'no_such_arch'", ()),
+    ("zip-extra-entry", "zip_extra_entry.pt", ["--model", LENET], EXIT_INPUT, "unexpected entry 'payload.py'", ()),
+    ("zip-path-traversal", "zip_traversal.pt", ["--model", LENET], EXIT_INPUT, "unsafe path", ()),
+    ("zip-bomb", "zip_bomb.pt", ["--max-file-size", "1M"], EXIT_INPUT, "the archive expands to 4.0 MiB", ()),
+    ("oversized", "sd.pt", ["--model", LENET, "--max-file-size", "1K"], EXIT_INPUT, "above the 1.0 KiB limit", ()),
+    ("torchscript", "scripted.pt", [], EXIT_UNSUPPORTED, "TorchScript archive", ()),
+    ("directory", "a_directory.pt", [], EXIT_INPUT, "is a directory", ()),
+    ("missing", "nope.pt", [], EXIT_INPUT, "no such file", ()),
+    ("pt2-truncated", "pt2_trunc.pt2", [], EXIT_INPUT, "truncated or corrupt", ()),
+    ("pt2-extra-pickle-entry", "pt2_extra_pickle.pt2", [], EXIT_INPUT, "unexpected entry 'extra.pkl'", ()),
+    ("pt2-use-pickle-config", "pt2_use_pickle.pt2", [], EXIT_INPUT, "is pickled; loading it would run code", ()),
+    ("pt2-pickled-weight-bytes", "pt2_pickled_weight.pt2", [], EXIT_INPUT, "cannot load the torch.export program", ()),
+    ("pt2-pickled-sample-inputs", "pt2_pickled_sample.pt2", [], EXIT_INPUT, "need pickled code to load", ()),
+    ("pt2-garbage-program-json", "pt2_bad_json.pt2", [], EXIT_INPUT, "cannot load the torch.export program", ()),
+    ("pt2-no-program", "pt2_no_model.pt2", [], EXIT_INPUT, "cannot load the torch.export program", ()),
+]
+
+
+def _cases(table: list, entries: list[str]) -> list:
+    return [pytest.param(entry, *row[1:-1], id=f"{row[0]}-{entry}", marks=row[-1])
+            for row in table for entry in entries]
+
+
+@pytest.mark.parametrize(("entry", "name", "extra", "code", "needle"), _cases(MODEL_FILES, list(ENTRY_POINTS)))
+def test_hostile_model_files(run: Runner, entry: str, name: str, extra: list[str], code: int, needle: str) -> None:
+    outcome = run(*command(entry, f"{{d}}/{name}", *extra))
+    run.check(outcome, code, f"{{d}}/{name}: ", needle)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks files (--masks), for every entry point
+
+MASKS = [
+    ("nan", "m_nan.pt", "conv1.weight: mask contains NaN", ()),
+    ("inf", "m_inf.pt", "conv1.weight: mask is not binary (found inf)", ()),
+    ("complex-dtype", "m_complex.pt", "mask dtype torch.complex64 is not supported", ()),
+    ("string-values", "m_string.pt", "conv1.weight: mask must be a tensor or array, got str", ()),
+    ("nested-list-values", "m_nested_list.pt", "conv1.weight: mask shape (2, 2) does not match", ()),
+    ("wrong-shape", "m_shape.pt", "mask shape (6, 1, 3, 3) does not match parameter shape (6, 1, 5, 5)", ()),
+    ("vector-on-wrong-axis", "m_vector_wrong_axis.pt", "does not match parameter shape", ()),
+    ("non-binary", "m_half.pt", "mask is not binary (found 0.5)", ()),
+    ("negative", "m_negative.pt", "mask is not binary (found -1)", ()),
+    ("integer-two", "m_int_two.pt", "mask is not binary (found 2)", ()),
+    ("list-not-dict", "m_list.pt", "expected masks as a dict", ()),
+    ("module-key-int", "m_int_module_key.pt", "module names must be strings", ()),
+    ("param-key-int", "m_int_param_key.pt", "conv1", (xfail("BUG-H1", "a non-string parameter key is a TypeError"),)),
+    ("flat-tensor-not-dict", "m_flat.pt", "entry for module 'conv1' must be a dict", ()),
+    ("unknown-module", "m_unknown_module.pt", "module 'conv9' does not exist in the model", ()),
+    ("unknown-param", "m_unknown_param.pt", "has no parameter 'gamma'", ()),
+    ("bias-shape", "m_bias_shape.pt", "conv1.bias: mask shape (5,) does not match parameter shape (6,)", ()),
+    ("numpy-array-pickle", "m_numpy.pt", "loading it would run code from the file", ()),
+    ("code-running-pickle", "m_evil.pt", "loading it would run code from the file", ()),
+    ("code-running-torch-save", "m_evil_zip.pt", "loading it would run code from the file", ()),
+    ("garbage", "m_garbage.pt", "cannot be read as a PyTorch file", ()),
+    ("truncated", "m_trunc.pt", "truncated or corrupt", ()),
+    ("missing", "m_nope.pt", "no such file; check the masks file path", ()),
+]
+
+
+@pytest.mark.parametrize(("entry", "name", "needle"), _cases(MASKS, list(ENTRY_POINTS)))
+def test_hostile_masks(run: Runner, entry: str, name: str, needle: str) -> None:
+    outcome = run(*command(entry, "{d}/sd.pt", "--model", LENET, "--masks", f"{{d}}/{name}"))
+    run.check(outcome, EXIT_INPUT, f"{{d}}/{name}: ", needle)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_oversized_masks_file(run: Runner, corpus: Path, entry: str) -> None:
+    limit = (corpus / "sd.pt").stat().st_size + 1024
+    assert (corpus / "m_big.pt").stat().st_size > limit  # the model passes the limit, the masks do not
+    outcome = run(*command(entry, "{d}/sd.pt", "--model", LENET, "--masks", "{d}/m_big.pt",
+                           "--max-file-size", str(limit)))
+    run.check(outcome, EXIT_INPUT, "{d}/m_big.pt: file is ", "raise the limit with --max-file-size")
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning configs (deployprune prune --config) and the Python API
+
+CONFIGS = [
+    ("sparsity-string", "c_sparsity_str.json", "unknown key 'sparsity'", ()),
+    ("target-string", "c_target_str.json", "config.target_sparsity: expected a number in [0, 1), got 'high'", ()),
+    ("unknown-key", "c_unknown_key.json", "unknown key 'frobnicate'", ()),
+    ("list-of-ints", "c_list_of_ints.json", "config_list[0]: expected a dict, got int", ()),
+    ("null", "c_null.json", "got NoneType", ()),
+    ("number", "c_number.json", "got int", ()),
+    ("nan", "c_nan.json", "nan is outside [0, 1)", ()),
+    ("above-one", "c_too_big.json", "1.5 is outside [0, 1)", ()),
+    ("negative", "c_negative.json", "-0.5 is outside [0, 1)", ()),
+    ("bool", "c_bool.json", "got True", ()),
+    ("truncated-json", "c_trunc.json", "cannot parse config", ()),
+    ("nested-wrong-type", "c_nested_wrong.json", "module_type_configs: expected a mapping", ()),
+    ("nni-wrong-type", "c_nni_wrong.json", "config_list[0].target_sparsity", ()),
+    ("deeply-nested", "c_deep.json", "cannot parse config", ()),
+    ("yaml-python-tag", "c_evil.yaml", "cannot parse config", ()),
+    ("yaml-python-tag-value", "c_evil_value.yaml", "cannot parse config", ()),
+    ("unknown-suffix", "c_config.txt", "unknown config format '.txt'", ()),
+    ("not-utf8", "c_not_utf8.json", "cannot parse config", (xfail("BUG-H4", "UnicodeDecodeError escapes"),)),
+]
+
+
+@pytest.mark.parametrize(("name", "needle"), [pytest.param(*c[1:-1], id=c[0], marks=c[-1]) for c in CONFIGS])
+def test_hostile_configs(run: Runner, name: str, needle: str) -> None:
+    outcome = run("prune", "{d}/sd.pt", "--model", LENET, "--config", f"{{d}}/{name}")
+    run.check(outcome, EXIT_USAGE, f"{{d}}/{name}: ", needle)
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ({"sparsity": "high"}, "unknown key 'sparsity'"),
+    ({"target_sparsity": "high"}, "expected a number in [0, 1), got 'high'"),
+    ({"target_sparsity": 0.5, "frobnicate": 1}, "unknown key 'frobnicate'"),
+    ([1, 2, 3], "config_list[0]: expected a dict, got int"),
+    ({"target_sparsity": float("nan")}, "nan is outside [0, 1)"),
+    ({"module_type_configs": {"Conv2d": {"target_sparsity": [0.5]}}}, "target_sparsity"),
+    (42, "got int"),
+], ids=["sparsity-string", "target-string", "unknown-key", "list-of-ints", "nan", "list-value", "number"])
+def test_hostile_configs_api(config: object, needle: str) -> None:
+    model = _lenet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as info:
+        dp.Pruner(model, config, (torch.randn(1, 1, 28, 28),))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())  # nothing attached
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX artifacts given to `validate SOURCE ARTIFACT`
+
+ARTIFACTS = [
+    ("onnx-truncated", ["{d}/a_trunc.onnx"], "{d}/a_trunc.onnx: onnxruntime cannot load it", ()),
+    ("onnx-garbage", ["{d}/a_garbage.onnx"], "{d}/a_garbage.onnx: onnxruntime cannot load it", ()),
+    ("onnx-empty", ["{d}/a_empty.onnx"], "{d}/a_empty.onnx: ", ()),
+    ("onnx-text", ["{d}/a_text.onnx"], "{d}/a_text.onnx: onnxruntime cannot load it", ()),
+    ("onnx-external-data-escapes", ["{d}/a_escape.onnx"], "{d}/a_escape.onnx: ", ()),
+    ("onnx-missing", ["{d}/a_nope.onnx"], "{d}/a_nope.onnx: ", ()),
+    ("onnx-other-model-rank", ["{d}/a_other_rank.onnx"], "{d}/a_other_rank.onnx: ",
+     (xfail("BUG-H3", "an input rank mismatch is an onnxruntime InvalidArgument, reported as internal"),)),
+    ("onnx-static-batch-mismatch", ["{d}/good.onnx", "--input-shape", "2,1,28,28"], "{d}/good.onnx: ",
+     (xfail("BUG-H3", "an input batch mismatch is an onnxruntime InvalidArgument, reported as internal"),)),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), [pytest.param(*a[1:-1], id=a[0], marks=a[-1]) for a in ARTIFACTS])
+def test_hostile_artifacts(run: Runner, args: list[str], needle: str) -> None:
+    outcome = run("validate", "{d}/sd.pt", "--model", LENET, *args, "--no-latency", "--n-inputs", "2",
+                  "--json", "r.json")
+    run.check(outcome, EXIT_INPUT, needle)
+
+
+def test_artifact_of_unknown_type(run: Runner) -> None:
+    outcome = run("validate", "{d}/sd.pt", "--model", LENET, "{d}/a_weird.bin", "--no-latency")
+    run.check(outcome, EXIT_USAGE, "{d}/a_weird.bin: unknown artifact type '.bin'")
+
+
+# --------------------------------------------------------------------------------------------
+# Reports (`report`) and scenarios (`run`)
+
+REPORTS = [
+    ("truncated", "r_trunc.json", "not valid JSON", ()),
+    ("list", "r_list.json", "expected a JSON object, got list", ()),
+    ("binary", "r_binary.json", "cannot read report", ()),
+    ("empty", "r_empty.json", "", ()),
+    ("deeply-nested", "r_deep.json", "", (xfail("BUG-H9", "RecursionError from json.loads escapes"),)),
+    ("wrong-fields", "r_wrong_fields.json", "", ()),
+]
+
+
+@pytest.mark.parametrize(("name", "needle"), [pytest.param(*r[1:-1], id=r[0], marks=r[-1]) for r in REPORTS])
+def test_hostile_reports(run: Runner, name: str, needle: str) -> None:
+    outcome = run("report", f"{{d}}/{name}", "-o", "r.md")
+    run.check(outcome, EXIT_INPUT, f"{{d}}/{name}: ", needle)
+
+
+SCENARIOS = [
+    ("yaml-python-tag", "s_evil.yaml", "not valid YAML", ()),
+    ("list", "s_list.json", "expected an object, got list", ()),
+    ("not-utf8", "s_not_utf8.json", "", (xfail("BUG-H10", "UnicodeDecodeError escapes"),)),
+    ("deeply-nested", "s_deep.json", "", ()),
+]
+
+
+@pytest.mark.parametrize(("name", "needle"), [pytest.param(*s[1:-1], id=s[0], marks=s[-1]) for s in SCENARIOS])
+def test_hostile_scenarios(run: Runner, name: str, needle: str) -> None:
+    outcome = run("run", f"{{d}}/{name}")
+    run.check(outcome, EXIT_USAGE, f"{{d}}/{name}: ", needle)
+
+
+# --------------------------------------------------------------------------------------------
+# Input shapes that do not match the model
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("shape", ["1,3,28,28", "1,1,32,32", "1,784"])
+def test_input_shape_mismatch(run: Runner, entry: str, shape: str) -> None:
+    outcome = run(*command(entry, "{d}/sd.pt", "--model", LENET, "--input-shape", shape))
+    dims = shape.replace(",", "x")
+    run.check(outcome, EXIT_INPUT, "{d}/sd.pt: the model fails on input " + dims, "--input-shape")
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs never replace an input, --force or not
+
+OVERWRITES = [
+    ("finalize-o-model", ["finalize", "{d}/sd.pt", "--model", LENET, "-o", "{d}/sd.pt"], "{d}/sd.pt", ()),
+    ("prune-o-model", ["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "{d}/sd.pt"],
+     "{d}/sd.pt", ()),
+    ("export-o-model", ["export", "{d}/sd.pt", "--model", LENET, "-o", "{d}/sd.pt"], "{d}/sd.pt", ()),
+    ("finalize-o-masks", ["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt",
+                          "-o", "{d}/masks_ok.pt"], "{d}/masks_ok.pt",
+     (xfail("BUG-H8", "-o naming --masks replaces the masks file"),)),
+    ("export-o-masks", ["export", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt",
+                        "-o", "{d}/masks_ok.pt", "--no-latency", "--n-inputs", "2"], "{d}/masks_ok.pt",
+     (xfail("BUG-H8", "-o naming --masks is not refused"),)),
+    ("prune-o-config", ["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "{d}/cfg.json"],
+     "{d}/cfg.json", (xfail("BUG-H8", "-o naming --config replaces the config"),)),
+    ("validate-json-model", ["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
+                             "--n-inputs", "2", "--json", "{d}/sd.pt"], "{d}/sd.pt",
+     (xfail("BUG-H8", "--json naming the source model replaces the model with the report"),)),
+    ("validate-html-artifact", ["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
+                                "--n-inputs", "2", "--html", "{d}/good.onnx"], "{d}/good.onnx",
+     (xfail("BUG-H8", "--html naming the artifact is not refused"),)),
+]
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+@pytest.mark.parametrize(("args", "victim"), [pytest.param(*o[1:-1], id=o[0], marks=o[-1]) for o in OVERWRITES])
+def test_output_never_replaces_an_input(run: Runner, tmp_path: Path, args: list[str], victim: str,
+                                        force: bool) -> None:
+    # a private copy of the inputs: a failing case really overwrites its victim
+    private = tmp_path / "inputs"
+    private.mkdir()
+    for name in ("sd.pt", "masks_ok.pt", "cfg.json", "good.onnx"):
+        shutil.copy2(run.corpus / name, private / name)
+    run.corpus = private
+    outcome = run(*args, *(["--force"] if force else []))
+    run.check(outcome, EXIT_USAGE, f"{victim}: the output would overwrite the input file")
+
+
+# --------------------------------------------------------------------------------------------
+# Read-only output directory (simulated: the tests may run as root, who can write anywhere)
+
+READONLY = {
+    "export": ["export", "{d}/sd.pt", "--model", LENET, "-o", "{ro}/x.onnx"],
+    "finalize": ["finalize", "{d}/sd.pt", "--model", LENET, "-o", "{ro}/x.pt2"],
+    "prune": ["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "{ro}/p.pt"],
+    "validate-json": ["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
+                      "--json", "{ro}/r.json"],
+    "report": ["report", "{d}/good_report.json", "-o", "{ro}/r.md"],
+}
+
+
+@pytest.mark.parametrize("entry", list(READONLY))
+def test_read_only_output_directory(run: Runner, monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    ro = run.out / "ro"
+    ro.mkdir()
+    real_access = os.access
+
+    def access(p, mode, **kw):
+        return False if Path(p) == ro and mode & os.W_OK else real_access(p, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    args = [a.replace("{ro}", str(ro)) for a in READONLY[entry]]
+    outcome = run(*args)
+    name = Path(args[args.index("-o") + 1] if "-o" in args else args[-1]).name
+    assert list(ro.iterdir()) == []
+    ro.rmdir()
+    run.check(outcome, EXIT_INPUT, f"{ro / name}: directory {ro} is not writable; choose another output path")
+
+
+# --------------------------------------------------------------------------------------------
+# Disk full: a real kernel limit on the size of any file the process writes (RLIMIT_FSIZE, with
+# SIGXFSZ ignored so write() fails with EFBIG, as it fails with ENOSPC on a full disk). No mocks:
+# torch's C++ zip writer, onnx's protobuf writer and Python's file objects all hit it.
+
+FSIZE_LIMIT = 2000  # bytes: smaller than every output (the smallest, a JSON report, is ~3 kB)
+
+DISK_FULL = {
+    "export": (["export", "{d}/sd.pt", "--model", LENET, "-o", "x.onnx", "--no-latency", "--n-inputs", "2"],
+               "x.onnx", (xfail("BUG-H7", "the message names the private staging path"),)),
+    "finalize-pt2": (["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt2"],
+                     "x.pt2", (xfail("BUG-H5", "torch.export.save fails in C++: internal error, then abort"),)),
+    "finalize-pt": (["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt"],
+                    "x.pt", (xfail("BUG-H7", "the message names the private staging path"),)),
+    # at 4000 bytes torch's writer sees a short write (not an OSError) half-way through a record
+    "prune": (["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "p.pt"],
+              "p.pt", (xfail("BUG-H6", "torch.save into a file object raises RuntimeError"),), 4000),
+    "validate-json": (["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
+                       "--n-inputs", "2", "--json", "r.json"], "r.json", ()),
+    "report-html": (["report", "{d}/good_report.json", "-o", "r.html"], "r.html", ()),
+}
+
+
+@pytest.fixture(scope="module")
+def disk_full_runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """Run every case under the limit (tests/hostile/disk_full_driver.py: one interpreter, a fork per case)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    before = tree_digest(corpus)
+    work = tmp_path_factory.mktemp("disk_full")
+    cases = []
+    for name, (args, _out, _marks, *limit) in DISK_FULL.items():
+        out = work / name
+        out.mkdir()
+        cases.append({"name": name, "argv": [a.format(d=corpus) for a in args], "cwd": str(out),
+                      "limit": limit[0] if limit else FSIZE_LIMIT, "stderr": str(work / f"{name}.stderr")})
+    (work / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-m", "tests.hostile.disk_full_driver", str(work / "cases.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads(proc.stdout.splitlines()[-1])
+    return {"before": before, **{c["name"]: (Path(c["cwd"]), status[c["name"]], Path(c["stderr"]).read_text())
+                                 for c in cases}}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=v[2]) for n, v in DISK_FULL.items()])
+def test_disk_full_real_limit(disk_full_runs: dict, corpus: Path, name: str) -> None:
+    out, code, stderr = disk_full_runs[name]
+    target = DISK_FULL[name][1]
+    assert not (corpus / SENTINEL).exists()
+    assert tree_digest(corpus) == disk_full_runs["before"], "an input changed"
+    assert sorted(p.name for p in out.iterdir()) == [], "a partial output or staging directory was left"
+    assert code == EXIT_INPUT, (code, stderr[-2000:])
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr[-2000:]
+    assert lines[0].startswith(f"error: {target}: cannot write ("), lines[0]
+    assert lines[0].endswith("check free space and permissions"), lines[0]
+
+
+def test_disk_full_monkeypatched_report_write(run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC itself (mocked like tests/io/test_export.py): a report write that fails half-way."""
+    real_write_bytes = Path.write_bytes
+
+    def write_half(self: Path, data: bytes) -> int:
+        real_write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", write_half)
+    outcome = run("validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency", "--n-inputs", "2",
+                  "--json", "r.json")
+    run.check(outcome, EXIT_INPUT, "r.json: cannot write (No space left on device); check free space and permissions")
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus itself: the good inputs are good (so every failure above is the hostile part's)
+
+
+def test_good_inputs_pass_every_entry_point(run: Runner) -> None:
+    outcome = run("finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "ok.pt2")
+    assert outcome.code == 0, outcome.err
+    outcome = run("validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency", "--n-inputs", "2")
+    assert outcome.code == 0, outcome.err
+    outcome = run("prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "p.pt")
+    assert outcome.code == 0, outcome.err
+    outcome = run("finalize", "{d}/ckpt.pt", "-o", "c.pt2")
+    assert outcome.code == 0, outcome.err
+    outcome = run("finalize", "{d}/prog.pt2", "-o", "p2.pt2")
+    assert outcome.code == 0, outcome.err
+    assert sorted(p.name for p in run.out.iterdir()) == ["c.pt2", "ok.pt2", "p.pt", "p2.pt2"]
+    assert tree_digest(run.corpus) == run.before
+
+
+def test_sentinel_pickles_do_run_code_when_trusted(corpus: Path, tmp_path: Path) -> None:
+    """The sentinel mechanism works: plain pickle.load of the hostile file does create it."""
+    sentinel = tmp_path / "ran"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Boom(sentinel)))
+    with open(tmp_path / "evil.pkl", "rb") as fh:
+        pickle.load(fh)  # noqa: S301 - the point of the test
+    assert sentinel.exists()
