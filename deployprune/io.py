@@ -297,12 +297,17 @@ def _inspect_zip(path: Path, max_bytes: int) -> _ZipInfo | None:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            total = sum(i.file_size for i in infos)
+            # torch's reader does not check entry CRCs: a flipped byte would load as wrong weights
+            bad = zf.testzip() if total <= max_bytes else None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise InputError(
             f"{path}: the zip archive is corrupt ({_first_line(exc)}); re-save or re-copy the file"
         ) from None
     names = [i.filename for i in infos]
-    total = sum(i.file_size for i in infos)
+    if bad is not None:
+        raise InputError(f"{path}: archive entry {bad!r} fails its CRC check; the file is corrupt, "
+                         "re-save or re-copy it")
     if total > max_bytes:
         raise InputError(
             f"{path}: the archive expands to {_fmt_bytes(total)}, above the "
@@ -1218,8 +1223,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, force: bool = 
     from .fsutil import atomic_output
 
     ckpt = make_checkpoint(model, **kwargs)
-    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as fh:
-        # a file object keeps the archive's inner folder name fixed ("archive"), so the same
-        # checkpoint always produces the same bytes whatever the (temporary) file name
-        torch.save(ckpt, fh)
+    # Serialize in memory first: torch's zip writer turns a failed disk write (disk full) into a
+    # RuntimeError or worse; a plain write of finished bytes fails as an OSError -> OutputError.
+    # A file object also keeps the archive's inner folder name fixed ("archive"), so the same
+    # checkpoint always produces the same bytes whatever the (temporary) file name.
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    with atomic_output(path, force=force) as tmp:
+        tmp.write_bytes(buf.getvalue())
     return Path(path)

@@ -271,6 +271,14 @@ def ort_feed(session: Any, inputs: Sequence[torch.Tensor], *,
     feed = {}
     for spec, t in zip(declared, inputs, strict=True):
         arr = t.detach().cpu().numpy()
+        shape = list(getattr(spec, "shape", None) or [])
+        fixed = len(shape) == arr.ndim and all(
+            not isinstance(d, int) or d == n for d, n in zip(shape, arr.shape, strict=True))
+        if shape and not fixed:
+            want = "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise InputError(f"{where}: graph input {spec.name!r} expects shape {want} but the example input is "
+                             f"{'x'.join(map(str, arr.shape))}; pass --input-shape matching the artifact "
+                             "or re-export it")
         dtype = _ORT_TYPES.get(spec.type)
         if dtype is not None and arr.dtype != dtype:
             arr = arr.astype(dtype)

@@ -50,6 +50,8 @@ def normalize_masks(model: nn.Module, masks: Mapping[str, Any] | None, *, source
             raise MaskError(f"{source}: entry for module {mod_name!r} must be a dict {{param_name: mask}}, "
                             f"got {type(per_param).__name__}")
         for pname, mask in per_param.items():
+            if not isinstance(pname, str):
+                raise MaskError(f"{source}: {mod_name or '<root>'}: parameter names must be strings, got {pname!r}")
             where = f"{source}: {mod_name}.{pname}" if mod_name else f"{source}: {pname}"
             target = _param_of(module, pname)
             if target is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import shutil
@@ -132,6 +133,14 @@ def staging(dest: Path) -> Iterator[Staging]:
     stage = Staging(dest)
     try:
         yield stage
+    except OutputError as exc:
+        # a writer inside names its private staging path: name the user's output instead
+        msg = str(exc)
+        staged = str(stage.dir)
+        if staged in msg:
+            raise OutputError(msg.replace(str(Path(staged) / dest.name), str(dest)).replace(staged, str(dest.parent))
+                              ) from None
+        raise
     except OSError as exc:
         raise OutputError(
             f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
@@ -605,7 +614,9 @@ def run_finalize(
                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
                     "write a .pt checkpoint instead"
                 ) from None
-            torch.export.save(program, str(staged))
+            buf = io.BytesIO()  # in memory first: a failed disk write must be an OSError, not an abort
+            torch.export.save(program, buf)
+            staged.write_bytes(buf.getvalue())
         else:
             save_checkpoint(
                 staged,

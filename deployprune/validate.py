@@ -262,6 +262,12 @@ class ValidationReport:
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); "
                              "pass a report written by deployprune") from exc
+        except RecursionError:
+            raise InputError(f"{where}: not valid JSON (nested too deeply); pass a report written by deployprune"
+                             ) from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON (not UTF-8 text: {exc.reason}); "
+                             "pass a report written by deployprune") from None
         return cls.from_dict(data, where=where)
 
     # -- rendering ---------------------------------------------------------------------------

@@ -414,7 +414,10 @@ class PrunerConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: cannot parse config (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
         suffix = p.suffix.lower()
         try:
             if suffix == ".json":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -695,8 +696,10 @@ class Pruner:
     def save_masks(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write :meth:`masks` with ``torch.save`` (atomic; plain tensors, loadable weights_only)."""
         masks = self.masks()
+        buf = io.BytesIO()  # in memory first: a failed disk write is then a plain OSError
+        torch.save(masks, buf)
         with atomic_output(path, force=force) as tmp:
-            torch.save(masks, tmp)
+            tmp.write_bytes(buf.getvalue())
         return Path(path)
 
     @staticmethod
