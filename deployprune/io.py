@@ -912,6 +912,7 @@ class LoadedModel:
     arch: str | None = None
     input_shapes: list[InputShape] = field(default_factory=list)
     compact: bool = False
+    files: tuple[Path, ...] = ()  # every file read (model, masks): outputs must never replace them
 
     @property
     def has_masks(self) -> bool:
@@ -1026,6 +1027,7 @@ def load_model(
         arch=arch,
         input_shapes=list(shapes or []),
         compact=compact,
+        files=tuple(Path(p) for p in (path, masks) if p is not None),
     )
     if check_forward:
         check_runs(loaded.model, loaded.example_inputs, where, user_given=bool(user_shapes))

@@ -330,10 +330,12 @@ def run_export(
     if resolver is not None and hasattr(converter, "OPTIONS"):
         resolver(target, converter.OPTIONS, options)  # reject unknown/mistyped options before work
     out_path = Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
-    check_not_input(out_path, loaded.source)
+    inputs = loaded.files or (loaded.source,)
+    check_not_input(out_path, *inputs)
     check_writable(out_path, force=force)
     rpath = report_path_for(out_path) if (validate and write_report) else None
     if rpath is not None:
+        check_not_input(rpath, *inputs)
         check_writable(rpath, force=force)
 
     seconds: dict[str, float] = {}
@@ -598,7 +600,7 @@ def run_finalize(
             f"{out_path}: a checkpoint needs the model's architecture, which {loaded.source} "
             f"({loaded.kind}) does not name; write a .pt2 file instead"
         )
-    check_not_input(out_path, loaded.source)
+    check_not_input(out_path, *(loaded.files or (loaded.source,)))
     check_writable(out_path, force=force)
     comp = compact_loaded(loaded)
     from .io import load_model, save_checkpoint
