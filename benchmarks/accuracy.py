@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # python benchmarks/accuracy.py
 import deployprune as dp  # noqa: E402
 import models  # noqa: E402
 from deployprune.data import digits  # noqa: E402
+from deployprune.latency import LatencyConfig  # noqa: E402
 from deployprune.pipeline import count_params  # noqa: E402
 from deployprune.training import evaluate, finetune  # noqa: E402
 
@@ -72,15 +73,18 @@ class Row:
     params_compact: int
     macs_dense: int | None
     macs_compact: int | None
-    latency_dense_ms: float | None
+    latency_dense_ms: float | None  # batch 1
     latency_compact_ms: float | None
     latency_ratio: float | None
+    latency_dense_ms_b256: float | None  # batch 256
+    latency_compact_ms_b256: float | None
+    latency_ratio_b256: float | None
     onnx_passed: bool
     seconds: float
 
 
 def onnx_accuracy(path: Path, loader) -> float:
-    """Top-1 accuracy of an ONNX file in onnxruntime, one image at a time (the export has batch 1)."""
+    """Top-1 accuracy of an ONNX file (exported with a dynamic batch axis) in onnxruntime."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -89,10 +93,9 @@ def onnx_accuracy(path: Path, loader) -> float:
     name = sess.get_inputs()[0].name
     correct = total = 0
     for x, y in loader:
-        for i in range(x.shape[0]):
-            out = sess.run(None, {name: x[i : i + 1].numpy()})[0]
-            correct += int(np.argmax(out, 1)[0] == int(y[i]))
-            total += 1
+        out = sess.run(None, {name: x.numpy()})[0]
+        correct += int((np.argmax(out, 1) == y.numpy()).sum())
+        total += int(y.shape[0])
     return correct / total
 
 
@@ -143,12 +146,16 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> Row:
     sres = finetune(struct, spruner, train, val, epochs=args.struct_epochs, optimizer_kwargs={"lr": args.finetune_lr},
                     criterion="torch.nn.NLLLoss", seed=seed, progress=False, **_cosine(args.struct_epochs))
     compact = spruner.finalize()
-    dense_onnx = dp.export(dense, EXAMPLE, work / f"dense_{seed}.onnx", force=True)
-    compact_onnx = dp.export(compact, EXAMPLE, work / f"compact_{seed}.onnx", force=True)
-    report = dp.validate(compact, compact_onnx, EXAMPLE, dense_artifact=dense_onnx, latency=not args.no_latency)
+    dense_onnx = dp.export(dense, EXAMPLE, work / f"dense_{seed}.onnx", force=True, dynamic_batch=True)
+    compact_onnx = dp.export(compact, EXAMPLE, work / f"compact_{seed}.onnx", force=True, dynamic_batch=True)
+    timing = LatencyConfig(batch_sizes=(1, 256), repeats=100, threads=1)
+    report = dp.validate(compact, compact_onnx, EXAMPLE, dense_artifact=dense_onnx,
+                         latency=False if args.no_latency else timing)
     lat = report.latency
     ld = lat.get("dense", "onnxruntime") if lat else None
     lc = lat.get("artifact", "onnxruntime") if lat else None
+    ld256 = lat.get("dense", "onnxruntime", batch_size=256) if lat else None
+    lc256 = lat.get("artifact", "onnxruntime", batch_size=256) if lat else None
     return Row(
         seed=seed,
         dense_acc=dense_acc,
@@ -166,6 +173,9 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> Row:
         latency_dense_ms=ld.median_ms if ld else None,
         latency_compact_ms=lc.median_ms if lc else None,
         latency_ratio=(ld.median_ms / lc.median_ms) if (ld and lc and lc.median_ms > 0) else None,
+        latency_dense_ms_b256=ld256.median_ms if ld256 else None,
+        latency_compact_ms_b256=lc256.median_ms if lc256 else None,
+        latency_ratio_b256=(ld256.median_ms / lc256.median_ms) if (ld256 and lc256 and lc256.median_ms > 0) else None,
         onnx_passed=bool(report.passed),
         seconds=time.perf_counter() - t0,
     )
@@ -194,22 +204,33 @@ def print_tables(rows: list[Row]) -> None:
     print()
     print("B. 50% structured conv channels, one shot + fine-tuning + finalize + ONNX (accuracy %, onnxruntime)")
     head = (f"{'seed':>4} {'dense':>7} {'1-shot':>7} {'tuned':>7} {'onnx':>7} {'params':>13} {'MACs':>15} "
-            f"{'ms dense':>9} {'ms pruned':>9} {'ratio':>6} {'parity':>6}")
+            f"{'ratio b1':>9} {'ratio b256':>11} {'parity':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         macs = f"{r.macs_dense:,}->{r.macs_compact:,}" if r.macs_dense and r.macs_compact else "-"
-        ms_d = f"{r.latency_dense_ms:.4f}" if r.latency_dense_ms else "-"
-        ms_c = f"{r.latency_compact_ms:.4f}" if r.latency_compact_ms else "-"
-        ratio = f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-"
         print(f"{r.seed:>4} {_pct(r.dense_acc):>7} {_pct(r.struct_oneshot_acc):>7} {_pct(r.struct_finetuned_acc):>7} "
               f"{_pct(r.struct_onnx_acc):>7} {f'{r.params_dense:,}->{r.params_compact:,}':>13} {macs:>15} "
-              f"{ms_d:>9} {ms_c:>9} {ratio:>6} {'PASS' if r.onnx_passed else 'FAIL':>6}")
+              f"{_ratio(r.latency_dense_ms, r.latency_compact_ms):>9} "
+              f"{_ratio(r.latency_dense_ms_b256, r.latency_compact_ms_b256):>11} "
+              f"{'PASS' if r.onnx_passed else 'FAIL':>6}")
     print(f"{'mean':>4} {_pct(md):>7} {_pct(_mean([r.struct_oneshot_acc for r in rows])):>7} "
           f"{_pct(_mean([r.struct_finetuned_acc for r in rows])):>7} "
-          f"{_pct(_mean([r.struct_onnx_acc for r in rows])):>7}"
-          + (f" {'':>13} {'':>15} {'':>9} {'':>9} {_mean([r.latency_ratio for r in rows]):>5.2f}x"
-             if _mean([r.latency_ratio for r in rows]) else ""))
+          f"{_pct(_mean([r.struct_onnx_acc for r in rows])):>7}")
+    if any(r.latency_dense_ms for r in rows):
+        print()
+        print("onnxruntime median latency, ms per call (1 thread, interleaved): dense / pruned")
+        for r in rows:
+            print(f"  seed {r.seed}: batch 1 {_ms(r.latency_dense_ms)} / {_ms(r.latency_compact_ms)}, "
+                  f"batch 256 {_ms(r.latency_dense_ms_b256)} / {_ms(r.latency_compact_ms_b256)}")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

@@ -32,10 +32,15 @@ from deployprune.pipeline import count_params
 from deployprune.training import evaluate, finetune
 
 
+def cosine(epochs: int) -> dict:
+    """finetune() options: Adam's learning rate decays to 0 along a cosine over the run (per epoch)."""
+    return {"lr_scheduler": "torch.optim.lr_scheduler.CosineAnnealingLR", "lr_scheduler_kwargs": {"T_max": epochs}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-epochs", type=int, default=15, help="dense training epochs")
-    ap.add_argument("--finetune-epochs", type=int, default=6, help="fine-tuning epochs after pruning")
+    ap.add_argument("--train-epochs", type=int, default=20, help="dense training epochs")
+    ap.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs after pruning")
     ap.add_argument("--quick", action="store_true", help="one epoch of each phase (smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="directory for the ONNX files (default: temp)")
     ap.add_argument("--seed", type=int, default=0)
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.quick:
         args.train_epochs, args.finetune_epochs = 1, 1
 
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread
     torch.manual_seed(args.seed)
     train, val = digits(batch_size=32, seed=args.seed)
     model = models.build("mnist_net_digits")
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 1. dense training
     finetune(model, None, train, val, epochs=args.train_epochs, optimizer_kwargs={"lr": 3e-3},
-             criterion="torch.nn.NLLLoss", seed=args.seed)
+             criterion="torch.nn.NLLLoss", seed=args.seed, **cosine(args.train_epochs))
     dense = copy.deepcopy(model).eval()
     dense_acc = evaluate(dense, val)["accuracy"]
 
@@ -63,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     oneshot_acc = evaluate(model, val)["accuracy"]
 
     # 3. fine-tune with the masks attached (constant schedule: masks fixed at step 0)
-    result = finetune(model, pruner, train, val, epochs=args.finetune_epochs, optimizer_kwargs={"lr": 1e-3},
-                      criterion="torch.nn.NLLLoss", seed=args.seed)
+    result = finetune(model, pruner, train, val, epochs=args.finetune_epochs, optimizer_kwargs={"lr": 3e-3},
+                      criterion="torch.nn.NLLLoss", seed=args.seed, **cosine(args.finetune_epochs))
     print(pruner.summary())
 
     # 4. speedup: a physically smaller model with the masked model's outputs

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, InputError, UnsupportedError, UsageError
-from .loop import TrainResult, evaluate, finetune, import_object
+from .loop import TrainResult, _build, evaluate, finetune, import_object
 
 log = logging.getLogger("deployprune.training")
 
@@ -116,7 +116,9 @@ def prune_loaded(
         if acc_before is not None:
             lines.append(f"accuracy:   {acc_before:.4f} before pruning (validation data)")
 
-    pruner = Pruner(model, config, loaded.example_inputs)
+    # data-driven criteria (apoz, mean_activation, taylor) read batches of the training data
+    loss_fn = _build(criterion, "criterion", (), criterion_kwargs) if train_loader is not None else None
+    pruner = Pruner(model, config, loaded.example_inputs, data=train_loader, loss_fn=loss_fn)
     result = None
     if epochs > 0 and train_loader is not None:
         result = finetune(model, pruner, train_loader, val_loader, epochs=epochs, optimizer=optimizer,
