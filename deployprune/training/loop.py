@@ -470,16 +470,19 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
     history: list[dict[str, Any]] = []
     if state is not None:
         try:
+            if pruner is not None:  # first: its errors name the config mismatch precisely
+                if state.get("pruner") is None:
+                    raise InputError(f"{ckpt_path}: was written without a pruner; resume it without one")
+                try:
+                    pruner.load_state_dict(state["pruner"])
+                except DeployPruneError as exc:
+                    raise type(exc)(f"{ckpt_path}: {exc}") from None
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             if sched is not None:
                 if state.get("lr_scheduler") is None:
                     raise InputError(f"{ckpt_path}: was written without an lr_scheduler; resume with the same options")
                 sched.load_state_dict(state["lr_scheduler"])
-            if pruner is not None:
-                if state.get("pruner") is None:
-                    raise InputError(f"{ckpt_path}: was written without a pruner; resume it without one")
-                pruner.load_state_dict(state["pruner"])
         except DeployPruneError:
             raise
         except Exception as exc:  # noqa: BLE001 - state from another model/config

@@ -138,3 +138,33 @@ def test_scenario_runs_prune_finalize_export_validate(workdir: Path):
     (workdir / "bad.json").write_text(json.dumps(scenario))
     proc = run("run", "bad.json", cwd=workdir)
     assert "unknown key 'finetunning' (did you mean 'finetuning'?)" in one_line_error(proc, 2)
+
+
+def test_cli_resume_matches_uninterrupted_run(workdir: Path, monkeypatch, capsys):
+    """--resume through the command line (in-process): 1 epoch + resumed 2nd == 2 epochs at once."""
+    from deployprune import cli
+
+    monkeypatch.chdir(workdir)
+    common = ["prune", "net.pt", "--config", "prune.json", "--data", "digits", "--batch-size", "128",
+              "--lr-scheduler", "torch.optim.lr_scheduler.StepLR", "--lr-scheduler-arg", "step_size=1",
+              "--no-progress"]
+    assert cli.main([*common, "--epochs", "2", "--checkpoint-dir", "full", "-o", "full.pt"]) == 0
+    assert cli.main([*common, "--epochs", "1", "--checkpoint-dir", "cut", "-o", "first.pt"]) == 0
+    assert cli.main([*common, "--epochs", "2", "--checkpoint-dir", "cut", "--resume", "-o", "resumed.pt"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("epoch   2:") == 2
+    full = torch.load(workdir / "full.pt", weights_only=True)
+    resumed = torch.load(workdir / "resumed.pt", weights_only=True)
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    for m, per in full["masks"].items():
+        for p, t in per.items():
+            assert torch.equal(t, resumed["masks"][m][p]), (m, p)
+    # a mismatched config is refused with one line, naming what to do
+    (workdir / "other.json").write_text(json.dumps({"target_sparsity": 0.3}))
+    args = [*common[:3], "other.json", *common[4:], "--epochs", "3", "--checkpoint-dir", "cut", "--resume",
+            "-o", "x.pt"]
+    assert cli.main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume with the config that made the checkpoint" in err[0], err
