@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deployprune as dp
+from deployprune.finalize import channel_groups
 
-from .helpers import RTOL, masked_copy, param_count, relative_error
+from .helpers import (
+    RTOL,
+    expected_param_shapes,
+    group_masks,
+    masked_copy,
+    param_count,
+    param_shapes,
+    relative_error,
+)
 
 _PROFILES = {
     "ci": settings(max_examples=60, deadline=None, derandomize=True, print_blob=True,
@@ -54,7 +64,7 @@ class Op:
 class Spec:
     in_ch: int
     ops: tuple[Op, ...]
-    head: str  # "mean" (global average, Linear-ReLU-Linear) | "flatten" (flatten into Linear)
+    head: str  # "mean" (global average, Linear-ReLU-Linear) | "flatten" (flatten into Linear), of every leaf
     hidden: int
     classes: int
     seed: int
@@ -121,6 +131,12 @@ def shapes_of(spec: Spec) -> list[tuple[int, int]]:
     return shapes
 
 
+def leaves(spec: Spec) -> list[int]:
+    """Indices of the tensors no op reads (the last one always among them)."""
+    read = {i for op in spec.ops for i in op.srcs}
+    return [i for i in range(1, len(spec.ops) + 1) if i not in read]
+
+
 class SpecNet(nn.Module):
     """The module a spec describes; forward walks the (static) spec, so torch.fx unrolls it."""
 
@@ -145,8 +161,8 @@ class SpecNet(nn.Module):
             else:
                 layers.append(nn.Identity())
         self.layers = nn.ModuleList(layers)
-        c, side = shapes[-1]
-        features = c if spec.head == "mean" else c * side * side
+        self.leaves = leaves(spec)
+        features = sum(shapes[i][0] if spec.head == "mean" else shapes[i][0] * shapes[i][1] ** 2 for i in self.leaves)
         self.fc1 = nn.Linear(features, spec.hidden)
         self.fc2 = nn.Linear(spec.hidden, spec.classes)
         self.eval()
@@ -165,8 +181,9 @@ class SpecNet(nn.Module):
                 ts.append(torch.cat([ts[i] for i in op.srcs], dim=1))
             else:
                 ts.append(F.max_pool2d(a, 2))
-        y = ts[-1]
-        y = y.mean((2, 3)) if self.spec.head == "mean" else torch.flatten(y, 1)
+        # every tensor nothing else reads feeds the head, so no layer is dead code
+        feats = [ts[i].mean((2, 3)) if self.spec.head == "mean" else torch.flatten(ts[i], 1) for i in self.leaves]
+        y = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         return self.fc2(F.relu(self.fc1(y)))
 
 
@@ -203,7 +220,7 @@ def element_masks(model: SpecNet, data: st.DataObject) -> dict:
     return masks
 
 
-def _check(spec: Spec, masks: dict) -> None:
+def _check(spec: Spec, masks: dict) -> Any:
     model = SpecNet(spec)
     g = torch.Generator().manual_seed(spec.seed % 1000)
     example = torch.randn(1, spec.in_ch, SIDE, SIDE, generator=g)
@@ -218,6 +235,7 @@ def _check(spec: Spec, masks: dict) -> None:
             assert err <= RTOL, f"relative error {err:.3g} for {spec}"
     assert param_count(r.model) <= param_count(model)
     assert r.params_after == param_count(r.model)
+    return r
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -236,6 +254,42 @@ def test_random_graph_element_masks_parity(spec: Spec, data: st.DataObject) -> N
     masks = element_masks(SpecNet(spec), data)
     assume(masks)
     _check(spec, masks)
+
+
+def _check_groups(spec: Spec, seed: int, ratio: float) -> bool:
+    """Group masks on the spec's model: parity, and exactly the shapes the removed groups imply.
+
+    Returns False when no group had anything to remove.
+    """
+    model = SpecNet(spec)
+    example = torch.randn(1, spec.in_ch, SIDE, SIDE, generator=torch.Generator().manual_seed(seed % 1000))
+    groups = channel_groups(model, (example,))
+    masks, removed = group_masks(model, groups, seed=seed, ratio=ratio)
+    if not masks:
+        return False
+    r = _check(spec, masks)
+    expected = expected_param_shapes(model, groups, removed)
+    got = param_shapes(r.model)
+    wrong = {k: (expected[k], got.get(k)) for k in expected if got.get(k) != expected[k]}
+    assert not wrong, f"(expected, got) per parameter: {wrong} for {spec}"
+    return True
+
+
+@pytest.mark.filterwarnings("ignore")
+@PROFILE
+@given(spec=specs(), seed=st.integers(0, 2**31 - 1), ratio=st.sampled_from([0.3, 0.5, 0.8]))
+def test_random_graph_group_masks_exact_accounting(spec: Spec, seed: int, ratio: float) -> None:
+    """Masks chosen per channel group: parity, and exactly the parameter shapes the removed groups imply."""
+    assume(_check_groups(spec, seed, ratio))
+
+
+def test_group_reaching_one_concat_by_two_paths_lists_both_positions() -> None:
+    """conv -> cat([conv, x]) -> mean and conv -> BN -> mean both end in the head's concat: the conv's
+    group must own both positions in fc1's input (found by the property test above)."""
+    spec = Spec(in_ch=2, ops=(Op("conv", (0,), out=4, kernel=1), Op("cat", (1, 0)), Op("bn", (1,))),
+                head="mean", hidden=3, classes=2, seed=0)
+    assert leaves(spec) == [2, 3]
+    assert _check_groups(spec, seed=0, ratio=0.5)
 
 
 def test_spec_net_examples_cover_every_op() -> None:
