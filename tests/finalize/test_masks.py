@@ -118,3 +118,51 @@ def test_bool_and_integer_masks_are_accepted(lenet: nn.Module) -> None:
     c = dp.compact(lenet, _x(), {"conv1": {"weight": m.numpy()}})
     assert a.params_after == b.params_after == c.params_after < param_count(lenet)
     assert a.model.conv1.out_channels == 4
+
+
+# ---------------------------------------------------------------------------- masks attached to the model
+
+
+class _MaskParam(nn.Module):
+    """A parametrization carrying ``mask``, as deployprune's Pruner and torch.ao.pruning attach them."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def test_masks_none_uses_attached_parametrizations(lenet: nn.Module) -> None:
+    from torch.nn.utils import parametrize
+
+    mask = _conv1_mask(lenet)
+    parametrize.register_parametrization(lenet.conv1, "weight", _MaskParam(mask))
+    before = snapshot(lenet)
+    r = dp.compact(lenet, _x(), None)
+    assert_untouched(lenet, before)
+    assert parametrize.is_parametrized(lenet.conv1)
+    assert not parametrize.is_parametrized(r.model.conv1)
+    assert (r.model.conv1.out_channels, r.model.conv2.in_channels) == (4, 4)
+    with torch.no_grad():
+        for x in parity_inputs("lenet"):
+            want, got = lenet(*x), r.model(*x)
+            assert float((want - got).abs().max()) <= RTOL * float(want.abs().max())
+
+
+def test_masks_none_uses_torch_nn_utils_prune_masks(lenet: nn.Module) -> None:
+    """Models pruned with torch.nn.utils.prune (weight_orig + weight_mask + pre-hook) compact too."""
+    from torch.nn.utils import prune
+
+    prune.ln_structured(lenet.conv1, "weight", amount=0.5, n=2, dim=0)
+    kept = int(lenet.conv1.weight_mask[:, 0, 0, 0].sum())
+    before = snapshot(lenet)
+    r = dp.compact(lenet, _x(), None)
+    assert_untouched(lenet, before)
+    assert r.model.conv1.out_channels == kept == 3
+    assert not r.model.conv1._forward_pre_hooks and "weight" in dict(r.model.conv1.named_parameters())
+    with torch.no_grad():
+        for x in parity_inputs("lenet"):
+            want, got = lenet(*x), r.model(*x)
+            assert float((want - got).abs().max()) <= RTOL * float(want.abs().max())
