@@ -344,7 +344,7 @@ MODEL_FILES = [
     ("state_dict-truncated-tail", "trunc_sd_tail.pt", ["--model", LENET], EXIT_INPUT, "truncated or corrupt", ()),
     ("checkpoint-truncated", "trunc_ckpt.pt", [], EXIT_INPUT, "truncated or corrupt", ()),
     ("state_dict-bitflip", "bitflip_sd.pt", ["--model", LENET], EXIT_INPUT, "corrupt",
-     (xfail("BUG-H2", "torch does not check zip CRCs: a flipped byte in tensor data loads silently"),)),
+     ()),
     ("code-running-pickle", "evil_raw.pt", ["--input-shape", "1,1,28,28"], EXIT_INPUT,
      "loading it would run code from the file", ()),
     ("code-running-torch-save", "evil_zip.pt", ["--input-shape", "1,1,28,28"], EXIT_INPUT,
@@ -400,7 +400,7 @@ MASKS = [
     ("integer-two", "m_int_two.pt", "mask is not binary (found 2)", ()),
     ("list-not-dict", "m_list.pt", "expected masks as a dict", ()),
     ("module-key-int", "m_int_module_key.pt", "module names must be strings", ()),
-    ("param-key-int", "m_int_param_key.pt", "conv1", (xfail("BUG-H1", "a non-string parameter key is a TypeError"),)),
+    ("param-key-int", "m_int_param_key.pt", "conv1", ()),
     ("flat-tensor-not-dict", "m_flat.pt", "entry for module 'conv1' must be a dict", ()),
     ("unknown-module", "m_unknown_module.pt", "module 'conv9' does not exist in the model", ()),
     ("unknown-param", "m_unknown_param.pt", "has no parameter 'gamma'", ()),
@@ -450,7 +450,7 @@ CONFIGS = [
     ("yaml-python-tag", "c_evil.yaml", "cannot parse config", ()),
     ("yaml-python-tag-value", "c_evil_value.yaml", "cannot parse config", ()),
     ("unknown-suffix", "c_config.txt", "unknown config format '.txt'", ()),
-    ("not-utf8", "c_not_utf8.json", "cannot parse config", (xfail("BUG-H4", "UnicodeDecodeError escapes"),)),
+    ("not-utf8", "c_not_utf8.json", "cannot parse config", ()),
 ]
 
 
@@ -491,9 +491,9 @@ ARTIFACTS = [
     ("onnx-external-data-escapes", ["{d}/a_escape.onnx"], "{d}/a_escape.onnx: ", ()),
     ("onnx-missing", ["{d}/a_nope.onnx"], "{d}/a_nope.onnx: ", ()),
     ("onnx-other-model-rank", ["{d}/a_other_rank.onnx"], "{d}/a_other_rank.onnx: ",
-     (xfail("BUG-H3", "an input rank mismatch is an onnxruntime InvalidArgument, reported as internal"),)),
+     ()),
     ("onnx-static-batch-mismatch", ["{d}/good.onnx", "--input-shape", "2,1,28,28"], "{d}/good.onnx: ",
-     (xfail("BUG-H3", "an input batch mismatch is an onnxruntime InvalidArgument, reported as internal"),)),
+     ()),
 ]
 
 
@@ -517,7 +517,7 @@ REPORTS = [
     ("list", "r_list.json", "expected a JSON object, got list", ()),
     ("binary", "r_binary.json", "cannot read report", ()),
     ("empty", "r_empty.json", "", ()),
-    ("deeply-nested", "r_deep.json", "", (xfail("BUG-H9", "RecursionError from json.loads escapes"),)),
+    ("deeply-nested", "r_deep.json", "", ()),
     ("wrong-fields", "r_wrong_fields.json", "", ()),
 ]
 
@@ -563,11 +563,9 @@ OVERWRITES = [
      "{d}/sd.pt", ()),
     ("export-o-model", ["export", "{d}/sd.pt", "--model", LENET, "-o", "{d}/sd.pt"], "{d}/sd.pt", ()),
     ("finalize-o-masks", ["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt",
-                          "-o", "{d}/masks_ok.pt"], "{d}/masks_ok.pt",
-     (xfail("BUG-H8", "-o naming --masks replaces the masks file"),)),
+                          "-o", "{d}/masks_ok.pt"], "{d}/masks_ok.pt", ()),
     ("export-o-masks", ["export", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt",
-                        "-o", "{d}/masks_ok.pt", "--no-latency", "--n-inputs", "2"], "{d}/masks_ok.pt",
-     (xfail("BUG-H8", "-o naming --masks is not refused"),)),
+                        "-o", "{d}/masks_ok.pt", "--no-latency", "--n-inputs", "2"], "{d}/masks_ok.pt", ()),
     ("prune-o-config", ["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "{d}/cfg.json"],
      "{d}/cfg.json", (xfail("BUG-H8", "-o naming --config replaces the config"),)),
     ("validate-json-model", ["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
@@ -633,14 +631,14 @@ FSIZE_LIMIT = 2000  # bytes: smaller than every output (the smallest, a JSON rep
 
 DISK_FULL = {
     "export": (["export", "{d}/sd.pt", "--model", LENET, "-o", "x.onnx", "--no-latency", "--n-inputs", "2"],
-               "x.onnx", (xfail("BUG-H7", "the message names the private staging path"),)),
+               "x.onnx", ()),
     "finalize-pt2": (["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt2"],
-                     "x.pt2", (xfail("BUG-H5", "torch.export.save fails in C++: internal error, then abort"),)),
+                     "x.pt2", ()),
     "finalize-pt": (["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt"],
-                    "x.pt", (xfail("BUG-H7", "the message names the private staging path"),)),
+                    "x.pt", ()),
     # at 4000 bytes torch's writer sees a short write (not an OSError) half-way through a record
     "prune": (["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "p.pt"],
-              "p.pt", (xfail("BUG-H6", "torch.save into a file object raises RuntimeError"),), 4000),
+              "p.pt", (), 4000),
     "validate-json": (["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency",
                        "--n-inputs", "2", "--json", "r.json"], "r.json", ()),
     "report-html": (["report", "{d}/good_report.json", "-o", "r.html"], "r.html", ()),
