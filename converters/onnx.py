@@ -141,7 +141,8 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         del proto  # saving with external data moved the tensors out; do not reuse
         _check(tmp, path)
         if opts["verify"]:
-            verify_meta = _verify_onnxruntime(tmp, path, feeds, out_names, reference, opts["tolerance"])
+            verify_meta = _verify_onnxruntime(tmp, path, feeds, out_names, reference, opts["tolerance"],
+                                              rounding=lambda: _fp32_rounding(model, inputs, reference))
         if external:
             _relocate_external_data(tmp, path.name + EXTERNAL_SUFFIX)
 
@@ -553,8 +554,23 @@ def _check(tmp: Path, path: Path) -> None:
                                f"{_one_line(str(exc))}") from exc
 
 
+def _fp32_rounding(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[np.ndarray]) -> float:
+    """How far torch's own fp32 output is from an fp64 run of the same model (its rounding noise)."""
+    import copy
+
+    try:
+        m64 = copy.deepcopy(model).double()
+        with eval_mode(m64):
+            ref64 = run_torch(m64, tuple(t.double() if t.is_floating_point() else t for t in inputs))
+    except Exception:  # noqa: BLE001 - a model that cannot run in fp64 gets no allowance
+        return 0.0
+    return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                for a, b in zip(reference, ref64, strict=True) if np.size(a)), default=0.0)
+
+
 def _verify_onnxruntime(tmp: Path, path: Path, feeds: dict[str, np.ndarray], out_names: list[str],
-                        reference: list[np.ndarray], tolerance: float) -> dict[str, Any]:
+                        reference: list[np.ndarray], tolerance: float,
+                        rounding: Any = None) -> dict[str, Any]:
     import onnxruntime as ort
 
     try:
@@ -564,6 +580,12 @@ def _verify_onnxruntime(tmp: Path, path: Path, feeds: dict[str, np.ndarray], out
         raise ValidationFailed(f"{path}: onnxruntime cannot run the exported model: "
                                f"{_one_line(str(exc))}") from exc
     rel, err = parity(reference, outputs)
+    if not rel <= tolerance and rounding is not None and np.isfinite(err):
+        # An output that nearly cancels makes the relative figure meaningless: accept an error
+        # within a few times torch's own fp32 rounding of this very output.
+        noise = rounding()
+        if err <= 8 * noise:
+            return {"ort_max_abs_error": err, "ort_relative_error": rel, "torch_fp32_rounding": noise}
     if not rel <= tolerance:
         raise ValidationFailed(
             f"{path}: onnxruntime output differs from torch (max abs error {err:.3g} = {rel:.3g} of the "
