@@ -100,7 +100,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if epochs > 0 and not args.data:
         raise UsageError(f"--epochs {epochs} needs --data (digits or package.module:function)")
     out = Path(args.output) if args.output else default_output(Path(args.model_path), ".pruned.pt")
-    check_not_input(out, Path(args.model_path))
+    check_not_input(out, Path(args.model_path), Path(args.config), Path(args.masks) if args.masks else None)
     config = args.config
     if not Path(config).is_file():
         from ..errors import InputError

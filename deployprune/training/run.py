@@ -211,7 +211,13 @@ def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: scenario file not found")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise ConfigError(f"{p}: not valid {kind} (not UTF-8 text); save the scenario as UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read the scenario file ({exc.strerror or exc})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
