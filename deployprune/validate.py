@@ -793,6 +793,16 @@ def _localize_torch(source: nn.Module, artifact: nn.Module, inputs: tuple[torch.
 def _coreml_readback(path: Path, source: nn.Module,
                      example_inputs: tuple[torch.Tensor, ...]) -> tuple[bool, list[str], dict]:
     """Linux: the converter's read-back verification (weights of the saved program vs torch)."""
+    from torch.nn.utils import parametrize
+
+    if any(parametrize.is_parametrized(m) for m in source.modules()):
+        # masks attached by a pruner: compare against the plain masked weights
+        import copy
+
+        from .masks import strip_parametrizations_
+
+        source = copy.deepcopy(source)
+        strip_parametrizations_(source, leave_parametrized=True)
     try:
         from converters.coreml import verify_coreml  # type: ignore[import-not-found]
     except ImportError as exc:
