@@ -78,6 +78,12 @@ class Row:
     size_ratio: float
     rel_err: float
     heads: bool = False
+    round_to: int = 1
+
+    @property
+    def pruned(self) -> str:
+        heads = " +heads" if self.heads else ""
+        return f"{self.level:.0%}{heads}" + (f" r{self.round_to}" if self.round_to > 1 else "")
 
     def lat_ratio(self, batch: int) -> float:
         d, c = self.lat_dense_ms.get(batch), self.lat_compact_ms.get(batch)
@@ -127,7 +133,8 @@ def export(model: torch.nn.Module, x: tuple[torch.Tensor, ...], path: Path) -> P
 
 
 def bench_model(name: str, levels: tuple[float, ...], config: LatencyConfig, work: Path,
-                round_to: int = 1) -> list[Row]:
+                round_tos: tuple[int, ...] = (1,)) -> list[Row]:
+    """All variants of one model (levels x round_to) timed with its dense export in one loop."""
     model = models.build(name)
     x = models.example_inputs(name)
     shape = "x".join(str(s) for s in x[0].shape[1:])
@@ -137,19 +144,21 @@ def bench_model(name: str, levels: tuple[float, ...], config: LatencyConfig, wor
     runners = [OrtRunner(dense_path, config, role="dense", label=f"{name} dense")]
     partial = []
     for level in levels:
-        masks = structured_masks(model, x, level, round_to)
-        t0 = time.perf_counter()
-        result = dp.compact(model, x, masks)
-        finalize_s = time.perf_counter() - t0
-        small = result.model
-        path = export(small, x, work / f"{name}.{int(level * 100)}.onnx")
-        runners.append(OrtRunner(path, config, role=f"c{int(level * 100)}", label=f"{name} {level:.0%}"))
-        partial.append((level, result, small, finalize_s, path))
-        print(f"  {name} {level:.0%}: finalize {finalize_s:.2f} s", file=sys.stderr, flush=True)
+        for round_to in round_tos:
+            masks = structured_masks(model, x, level, round_to)
+            t0 = time.perf_counter()
+            result = dp.compact(model, x, masks)
+            finalize_s = time.perf_counter() - t0
+            small = result.model
+            role = f"c{int(level * 100)}r{round_to}"
+            path = export(small, x, work / f"{name}.{role}.onnx")
+            runners.append(OrtRunner(path, config, role=role, label=f"{name} {level:.0%} round_to {round_to}"))
+            partial.append((level, round_to, role, result, small, finalize_s, path))
+            print(f"  {name} {level:.0%} round_to {round_to}: finalize {finalize_s:.2f} s", file=sys.stderr,
+                  flush=True)
     timing = measure(runners, x, config)
     rows = []
-    for level, result, small, finalize_s, path in partial:
-        role = f"c{int(level * 100)}"
+    for level, round_to, role, result, small, finalize_s, path in partial:
         dense_ms, comp_ms, dense_min, comp_min = {}, {}, {}, {}
         for b in config.batch_sizes:
             d, c = timing.get("dense", batch_size=b), timing.get(role, batch_size=b)
@@ -164,7 +173,7 @@ def bench_model(name: str, levels: tuple[float, ...], config: LatencyConfig, wor
                         min_compact_ms=comp_min, finalize_s=finalize_s,
                         size_ratio=file_size(dense_path) / file_size(path),
                         rel_err=result.max_abs_error / max(result.output_scale, 1e-30),
-                        heads="module_name_configs" in structured_config(model, level)))
+                        heads="module_name_configs" in structured_config(model, level), round_to=round_to))
     for note in timing.notes:
         print(f"  note: {note}", file=sys.stderr)
     return rows
@@ -184,8 +193,7 @@ def _f(x: float, digits: int = 2) -> str:
 def table_cells(rows: list[Row]) -> list[list[str]]:
     out = []
     for r in rows:
-        pruned = f"{r.level:.0%}" + (" +heads" if r.heads else "")
-        out.append([r.model, r.input, pruned, _f(r.macs_ratio), _f(r.lat_ratio(1)), _f(r.lat_ratio(8)),
+        out.append([r.model, r.input, r.pruned, _f(r.macs_ratio), _f(r.lat_ratio(1)), _f(r.lat_ratio(8)),
                     _f(r.efficiency(1)), _f(r.efficiency(8)), _f(r.min_efficiency(1)), _f(r.min_efficiency(8)),
                     _f(r.lat_dense_ms.get(1, math.nan)),
                     _f(r.lat_dense_ms.get(8, math.nan), 1), _f(r.finalize_s), _f(r.size_ratio),
@@ -220,7 +228,7 @@ def verdict_lines(rows: list[Row]) -> list[str]:
             continue
         effs = {b: r.efficiency(b) for b in BATCHES}
         ok = all(math.isfinite(e) and e >= TARGET for e in effs.values())
-        out.append(f"{r.model} 50%: efficiency b1 {_f(effs[1])}, b8 {_f(effs[8])} -> "
+        out.append(f"{r.model} {r.pruned}: efficiency b1 {_f(effs[1])}, b8 {_f(effs[8])} -> "
                    f"{'meets' if ok else 'BELOW'} the {TARGET} target")
     return out
 
@@ -316,13 +324,13 @@ def write_results(rows: list[Row], out: Path, head: str, load_start: str, load_e
 
 
 def run(names: list[str], levels: tuple[float, ...], config: LatencyConfig, out: Path | None,
-        round_to: int = 1) -> list[Row]:
+        round_tos: tuple[int, ...] = (1,)) -> list[Row]:
     load_start = load_average()
     print(f"compaction benchmark: {header(config)}; load average {load_start} at start", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dp-bench-") as tmp:
         for name in names:
-            rows += bench_model(name, levels, config, Path(tmp), round_to)
+            rows += bench_model(name, levels, config, Path(tmp), round_tos)
     load_end = load_average()
     print()
     print(text_table(rows))
@@ -345,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 50 with --quick, 20 otherwise)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     p.add_argument("--out", default=str(HERE), help="directory for results.md/.svg/.json (default benchmarks/)")
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per group "
-                   "(the pruner's round_to; default 1)")
+    p.add_argument("--round-to", default="1", help="keep a multiple of this many channels per group (the "
+                   "pruner's round_to; default 1); several, e.g. 1,8,16, are timed side by side (rows 'rN')")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (50 if args.quick else 20)
     config = LatencyConfig(warmup=args.warmup, repeats=repeats, threads=1, graph_optimization="all",
                            batch_sizes=BATCHES, eager=False)
-    rows = run(names, levels, config, None if args.no_write else Path(args.out), args.round_to)
+    round_tos = tuple(int(v) for v in args.round_to.split(","))
+    rows = run(names, levels, config, None if args.no_write else Path(args.out), round_tos)
     return 0 if all(r.rel_err < 1e-3 for r in rows) else 1
 
 
