@@ -783,3 +783,54 @@ def test_interrupted_at_every_rename(run: Runner, monkeypatch: pytest.MonkeyPatc
         assert (outcome.code, outcome.err.splitlines()) == (130 if interrupted else 143, [expected]), k
         assert tree_digest(run.corpus) == run.before
         assert sorted(p.name for p in run.out.iterdir()) == [], f"rename {k} of {renames}: something was left"
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile option values and special files
+
+OPTIONS = [
+    ("opset-not-int", ["--opt", "opset=abc"], "onnx option 'opset': expected an integer, got 'abc'", ()),
+    ("opset-too-high", ["--opt", "opset=999"], "onnx option 'opset': 999 is outside", ()),
+    ("opset-too-low", ["--opt", "opset=1"], "onnx option 'opset': 1 is outside", ()),
+    ("bool-not-bool", ["--opt", "external_data=maybe"], "expected true/false, got 'maybe'", ()),
+    ("too-many-input-names", ["--opt", "input_names=[1,2]"], "onnx option 'input_names'", ()),
+    ("tolerance-nan", ["--opt", "tolerance=nan"], "tolerance",
+     (xfail("BUG-H14", "a NaN converter tolerance is accepted (it disables the comparison)"),)),
+    ("tolerance-negative", ["--opt", "tolerance=-1"], "onnx option 'tolerance' must be > 0", ()),
+    ("threshold-nan", ["--max-rel", "nan"], "threshold max_rel: expected a number >= 0, got nan", ()),
+    ("threshold-negative", ["--max-rel", "-1"], "threshold max_rel: expected a number >= 0", ()),
+    ("n-inputs-zero", ["--n-inputs", "0"], "--n-inputs 0: must be at least 1", ()),
+    ("max-file-size-words", ["--max-file-size", "lots"], "--max-file-size 'lots': expected a size", ()),
+    ("input-shape-zero", ["--input-shape", "1,0,28,28"], "--input-shape '1,0,28,28': dimensions must be positive", ()),
+    ("input-shape-huge", ["--input-shape", "65536,65536"], "is too large for an example input", ()),
+    ("input-shape-dtype", ["--input-shape", "1,1,28,28:complex128"], "unknown dtype", ()),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), [pytest.param(*o[1:-1], id=o[0], marks=o[-1]) for o in OPTIONS])
+def test_hostile_options(run: Runner, extra: list[str], needle: str) -> None:
+    outcome = run("export", "{d}/sd.pt", "--model", LENET, "-o", "x.onnx", "--no-latency", "--n-inputs", "2", *extra)
+    run.check(outcome, EXIT_USAGE, needle)
+
+
+@pytest.mark.parametrize("flag", ["model", "masks"])
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_special_files_are_not_read(run: Runner, corpus: Path, tmp_path: Path, flag: str, special: str) -> None:
+    """A character device or a named pipe would block or never end: refused before it is opened."""
+    if special == "fifo":
+        path = tmp_path / "pipe.pt"
+        os.mkfifo(path)
+    else:
+        path = Path(special)
+    args = ["export", str(path)] if flag == "model" else ["export", "{d}/sd.pt", "--model", LENET, "--masks", str(path)]
+    outcome = run(*args)
+    run.check(outcome, EXIT_INPUT, f"{path}: ", "file is empty")
+
+
+def test_file_name_with_a_newline_stays_one_line(run: Runner, tmp_path: Path) -> None:
+    bad = tmp_path / "two\nlines.pt"
+    bad.write_bytes(b"\x80\x02garbage" * 50)
+    before = bad.read_bytes()
+    outcome = run("export", str(bad))
+    run.check(outcome, EXIT_INPUT, "cannot be read as a PyTorch file")
+    assert bad.read_bytes() == before
