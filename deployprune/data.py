@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._imports import import_callable
 from .errors import InputError, UnsupportedError, UsageError
 
 log = logging.getLogger("deployprune.data")
@@ -69,18 +69,7 @@ def _resolve(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"--data {spec!r}: expected 'digits' or an entry point package.module:function")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise InputError(f"data entry point {spec!r}: cannot import {module_name!r} "
-                         f"({type(exc).__name__}: {_one_line(exc)})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"data entry point {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise InputError(f"data entry point {spec!r}: is a {type(obj).__name__}, not a function")
-    return obj
+    return import_callable(module_name, attr, label=f"data entry point {spec!r}", error=InputError)
 
 
 def _call(fn: Callable[..., Any], spec: str, batch_size: int, seed: int) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._imports import import_callable
 from .errors import InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
 from .masks import Masks, normalize_masks
 
@@ -651,24 +651,7 @@ def resolve_factory(factory: str, *, where: str = "--model") -> Any:
         r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr
     ):
         raise UsageError(f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise InputError(
-            f"{where} {factory!r}: cannot import module {mod_name!r} ({_first_line(exc, 100)}); "
-            "check the name and that it is on PYTHONPATH"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - user code failing at import time
-        raise InputError(
-            f"{where} {factory!r}: importing {mod_name!r} failed ({type(exc).__name__}: {_first_line(exc, 100)})"
-        ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"{where} {factory!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise InputError(f"{where} {factory!r}: {attr!r} is not callable")
-    return obj
+    return import_callable(mod_name, attr, label=f"{where} {factory!r}", error=InputError)
 
 
 def build_from_factory(factory: str, *, where: str = "--model") -> nn.Module:

@@ -16,7 +16,6 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._imports import import_callable
 from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError
 from ..fsutil import atomic_output
 
@@ -58,19 +58,7 @@ def import_object(path: str, what: str) -> Any:
         module_name, _, attr_path = path.rpartition(".")
     if not module_name or not attr_path:
         raise ConfigError(f"{what} {path!r}: not an import path; write package.module.Name (e.g. torch.optim.Adam)")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{what} {path!r}: cannot import module {module_name!r} ({exc}); check the path") from None
-    except Exception as exc:  # noqa: BLE001 - user module failing at import
-        raise ConfigError(f"{what} {path!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})") from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{what} {path!r}: {module_name!r} has no attribute {attr_path!r}; check the spelling")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{what} {path!r}: is a {type(obj).__name__}, not a class or function")
-    return obj
+    return import_callable(module_name, attr_path, label=f"{what} {path!r}", error=ConfigError)
 
 
 def _build(path: Any, what: str, args: tuple, kwargs: Mapping[str, Any] | None, *, name: Any = None) -> Any:

@@ -240,7 +240,7 @@ BAD_INPUTS = [
     ("unknown converter option", ["export", "{d}/lenet_sd.pt", "--opt", "opsett=17"], 2,
      "onnx: unknown option 'opsett' (did you mean 'opset'?)..."),
     ("untrusted factory via flag typo", ["export", "{d}/lenet_sd.pt", "--model", "models.lenet:Nope"], 3,
-     "--model 'models.lenet:Nope': module 'models.lenet' has no attribute 'Nope'"),
+     "--model 'models.lenet:Nope': module 'models.lenet' has no attribute 'Nope'; check the spelling"),
     ("unknown flag", ["export", "{d}/lenet_sd.pt", "--frobnicate"], 2,
      "deployprune: unrecognized arguments: --frobnicate (see 'deployprune --help')"),
 ]

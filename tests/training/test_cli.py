@@ -71,9 +71,10 @@ def test_prune_writes_checkpoint_that_exports(workdir: Path):
 
 ERRORS = {
     "optimizer": (["--data", "digits", "--optimizer", "torch.optim.Adamm"], 2,
-                  "error: optimizer 'torch.optim.Adamm': 'torch.optim' has no attribute 'Adamm'; check the spelling"),
+                  "error: optimizer 'torch.optim.Adamm': module 'torch.optim' has no attribute 'Adamm'; check the "
+                  "spelling"),
     "criterion": (["--data", "digits", "--criterion", "torch.nn.NoSuchLoss"], 2,
-                  "error: criterion 'torch.nn.NoSuchLoss': 'torch.nn' has no attribute 'NoSuchLoss'; check the "
+                  "error: criterion 'torch.nn.NoSuchLoss': module 'torch.nn' has no attribute 'NoSuchLoss'; check the "
                   "spelling"),
     "data-raises": (["--data", "baddata:loaders"], 3,
                     "error: data entry point 'baddata:loaders' failed (RuntimeError: disk on fire); fix the function"),
@@ -81,7 +82,7 @@ ERRORS = {
                          "error: data entry point 'baddata:single': returned int; it must return (train_loader, "
                          "val_loader)"),
     "data-missing": (["--data", "nosuchmod:fn"], 3,
-                     "error: data entry point 'nosuchmod:fn': cannot import 'nosuchmod'"),
+                     "error: data entry point 'nosuchmod:fn': cannot import module 'nosuchmod'"),
     "data-unknown": (["--data", "imagenet"], 2, "error: --data 'imagenet': unknown dataset; use one of digits"),
     "epochs-no-data": (["--epochs", "2"], 2, "error: --epochs 2 needs --data"),
     "resume-no-dir": (["--resume"], 2, "error: --resume needs --checkpoint-dir"),

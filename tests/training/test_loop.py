@@ -133,9 +133,10 @@ def test_resume_with_another_seed_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"optimizer": "torch.optim.Adamm"}, "optimizer 'torch.optim.Adamm': 'torch.optim' has no attribute 'Adamm'"),
+        ({"optimizer": "torch.optim.Adamm"},
+         "optimizer 'torch.optim.Adamm': module 'torch.optim' has no attribute 'Adamm'"),
         ({"optimizer": "no_such_pkg.Opt"}, "optimizer 'no_such_pkg.Opt': cannot import module 'no_such_pkg'"),
-        ({"criterion": "torch.nn.CrossEntropyLos"}, "criterion 'torch.nn.CrossEntropyLos': 'torch.nn' has no"),
+        ({"criterion": "torch.nn.CrossEntropyLos"}, "criterion 'torch.nn.CrossEntropyLos': module 'torch.nn' has no"),
         ({"criterion": "Adam"}, "criterion 'Adam': not an import path"),
         ({"optimizer_kwargs": {"lrr": 0.1}}, "optimizer torch.optim.Adam: cannot be created with {'lrr': 0.1}"),
         ({"lr_scheduler": "torch.optim.lr_scheduler.StepLR"},
