@@ -206,6 +206,12 @@ def build_corpus(d: Path) -> None:
     (d / "m_garbage.pt").write_bytes(rng.randbytes(2048))
     ok = (d / "masks_ok.pt").read_bytes()
     (d / "m_trunc.pt").write_bytes(ok[: len(ok) // 2])
+    ok_zip = zipfile.ZipFile(d / "masks_ok.pt")
+    entry = next(i for i in ok_zip.infolist() if "/data/" in i.filename)
+    ok_zip.close()
+    flipped_masks = bytearray(ok)
+    flipped_masks[_local_data_offset(ok, entry) + 1] ^= 0x01  # 1.0 -> 1.0000001: still "non-zero"
+    (d / "m_bitflip.pt").write_bytes(bytes(flipped_masks))
     # a masks file bigger than the model file, for --max-file-size between the two sizes
     big = {n: {"weight": torch.ones(m.weight.shape, dtype=torch.float64)} for n, m in model.named_modules()
            if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -834,3 +840,54 @@ def test_file_name_with_a_newline_stays_one_line(run: Runner, tmp_path: Path) ->
     outcome = run("export", str(bad))
     run.check(outcome, EXIT_INPUT, "cannot be read as a PyTorch file")
     assert bad.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Python API loaders
+
+
+PRUNER_LOAD_MASKS = [
+    ("nan", "m_nan.pt", (xfail("BUG-H15", "NaN masks are cast to bool: NaN becomes 'keep'"),)),
+    ("inf", "m_inf.pt", (xfail("BUG-H15", "inf masks are cast to bool"),)),
+    ("complex", "m_complex.pt", (xfail("BUG-H15", "complex masks are cast to bool"),)),
+    ("non-binary", "m_half.pt", (xfail("BUG-H15", "0.5 is cast to True"),)),
+    ("negative", "m_negative.pt", (xfail("BUG-H15", "-1 is cast to True"),)),
+    ("integer-two", "m_int_two.pt", (xfail("BUG-H15", "2 is cast to True"),)),
+    ("bitflip", "m_bitflip.pt", (xfail("BUG-H15", "not read through io.torch_load: no CRC check"),)),
+    ("string-values", "m_string.pt", ()),
+    ("list-not-dict", "m_list.pt", ()),
+    ("code-running-pickle", "m_evil.pt", ()),
+    ("code-running-torch-save", "m_evil_zip.pt", ()),
+    ("garbage", "m_garbage.pt", ()),
+    ("truncated", "m_trunc.pt", ()),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("name", [pytest.param(m[1], id=m[0], marks=m[2]) for m in PRUNER_LOAD_MASKS])
+def test_pruner_load_masks_rejects(corpus: Path, name: str) -> None:
+    """``Pruner.load_masks`` is its own loader: it must refuse what ``--masks`` refuses."""
+    from deployprune.errors import DeployPruneError
+    from deployprune.pruning import Pruner
+
+    before = tree_digest(corpus)
+    with pytest.raises(DeployPruneError) as info:
+        Pruner.load_masks(corpus / name)
+    assert str(info.value).startswith(f"{corpus / name}: ") and "\n" not in str(info.value)
+    assert not (corpus / SENTINEL).exists()
+    assert tree_digest(corpus) == before
+
+
+@pytest.mark.parametrize("name", ["evil_raw.pt", "evil_zip.pt", "whole_module.pt", "ckpt_foreign_factory.pt",
+                                  "pt2_extra_pickle.pt2", "pt2_pickled_sample.pt2"])
+def test_api_load_refuses_code(corpus: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """``dp.load`` (the Python API) has the CLI's default: no code runs without allow_pickle=True."""
+    from deployprune.errors import InputError
+
+    monkeypatch.setenv("DP_HOSTILE_SENTINEL", str(corpus / SENTINEL))
+    before = tree_digest(corpus)
+    with pytest.raises(InputError) as info:
+        dp.load(corpus / name, input_shapes=[InputShape((1, 1, 28, 28))])
+    assert str(info.value).startswith(f"{corpus / name}: ")
+    assert not (corpus / SENTINEL).exists()
+    assert tree_digest(corpus) == before
