@@ -109,6 +109,9 @@ def build_corpus(d: Path) -> None:
             if isinstance(m, (nn.Conv2d, nn.Linear))}
     torch.save(ones, d / "masks_ok.pt")
 
+    save_checkpoint(d / "digits_net.pt", models.build("mnist_net_digits"), arch="mnist_net_digits")
+    (d / "cfg_element.json").write_text(json.dumps({"target_sparsity": 0.5}))
+
     # ---- model files
     sd = (d / "sd.pt").read_bytes()
     ckpt = (d / "ckpt.pt").read_bytes()
@@ -891,3 +894,31 @@ def test_api_load_refuses_code(corpus: Path, monkeypatch: pytest.MonkeyPatch, na
     assert str(info.value).startswith(f"{corpus / name}: ")
     assert not (corpus / SENTINEL).exists()
     assert tree_digest(corpus) == before
+
+
+def _training_checkpoints(ck: Path, sentinel: Path) -> dict[str, Callable[[], None]]:
+    from deployprune.training import loop
+
+    head = {"format": loop.CHECKPOINT_FORMAT, "version": loop.CHECKPOINT_VERSION}
+    return {
+        "code-running-pickle": lambda: (ck / "last.pt").write_bytes(pickle.dumps({"x": Boom(sentinel)})),
+        "code-running-torch-save": lambda: torch.save({**head, "x": Boom(sentinel)}, ck / "last.pt"),
+        "garbage": lambda: (ck / "last.pt").write_bytes(b"\x80\x02garbage" * 40),
+        "not-a-training-checkpoint": lambda: torch.save({"a": 1}, ck / "last.pt"),
+        "future-version": lambda: torch.save({**head, "version": 999}, ck / "last.pt"),
+        "fields-of-wrong-type": lambda: torch.save({**head, "epoch": "x", "model": [1]}, ck / "last.pt"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("case", list(_training_checkpoints(Path("."), Path("."))))
+def test_hostile_training_checkpoint(run: Runner, tmp_path: Path, case: str) -> None:
+    """``prune --resume`` reads ``--checkpoint-dir``/last.pt: a hostile one is refused, unchanged, no code runs."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    _training_checkpoints(ck, run.corpus / SENTINEL)[case]()
+    before = tree_digest(ck)
+    outcome = run("prune", "{d}/digits_net.pt", "--config", "{d}/cfg_element.json", "--data", "digits",
+                  "--epochs", "1", "--checkpoint-dir", str(ck), "--resume", "--no-progress", "-o", "p.pt")
+    run.check(outcome, EXIT_INPUT, f"{ck / 'last.pt'}: ")
+    assert tree_digest(ck) == before
