@@ -199,7 +199,7 @@ def _check_compatible(opts: dict[str, Any], given: set[str]) -> None:
     if not opts["sparse_initializers"] and given & {"sparse_min_sparsity", "sparse_min_elements"}:
         raise UsageError("onnx options 'sparse_min_sparsity'/'sparse_min_elements' only apply with "
                          "sparse_initializers=True")
-    if opts["tolerance"] <= 0:
+    if not opts["tolerance"] > 0 or opts["tolerance"] == float("inf"):  # also NaN
         raise UsageError(f"onnx option 'tolerance' must be > 0, got {opts['tolerance']}")
 
 

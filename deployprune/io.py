@@ -171,6 +171,17 @@ def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{'x'.join(str(d) for d in t.shape) or 'scalar'} ({dtype_name(t.dtype)})" for t in inputs)
 
 
+def _bounded(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """The same size limit ``--input-shape`` applies, for shapes read from a file."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > 2**31:
+        raise InputError(f"{where}: 'input_shapes' entry {list(shape)} has {numel} elements, too large for an "
+                         "example input; pass --input-shape")
+    return shape
+
+
 def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
     """``input_shapes`` as stored in a checkpoint: a list of int lists, strings or dicts."""
     if not isinstance(value, (list, tuple)) or not value:
@@ -183,7 +194,7 @@ def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
             except UsageError as exc:
                 raise InputError(f"{where}: bad entry in 'input_shapes': {exc}") from None
         elif isinstance(item, (list, tuple)) and item and all(isinstance(d, int) and d > 0 for d in item):
-            shapes.append(InputShape(tuple(item)))
+            shapes.append(InputShape(_bounded(tuple(item), where)))
         elif isinstance(item, Mapping) and "shape" in item:
             dims = item["shape"]
             if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d > 0 for d in dims)):
@@ -194,7 +205,7 @@ def _shapes_from_json(value: Any, where: str) -> list[InputShape]:
             high = item.get("high")
             if high is not None and not isinstance(high, int):
                 raise InputError(f"{where}: 'high' in 'input_shapes' must be an integer")
-            shapes.append(InputShape(tuple(dims), DTYPES[dt], high))
+            shapes.append(InputShape(_bounded(tuple(dims), where), DTYPES[dt], high))
         else:
             raise InputError(f"{where}: bad entry {item!r} in 'input_shapes'; expected a list of positive ints")
     return shapes

@@ -68,16 +68,24 @@ def normalize_masks(model: nn.Module, masks: Mapping[str, Any] | None, *, source
                                 f"{tuple(target.shape)}")
             if mask.dtype.is_complex:
                 raise MaskError(f"{where}: mask dtype {mask.dtype} is not supported; use bool or 0/1 floats")
-            m = mask.detach().to("cpu")
-            if m.dtype != torch.bool:
-                if m.is_floating_point() and torch.isnan(m).any():
-                    raise MaskError(f"{where}: mask contains NaN; masks must hold only 0 and 1")
-                bad = (m != 0) & (m != 1)
-                if bad.any():
-                    value = float(m[bad].flatten()[0])
-                    raise MaskError(f"{where}: mask is not binary (found {value:g}); masks must hold only 0 and 1")
+            m = check_binary(mask.detach().to("cpu"), where)
             out.setdefault(mod_name, {})[pname] = m.to(torch.bool)
     return out
+
+
+def check_binary(m: torch.Tensor, where: str) -> torch.Tensor:
+    """``m`` if it holds only 0 and 1 (or is bool); otherwise a one-line MaskError naming ``where``."""
+    if m.dtype == torch.bool:
+        return m
+    if m.dtype.is_complex:
+        raise MaskError(f"{where}: mask dtype {m.dtype} is not supported; use bool or 0/1 floats")
+    if m.is_floating_point() and torch.isnan(m).any():
+        raise MaskError(f"{where}: mask contains NaN; masks must hold only 0 and 1")
+    bad = (m != 0) & (m != 1)
+    if bad.any():
+        value = float(m[bad].flatten()[0])
+        raise MaskError(f"{where}: mask is not binary (found {value:g}); masks must hold only 0 and 1")
+    return m
 
 
 def _param_of(module: nn.Module, name: str) -> torch.Tensor | None:

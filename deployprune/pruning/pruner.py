@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
+from ..errors import ConfigError, InputError, MaskError, UnsupportedError, UsageError
 from ..fsutil import atomic_output
 from ..masks import Masks
 from ._util import suggest
@@ -706,17 +705,12 @@ class Pruner:
     def load_masks(path: str | os.PathLike) -> Masks:
         """Read masks written by :meth:`save_masks` (or a :meth:`state_dict` file, or NNI's
         ``torch.save(masks)``) with ``weights_only=True``."""
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{p}: masks file not found")
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsafeFileError(f"{p}: refused to unpickle non-tensor objects ({first[:160]}); a masks file "
-                                  "holds only {module: {param: tensor}}") from None
-        except Exception as exc:
-            raise InputError(f"{p}: cannot read masks ({type(exc).__name__}: {str(exc)[:160]})") from None
+        from ..io import DEFAULT_MAX_FILE_BYTES, check_input_file, torch_load
+        from ..masks import check_binary
+
+        # the same archive, size and CRC checks as --masks
+        p = check_input_file(path, max_bytes=DEFAULT_MAX_FILE_BYTES, what="masks file")
+        obj = torch_load(p, allow_pickle=False, max_bytes=DEFAULT_MAX_FILE_BYTES, what="masks file")
         if isinstance(obj, Mapping) and "masks" in obj and "step" in obj:
             obj = obj["masks"]
         if not isinstance(obj, Mapping):
@@ -728,7 +722,7 @@ class Pruner:
             for pname, m in per.items():
                 if not isinstance(m, torch.Tensor):
                     raise MaskError(f"{p}: {mod}.{pname} is a {type(m).__name__}, not a tensor")
-                out.setdefault(mod, {})[str(pname)] = m.to(torch.bool)
+                out.setdefault(mod, {})[str(pname)] = check_binary(m, f"{p}: {mod}.{pname}").to(torch.bool)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def test_save_and_load_masks(tmp_path: Path, mlp) -> None:
         pruner.save_masks(path)
     pruner.save_masks(path, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.pt"]  # no temporary left behind
-    with pytest.raises(InputError, match="masks file not found"):
+    with pytest.raises(InputError, match="no such file; check the masks file path"):
         dp.Pruner.load_masks(tmp_path / "missing.pt")
     evil = tmp_path / "evil.pt"
     with evil.open("wb") as f:
