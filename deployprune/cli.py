@@ -506,7 +506,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .fsutil import check_writable, write_text_atomic
-    from .pipeline import masked_copy
+    from .pipeline import check_not_input, masked_copy
     from .validate import validate
 
     _check_n_inputs(args)
@@ -521,8 +521,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise InputError(f"{args.dense}: no such dense artifact (--dense-artifact); check the path")
     latency = latency_config_from_args(args)  # bad flags fail before the model is loaded
     providers = list(latency.providers) if latency else _providers(args.providers)
+    inputs = [Path(p) for p in (args.model_path, args.artifact, args.masks, args.dense) if p]
     for out in (args.json_out, args.html_out):
         if out:
+            check_not_input(Path(out), *inputs)  # never replace an input, --force or not
             check_writable(out, force=args.force)
     if args.json_out and args.html_out and Path(args.json_out).resolve() == Path(args.html_out).resolve():
         raise UsageError(f"--json and --html name the same file {args.json_out}; give two different paths")
