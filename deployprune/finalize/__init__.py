@@ -182,7 +182,13 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
             owner = node.meta.get("owner", "") or ""
             if (_is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_owners
                     and owner not in a.rewrite_failed):
-                a.rewrite_owners.add(owner)  # re-emit the call with the new sizes
+                # re-emit the call with the new sizes; repeated blocks of the same class share the
+                # forward code, so they are re-emitted together (one repair, not one per block)
+                kind = type(a.modules.get(owner))
+                a.rewrite_owners.update(o for o in a.traced.regions
+                                        if type(a.modules.get(o)) is kind and can_rewrite(a, o)
+                                        and o not in a.rewrite_failed and _changes_reshape(a, o))
+                a.rewrite_owners.add(owner)
                 continue
             if owner in a.rewrite_owners:
                 a.rewrite_owners.discard(owner)
@@ -406,6 +412,17 @@ def _build(a: Analysis, work: nn.Module) -> tuple[nn.Module, list, list[LayerCha
         setattr(modules[parent_name], child, gm)
         changes.append(LayerChange(owner, f"{type(modules[owner]).__name__} (re-emitted as GraphModule)", {}, {}))
     return result, patched, changes
+
+
+def _changes_reshape(a: Analysis, owner: str) -> bool:
+    """Whether some view/reshape in this call produces a different shape after compaction."""
+    region = a.traced.regions[owner][0]
+    for n in a.traced.graph.nodes:
+        if region.start <= n.meta.get("index", -1) < region.end and _is_reshape(n):
+            v = a.vars.get(n)
+            if isinstance(v, Var) and _expected(a, v) != v.shape:
+                return True
+    return False
 
 
 def _expected(a: Analysis, value: Any) -> Any:
