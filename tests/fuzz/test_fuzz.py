@@ -343,3 +343,89 @@ def test_export_check_survives_a_near_zero_output(tmp_path: Path) -> None:
     got = session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - model(example).numpy()).max() < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile masks: random structure, dtypes, shapes and values through the Python API
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.int64, torch.uint8,
+           torch.int8, torch.complex64]
+_VALUES = [0.0, 1.0, 0.5, -1.0, 2.0, float("nan"), float("inf"), -0.0, 1e-30]
+
+
+@st.composite
+def hostile_mask_value(draw: st.DrawFn, shape: tuple[int, ...]) -> object:
+    kind = draw(st.sampled_from(["tensor", "tensor", "tensor", "vector", "wrong-shape", "scalar", "not-a-tensor"]))
+    if kind == "not-a-tensor":
+        return draw(st.sampled_from(["ones", None, [1, 0], {"weight": 1}, 1.0, b"\x00"]))
+    if kind == "vector":
+        shape = (shape[0],)
+    elif kind == "wrong-shape":
+        shape = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=4)))
+    elif kind == "scalar":
+        shape = ()
+    binary = draw(st.booleans())
+    pool = _VALUES[:2] if binary else _VALUES
+    n = int(np.prod(shape)) if shape else 1
+    values = draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n))
+    t = torch.tensor(values, dtype=torch.float64).reshape(shape)
+    dtype = draw(st.sampled_from(_DTYPES))
+    return t.to(dtype)
+
+
+@st.composite
+def hostile_masks(draw: st.DrawFn, model: nn.Module) -> object:
+    if draw(st.integers(0, 9)) == 0:  # now and then, not even a dict
+        return draw(st.sampled_from([[1, 2], "masks", None, 3.0, ("conv", {"weight": 1})]))
+    params = {name: dict(m.named_parameters(recurse=False)) for name, m in model.named_modules()}
+    names = [n for n, p in params.items() if p]
+    masks: dict = {}
+    for _ in range(draw(st.integers(0, 3))):
+        module = draw(st.sampled_from([*names, "", "nope", "blocks", 0, None]))
+        per: dict = {}
+        if isinstance(module, str) and module in params and params[module]:
+            choices = [*params[module], "gamma", 0]
+        else:
+            choices = ["weight", "bias"]
+        for _ in range(draw(st.integers(0, 2))):
+            pname = draw(st.sampled_from(choices))
+            shape = tuple(params[module][pname].shape) if (
+                isinstance(module, str) and module in params and pname in params[module]) else (2, 2)
+            per[pname] = draw(hostile_mask_value(shape))
+        masks[module] = per if draw(st.integers(0, 9)) else draw(st.sampled_from([[1], "x", 1.0]))
+    return masks
+
+
+_HOSTILE_SPEC = NetSpec(channels=2, side=4, body=(
+    Layer("conv", (0,), channels=3, kernel=3), Layer("bn", (1,)), Layer("relu", (2,)), Layer("add", (3, 2)),
+), head="flatten", hidden=(4,), outputs=2, seed=5)
+
+
+@pytest.mark.filterwarnings("ignore")
+@PROFILE
+@given(data=st.data())
+def test_fuzz_hostile_masks_api(data: st.DataObject) -> None:
+    """Random mask structures and values: compact either succeeds with parity or raises a DeployPruneError."""
+    model = FuzzNet(_HOSTILE_SPEC)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = data.draw(hostile_masks(model), label="masks")
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    try:
+        result = dp.compact(model, (x[:1],), masks)
+    except (ParityError, ValidationFailed):
+        raise
+    except DeployPruneError as exc:
+        assert "\n" not in str(exc)
+        event(f"refused: {type(exc).__name__}")
+        return
+    finally:
+        assert all(torch.equal(original[k], v) for k, v in model.state_dict().items()), "the model was modified"
+    event("accepted")
+    # accepted masks must have been valid 0/1 masks: the compact model computes the masked model
+    reference = masked_copy(model, masks)
+    with torch.no_grad():
+        ref = reference(x)
+        assert torch.isfinite(ref).all()
+        err = rel_error(ref, result.model(x), output_scale([ref]))
+    assert err <= COMPACT_RTOL, f"compacted vs masked: relative error {err:.3g}"
