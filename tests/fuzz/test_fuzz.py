@@ -14,6 +14,10 @@ not support, say); any other exception fails the test, and so does a wrong answe
 :class:`~deployprune.errors.ParityError` or :class:`~deployprune.errors.ValidationFailed`, which
 are the tool catching its own wrong answer.
 
+A third fuzzer throws hostile mask *structures* at ``dp.compact``: non-dicts, unknown modules and
+parameters, non-string keys, non-tensors, every dtype, wrong shapes, NaN/inf/0.5/-1/2. It must end
+in a ``DeployPruneError`` or, for masks that turn out valid, in parity, and must not modify the model.
+
 Profiles: the default ``ci`` profile (derandomized, 25 examples per test, no deadline) keeps CI
 fast. ``DEPLOYPRUNE_FUZZ_LONG=1`` selects ``long``: 3000 random examples per test (override with
 ``DEPLOYPRUNE_FUZZ_EXAMPLES=N``), for the benchmark machine::
