@@ -373,13 +373,13 @@ def _build(a: Analysis, work: nn.Module) -> tuple[nn.Module, list, list[LayerCha
                 continue
             t = getattr(a.modules[mod_name], attr)
             new_tensors[(mod_name, attr)] = _slice(t, keeps)
-    result = copy.deepcopy(work)
+    # deepcopy with the replaced layers pre-seeded in the memo: they are swapped in, never copied
+    memo: dict[int, Any] = {id(a.modules[name]): m for name, m in new_modules.items()}
+    result = copy.deepcopy(work, memo)
     modules = dict(result.named_modules())
     changes = []
     for name, m in new_modules.items():
-        parent_name, _, child = name.rpartition(".")
-        old = modules[name]
-        setattr(modules[parent_name], child, m)
+        old = a.modules[name]
         changes.append(LayerChange(name, type(old).__name__,
                                    {k: tuple(p.shape) for k, p in old.named_parameters(recurse=False)},
                                    {k: tuple(p.shape) for k, p in m.named_parameters(recurse=False)}))

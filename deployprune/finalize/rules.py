@@ -31,6 +31,9 @@ from torch import nn
 from .graph import Analysis, Var, flatten_vars, owner_of
 from .trace import TensorMeta
 
+# new layers get their weights copied in right away: skip the random initialization
+skip_init = torch.nn.utils.skip_init
+
 ModuleRule = Callable[[Analysis, fx.Node, nn.Module], None]
 FunctionRule = Callable[[Analysis, fx.Node], None]
 
@@ -475,7 +478,7 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         if new_b is None and module.bias is not None:
             new_b = module.bias.detach()[torch.as_tensor(ko)]
         cls = type(module)
-        new = cls(new_in, int(ko.sum()), module.kernel_size, stride=module.stride, padding=module.padding,
+        new = skip_init(cls, new_in, int(ko.sum()), module.kernel_size, stride=module.stride, padding=module.padding,
                   dilation=module.dilation, groups=new_g, bias=new_b is not None, padding_mode=module.padding_mode,
                   device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -528,7 +531,7 @@ def _conv_transpose(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         ki, ko = a.keep(x, 1), a.keep(y, 1)
         if ki.all() and ko.all():
             return None
-        new = type(module)(int(ki.sum()), int(ko.sum()), module.kernel_size, stride=module.stride,
+        new = skip_init(type(module), int(ki.sum()), int(ko.sum()), module.kernel_size, stride=module.stride,
                            padding=module.padding, output_padding=module.output_padding, groups=1,
                            bias=module.bias is not None, dilation=module.dilation, padding_mode=module.padding_mode,
                            device=weight.device, dtype=weight.dtype)
@@ -566,7 +569,8 @@ def _linear(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         if new_b is None and module.bias is not None:
             new_b = module.bias.detach()[torch.as_tensor(ko)]
         w = module.weight.detach()
-        new = nn.Linear(int(ki.sum()), int(ko.sum()), bias=new_b is not None, device=w.device, dtype=w.dtype)
+        new = skip_init(nn.Linear, int(ki.sum()), int(ko.sum()), bias=new_b is not None, device=w.device,
+                        dtype=w.dtype)
         with torch.no_grad():
             new.weight.copy_(w[torch.as_tensor(ko)][:, torch.as_tensor(ki)])
             if new_b is not None:
@@ -674,7 +678,7 @@ def _embedding(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         if k.all():
             return None
         w = module.weight.detach()
-        new = nn.Embedding(module.num_embeddings, int(k.sum()), padding_idx=module.padding_idx,
+        new = skip_init(nn.Embedding, module.num_embeddings, int(k.sum()), padding_idx=module.padding_idx,
                            max_norm=module.max_norm, norm_type=module.norm_type,
                            scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
                            device=w.device, dtype=w.dtype)
