@@ -572,6 +572,8 @@ def test_input_shape_mismatch(run: Runner, entry: str, shape: str) -> None:
 # Outputs never replace an input, --force or not
 
 OVERWRITES = [
+    ("report-o-input", ["report", "{d}/good_report.json", "-o", "{d}/good_report.json", "--format", "md"],
+     "{d}/good_report.json", (xfail("BUG-H17", "report -o naming its input report replaces it"),)),
     ("finalize-o-model", ["finalize", "{d}/sd.pt", "--model", LENET, "-o", "{d}/sd.pt"], "{d}/sd.pt", ()),
     ("prune-o-model", ["prune", "{d}/sd.pt", "--model", LENET, "--config", "{d}/cfg.json", "-o", "{d}/sd.pt"],
      "{d}/sd.pt", ()),
@@ -596,7 +598,7 @@ def test_output_never_replaces_an_input(run: Runner, tmp_path: Path, args: list[
     # a private copy of the inputs: a failing case really overwrites its victim
     private = tmp_path / "inputs"
     private.mkdir()
-    for name in ("sd.pt", "masks_ok.pt", "cfg.json", "good.onnx"):
+    for name in ("sd.pt", "masks_ok.pt", "cfg.json", "good.onnx", "good_report.json"):
         shutil.copy2(run.corpus / name, private / name)
     run.corpus = private
     outcome = run(*args, *(["--force"] if force else []))
@@ -935,3 +937,19 @@ def test_config_cannot_import_code(run: Runner, tmp_path: Path, monkeypatch: pyt
         run.check(outcome, EXIT_USAGE, f"{config}: ", module)
     finally:
         sys.modules.pop(module, None)  # so later tests see a fresh import if one happens
+
+
+@pytest.mark.xfail(strict=True, reason="BUG-H17: a scenario's 'output' may name the scenario or its model; "
+                   "with force it is replaced")
+@pytest.mark.parametrize("victim", ["scenario", "model"])
+def test_scenario_output_never_replaces_an_input(run: Runner, tmp_path: Path, victim: str) -> None:
+    private = tmp_path / "inputs"
+    private.mkdir()
+    shutil.copy2(run.corpus / "digits_net.pt", private / "net.pt")
+    scenario = private / "scenario.json"
+    target = scenario if victim == "scenario" else private / "net.pt"
+    scenario.write_text(json.dumps({"model": str(private / "net.pt"), "pruning": {"target_sparsity": 0.5},
+                                    "output": str(target), "force": True}))
+    run.corpus = private
+    outcome = run("run", str(scenario))
+    run.check(outcome, EXIT_USAGE, f"{target}: ", "input")
