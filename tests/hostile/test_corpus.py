@@ -953,3 +953,23 @@ def test_scenario_output_never_replaces_an_input(run: Runner, tmp_path: Path, vi
     run.corpus = private
     outcome = run("run", str(scenario))
     run.check(outcome, EXIT_USAGE, f"{target}: ", "input")
+
+
+def test_output_symlinks_are_not_followed(run: Runner, tmp_path: Path) -> None:
+    """-o naming a symlink to an input is refused; a symlink pointing elsewhere is replaced, never written through."""
+    private = tmp_path / "inputs"
+    private.mkdir()
+    shutil.copy2(run.corpus / "sd.pt", private / "sd.pt")
+    (private / "to_input.onnx").symlink_to(private / "sd.pt")
+    run.corpus = private
+    outcome = run("export", "{d}/sd.pt", "--model", LENET, "-o", "{d}/to_input.onnx", "--force")
+    run.check(outcome, EXIT_USAGE, "{d}/to_input.onnx: the output would overwrite the input file")
+
+    elsewhere = tmp_path / "elsewhere.txt"  # where a followed symlink would write
+    (run.out / "out.onnx").symlink_to(elsewhere)
+    outcome = run("export", "{d}/sd.pt", "--model", LENET, "-o", "out.onnx", "--force", "--no-latency",
+                  "--n-inputs", "2")
+    assert outcome.code == 0, outcome.err
+    assert not elsewhere.exists()
+    assert not (run.out / "out.onnx").is_symlink() and onnx.load(str(run.out / "out.onnx")).graph.node
+    assert tree_digest(private) == run.before
