@@ -9,15 +9,18 @@ Every model gets random 50% group masks as a pruner would make them (``channel_g
 of each prunable group's removable channels, the same positions in every block of grouped
 convolutions, every producer slice zeroed). The figures:
 
-* ``time``: median wall time of ``deployprune.compact`` over ``--repeat`` runs (default 3);
-  computing the groups and the masks is not included (it is shown separately as ``groups``).
+* ``time``: median wall time of ``deployprune.compact`` over ``--repeat`` runs (default 3), after
+  one untimed warm-up run; ``min`` the fastest run and ``cpu`` the median CPU time of this
+  process (user + system, all threads), which other processes on a shared machine disturb far
+  less than wall time. Models are timed round-robin so a load spike hits all of them. Computing
+  the groups and the masks is not included (it is shown separately as ``groups``).
 * ``peak mem``: the peak resident set size during one extra, untimed run, above the RSS just
   before it: glibc's free lists are trimmed (``malloc_trim``), the kernel's high-water mark is
   reset (``/proc/self/clear_refs``), and ``VmHWM`` is read afterwards. Where that is not
   available, the delta of ``resource.getrusage().ru_maxrss`` is shown instead (marked ``*``;
   it only sees new process-wide highs, so it can under-report).
 * ``params``: before and after, with the ratio; ``rel err``: the engine's own self-check
-  (max abs error / max abs output); ``load``: the 1-minute load average after the model's runs
+  (max abs error / max abs output); ``load``: the median 1-minute load average after each run
   (on a shared machine, other processes slow every figure down: compare rows with low load).
 """
 
@@ -34,7 +37,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +140,26 @@ def peak_memory_mib(fn) -> tuple[float, bool]:
 
 
 @dataclass
+class Job:
+    name: str
+    model: torch.nn.Module
+    inputs: tuple
+    masks: dict
+    groups_s: float
+    times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    stage_runs: list[dict[str, float]] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Row:
     name: str
     input_shape: str
     groups_s: float
-    time_s: float
+    time_s: float  # median wall time
+    min_s: float
+    cpu_s: float  # median CPU time of this process
     times: list[float]
     mem_mib: float
     mem_exact: bool
@@ -151,33 +169,56 @@ class Row:
     blocked: int
     compacted: bool
     stages: dict[str, float]
-    load: float
+    load: float  # median 1-minute load average over the timed runs
 
 
-def bench(name: str, repeat: int) -> Row:
+def prepare(name: str) -> Job:
     model = models.build(name)
     x = models.example_inputs(name)
     t0 = time.perf_counter()
-    groups = channel_groups(model, x)
-    masks = group_masks(model, groups)
-    groups_s = time.perf_counter() - t0
-    times = []
-    stage_runs: list[dict[str, float]] = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = dp.compact(model, x, masks)
-        times.append(time.perf_counter() - t)
-        stage_runs.append(dict(getattr(result, "timings", {}) or {}))
-        del result
-    stages = {k: statistics.median(run.get(k, 0.0) for run in stage_runs) for k in stage_runs[0]}
+    masks = group_masks(model, channel_groups(model, x))
+    return Job(name=name, model=model, inputs=x, masks=masks, groups_s=time.perf_counter() - t0)
+
+
+def timed_run(job: Job) -> None:
+    gc.collect()
+    c, t = time.process_time(), time.perf_counter()
+    result = dp.compact(job.model, job.inputs, job.masks)
+    job.times.append(time.perf_counter() - t)
+    job.cpu.append(time.process_time() - c)
+    job.stage_runs.append(dict(getattr(result, "timings", {}) or {}))
+    job.loads.append(_load1())
+
+
+def finish(job: Job) -> Row:
     holder: list = []
-    mem, exact = peak_memory_mib(lambda: holder.append(dp.compact(model, x, masks)))
+    mem, exact = peak_memory_mib(lambda: holder.append(dp.compact(job.model, job.inputs, job.masks)))
     result = holder[0]
-    shape = "x".join(str(s) for s in x[0].shape)
-    return Row(name=name, input_shape=shape, groups_s=groups_s, time_s=statistics.median(times), times=times,
-               mem_mib=mem, mem_exact=exact, before=result.params_before, after=result.params_after,
+    stages = {k: statistics.median(run.get(k, 0.0) for run in job.stage_runs) for k in job.stage_runs[0]}
+    return Row(name=job.name, input_shape="x".join(str(s) for s in job.inputs[0].shape), groups_s=job.groups_s,
+               time_s=statistics.median(job.times), min_s=min(job.times), cpu_s=statistics.median(job.cpu),
+               times=job.times, mem_mib=mem, mem_exact=exact, before=result.params_before, after=result.params_after,
                rel_err=result.max_abs_error / max(result.output_scale, 1e-30), blocked=len(result.blocked),
-               compacted=result.compacted, stages=stages, load=_load1())
+               compacted=result.compacted, stages=stages, load=statistics.median(job.loads))
+
+
+def bench(names: list[str], repeat: int) -> list[Row]:
+    """Prepare every model, then time them round-robin (so load spikes spread over all models)."""
+    jobs = []
+    for name in names:
+        jobs.append(prepare(name))
+        timed_run(jobs[-1])  # warm-up (first-call imports and allocator growth), not counted
+        jobs[-1].times.clear(), jobs[-1].cpu.clear(), jobs[-1].stage_runs.clear(), jobs[-1].loads.clear()
+        print(f"  prepared {name} (groups and masks {jobs[-1].groups_s:.2f} s)", file=sys.stderr, flush=True)
+    for rep in range(repeat):
+        for job in jobs:
+            timed_run(job)
+        print(f"  round {rep + 1}/{repeat} done", file=sys.stderr, flush=True)
+    rows = []
+    for job in jobs:
+        rows.append(finish(job))
+        job.model = None  # type: ignore[assignment]
+    return rows
 
 
 def _fmt_params(n: int) -> str:
@@ -185,17 +226,16 @@ def _fmt_params(n: int) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'model':<20} {'input':<12} {'time (s)':>9} {'runs (s)':>20} {'peak mem':>11} "
-            f"{'params before':>14} {'after':>9} {'ratio':>6} {'rel err':>8} {'groups (s)':>10} {'load':>5}")
+    head = (f"{'model':<18} {'input':<12} {'time (s)':>8} {'min (s)':>8} {'cpu (s)':>8} {'peak mem':>10} "
+            f"{'params before':>13} {'after':>8} {'ratio':>6} {'rel err':>8} {'groups (s)':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        runs = " ".join(f"{t:.2f}" for t in r.times)
         mem = f"{r.mem_mib:.0f} MiB" + ("" if r.mem_exact else "*")
         flag = "" if r.compacted else "  (NOT COMPACTED)"
         flag += f"  ({r.blocked} blocker(s))" if r.blocked else ""
-        print(f"{r.name:<20} {r.input_shape:<12} {r.time_s:>9.3f} {runs:>20} {mem:>11} "
-              f"{_fmt_params(r.before):>14} {_fmt_params(r.after):>9} {r.after / r.before:>6.1%} "
+        print(f"{r.name:<18} {r.input_shape:<12} {r.time_s:>8.3f} {r.min_s:>8.3f} {r.cpu_s:>8.3f} {mem:>10} "
+              f"{_fmt_params(r.before):>13} {_fmt_params(r.after):>8} {r.after / r.before:>6.1%} "
               f"{r.rel_err:>8.1e} {r.groups_s:>10.2f} {r.load:>5.1f}{flag}")
 
 
@@ -220,20 +260,22 @@ def print_depth(rows: list[Row]) -> None:
     base = fam[0]
     print()
     print("time against depth (ResNet family, 224x224, 50% group masks)")
-    head = (f"{'model':<10} {'depth':>5} {'params':>8} {'time (s)':>9} {'ms/layer':>9} "
-            f"{'time ratio':>10} {'depth ratio':>11}")
+    head = (f"{'model':<10} {'depth':>5} {'params':>8} {'time (s)':>9} {'min (s)':>8} {'cpu (s)':>8} "
+            f"{'ms/layer':>9} {'time ratio':>10} {'cpu ratio':>9} {'depth ratio':>11}")
     print(head)
     print("-" * len(head))
     for r in fam:
         d = DEPTH[r.name]
-        print(f"{r.name:<10} {d:>5} {_fmt_params(r.before):>8} {r.time_s:>9.3f} {1000 * r.time_s / d:>9.1f} "
-              f"{r.time_s / base.time_s:>10.2f} {d / DEPTH[base.name]:>11.2f}")
+        print(f"{r.name:<10} {d:>5} {_fmt_params(r.before):>8} {r.time_s:>9.3f} {r.min_s:>8.3f} {r.cpu_s:>8.3f} "
+              f"{1000 * r.time_s / d:>9.1f} {r.time_s / base.time_s:>10.2f} {r.cpu_s / base.cpu_s:>9.2f} "
+              f"{d / DEPTH[base.name]:>11.2f}")
     xs = np.log([DEPTH[r.name] for r in fam])
-    ys = np.log([r.time_s for r in fam])
-    slope = float(np.polyfit(xs, ys, 1)[0])
-    print(f"growth: time ~ depth^{slope:.2f} (log-log fit; 1.00 = linear); "
-          f"{fam[-1].name}/{base.name}: time x{fam[-1].time_s / base.time_s:.2f} "
-          f"for depth x{DEPTH[fam[-1].name] / DEPTH[base.name]:.2f}")
+    for label, ys in (("median wall time", [r.time_s for r in fam]), ("min wall time", [r.min_s for r in fam]),
+                      ("median CPU time", [r.cpu_s for r in fam])):
+        slope = float(np.polyfit(xs, np.log(ys), 1)[0])
+        print(f"growth of {label}: ~ depth^{slope:.2f} (log-log fit; 1.00 = linear); "
+              f"{fam[-1].name}/{base.name} x{ys[-1] / ys[0]:.2f} "
+              f"for depth x{DEPTH[fam[-1].name] / DEPTH[base.name]:.2f}")
 
 
 def _load1() -> float:
@@ -274,11 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"finalize benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPU(s), {torch.get_num_threads()} torch thread(s), median of {args.repeat}; "
           f"load average {_load()} at start")
-    rows = []
-    for name in names:
-        row = bench(name, args.repeat)
-        rows.append(row)
-        print(f"  {name}: {row.time_s:.3f} s", file=sys.stderr, flush=True)
+    rows = bench(names, args.repeat)
     print()
     print_table(rows)
     if any(not r.mem_exact for r in rows):

@@ -1,7 +1,8 @@
 """Property-based: random small conv/linear graphs with residual adds and concats, random masks.
 
 For every drawn graph and mask set, the compacted model must compute what the masked model
-computes (relative max error <= 1e-5 on a fresh batch-2 input) and never have more parameters.
+computes (max error <= 1e-5 relative to the output's scale, see ``_scale``, on the example and a
+fresh batch-2 input) and never have more parameters.
 
 CI runs a fixed, moderate number of examples; set ``DEPLOYPRUNE_HYPOTHESIS_PROFILE=long`` (on
 the benchmark machine) for a much longer, randomized search.
@@ -30,7 +31,6 @@ from .helpers import (
     masked_copy,
     param_count,
     param_shapes,
-    relative_error,
 )
 
 _PROFILES = {
@@ -220,6 +220,16 @@ def element_masks(model: SpecNet, data: st.DataObject) -> dict:
     return masks
 
 
+def _scale(fc2: nn.Linear, h: torch.Tensor, out: torch.Tensor) -> float:
+    """What the relative error is relative to: the output's magnitude, or, when the output layer's
+    terms cancel (random tiny graphs often end near zero: bias -0.145 + 0.148 = 0.003), the
+    magnitude of those terms, |b| + |W| |h|. Finalize folds constant channels into biases, which
+    changes the fp32 summation order; against a cancelled output that rounding alone can exceed 1e-5.
+    """
+    terms = fc2.bias.abs() + h.abs() @ fc2.weight.abs().t()
+    return max(float(out.abs().max()), float(terms.max()))
+
+
 def _check(spec: Spec, masks: dict) -> Any:
     model = SpecNet(spec)
     g = torch.Generator().manual_seed(spec.seed % 1000)
@@ -229,10 +239,13 @@ def _check(spec: Spec, masks: dict) -> Any:
     assert r.compacted, f"compaction abandoned: {[b.describe() for b in r.blocked]}"
     assert not r.blocked, [b.describe() for b in r.blocked]
     ref = masked_copy(model, masks)
+    head_in: list[torch.Tensor] = []
+    ref.fc2.register_forward_hook(lambda m, i, o: head_in.append(i[0]))
     with torch.no_grad():
         for x in (example, fresh):
-            err = relative_error(ref(x), r.model(x))
-            assert err <= RTOL, f"relative error {err:.3g} for {spec}"
+            want, got = ref(x), r.model(x)
+            err = float((want.double() - got.double()).abs().max())
+            assert err <= RTOL * _scale(ref.fc2, head_in.pop(), want), f"abs error {err:.3g} for {spec}"
     assert param_count(r.model) <= param_count(model)
     assert r.params_after == param_count(r.model)
     return r
