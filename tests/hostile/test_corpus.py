@@ -260,6 +260,11 @@ def build_corpus(d: Path) -> None:
     converters.get("onnx").convert(nn.Sequential(nn.Linear(12, 10)).eval(), (torch.randn(1, 12),),
                                    d / "a_other_rank.onnx")
     (d / "a_weird.bin").write_bytes(good)
+    (d / "a_garbage_file.mlpackage").write_bytes(b"garbage")
+    (d / "a_empty_dir.mlpackage").mkdir()
+    (d / "a_bad_manifest.mlpackage").mkdir()
+    (d / "a_bad_manifest.mlpackage" / "Manifest.json").write_text('{"fileFormatVersion": "1.0.0", '
+                                                                 '"itemInfoEntries": {}}')
     report = dp.validate(model, d / "good.onnx", (torch.randn(1, 1, 28, 28),), n_inputs=2, latency=False)
     (d / "good_report.json").write_text(report.to_json())
 
@@ -516,6 +521,18 @@ def test_hostile_artifacts(run: Runner, args: list[str], needle: str) -> None:
     outcome = run("validate", "{d}/sd.pt", "--model", LENET, *args, "--no-latency", "--n-inputs", "2",
                   "--json", "r.json")
     run.check(outcome, EXIT_INPUT, needle)
+
+
+@pytest.mark.parametrize("name", [
+    "a_garbage_file.mlpackage",
+    "a_empty_dir.mlpackage",
+    pytest.param("a_bad_manifest.mlpackage", marks=xfail(
+        "BUG-H18", "coremltools rewrites the package's Manifest.json in place: validate modifies its input")),
+])
+def test_hostile_coreml_artifacts(run: Runner, name: str) -> None:
+    """A broken .mlpackage fails the Core ML read-back: reported as a failed validation (exit 4), one line."""
+    outcome = run("validate", "{d}/sd.pt", "--model", LENET, f"{{d}}/{name}", "--no-latency", "--n-inputs", "2")
+    run.check(outcome, 4, f"{{d}}/{name}: validation failed: coreml read-back could not run")
 
 
 def test_artifact_of_unknown_type(run: Runner) -> None:
