@@ -1045,24 +1045,12 @@ def _detach_attached(model: nn.Module) -> tuple[nn.Module, Masks]:
     Handles ``torch.nn.utils.parametrize`` parametrizations carrying a ``mask`` and
     ``torch.nn.utils.prune`` forward pre-hooks (``weight_orig`` / ``weight_mask``).
     """
-    from torch.nn.utils import prune
-
-    from .masks import extract_attached_masks
+    from .masks import detach_prune_hooks_, extract_attached_masks
 
     masks = extract_attached_masks(model)
     remove_parametrizations_(model, leave_parametrized=False)
-    for mod_name, module in model.named_modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if not isinstance(hook, prune.BasePruningMethod):
-                continue
-            pname = hook._tensor_name
-            orig = module._parameters.pop(f"{pname}_orig")
-            mask = module._buffers.pop(f"{pname}_mask")
-            del module._forward_pre_hooks[key]
-            if hasattr(module, pname):
-                delattr(module, pname)
-            module.register_parameter(pname, orig)
-            masks.setdefault(mod_name, {})[pname] = mask.detach().to(torch.bool)
+    for mod_name, per in detach_prune_hooks_(model).items():
+        masks.setdefault(mod_name, {}).update(per)
     return model, masks
 
 

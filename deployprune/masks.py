@@ -141,6 +141,52 @@ def extract_attached_masks(model: nn.Module) -> Masks:
     return out
 
 
+def detach_prune_hooks_(model: nn.Module) -> Masks:
+    """Take ``torch.nn.utils.prune`` forward pre-hooks off ``model`` (in place).
+
+    ``weight_orig`` becomes ``weight`` again (unmasked) and the ``weight_mask`` buffers come back
+    as masks, so the model is plain and the masks can be baked or compacted like any other.
+    """
+    from torch.nn.utils import prune
+
+    masks: Masks = {}
+    for mod_name, module in model.named_modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if not isinstance(hook, prune.BasePruningMethod):
+                continue
+            pname = hook._tensor_name
+            orig = module._parameters.pop(f"{pname}_orig")
+            mask = module._buffers.pop(f"{pname}_mask")
+            del module._forward_pre_hooks[key]
+            if hasattr(module, pname):
+                delattr(module, pname)
+            module.register_parameter(pname, orig)
+            masks.setdefault(mod_name, {})[pname] = mask.detach().to(torch.bool)
+    return masks
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copes with ``torch.nn.utils.prune`` hooks.
+
+    Those hooks keep the masked weight as a computed, non-leaf attribute, which deepcopy refuses;
+    it is set aside for the copy and put back, so ``model`` ends exactly as it was.
+    """
+    import copy
+
+    from torch.nn.utils import prune
+
+    computed: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in module.__dict__:
+                computed.append((module, hook._tensor_name, module.__dict__.pop(hook._tensor_name)))
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, name, value in computed:
+            module.__dict__[name] = value
+
+
 def _expand_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Per-output-channel masks (torch.ao structured sparsifiers keep a (C,) mask) to the weight's shape."""
     if tuple(mask.shape) == tuple(shape) or mask.dim() != 1 or len(shape) == 0 or mask.shape[0] != shape[0]:

@@ -33,7 +33,15 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import InputError, ParityError, UnsupportedError
-from ..masks import Masks, apply_masks_, extract_attached_masks, normalize_masks, strip_parametrizations_
+from ..masks import (
+    Masks,
+    apply_masks_,
+    copy_model,
+    detach_prune_hooks_,
+    extract_attached_masks,
+    normalize_masks,
+    strip_parametrizations_,
+)
 from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
 from .rewrite import _is_reshape, can_rewrite, region_module
 from .rules import apply_rule, register_function_rule, register_module_rule
@@ -126,8 +134,11 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     inputs = _as_tuple(example_inputs)
     modes = {name: m.training for name, m in model.named_modules()}
     attached = extract_attached_masks(model)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else copy_model(model)
     strip_parametrizations_(work)
+    for mod_name, per in detach_prune_hooks_(work).items():  # torch.nn.utils.prune masks
+        for pname, m in per.items():
+            attached.setdefault(mod_name, {})[pname] = attached.get(mod_name, {}).get(pname, m) & m
     masks_n: Masks = normalize_masks(work, masks) if masks is not None else attached
     apply_masks_(work, masks_n)
     work.eval()
