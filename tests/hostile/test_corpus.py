@@ -257,6 +257,15 @@ def build_corpus(d: Path) -> None:
     init.ClearField("raw_data")
     init.data_location = onnx.TensorProto.EXTERNAL
     (d / "a_escape.onnx").write_bytes(proto.SerializeToString())
+    os.mkfifo(d / "a_pipe.bin")  # reading external data from a pipe would block forever
+    for name, location, length in [("a_ext_fifo.onnx", "a_pipe.bin", size), ("a_ext_absolute.onnx", "/dev/zero", size),
+                                   ("a_ext_huge_length.onnx", "good.onnx", 2**40)]:
+        proto = onnx.load(str(d / "good.onnx"))
+        init = proto.graph.initializer[0]
+        set_external_data(init, location=location, offset=0, length=length)
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        (d / name).write_bytes(proto.SerializeToString())
     converters.get("onnx").convert(nn.Sequential(nn.Linear(12, 10)).eval(), (torch.randn(1, 12),),
                                    d / "a_other_rank.onnx")
     (d / "a_weird.bin").write_bytes(good)
@@ -509,6 +518,9 @@ ARTIFACTS = [
     ("onnx-text", ["{d}/a_text.onnx"], "{d}/a_text.onnx: onnxruntime cannot load it", ()),
     ("onnx-external-data-escapes", ["{d}/a_escape.onnx"], "{d}/a_escape.onnx: ", ()),
     ("onnx-missing", ["{d}/a_nope.onnx"], "{d}/a_nope.onnx: ", ()),
+    ("onnx-external-data-fifo", ["{d}/a_ext_fifo.onnx"], "{d}/a_ext_fifo.onnx: ", ()),
+    ("onnx-external-data-absolute", ["{d}/a_ext_absolute.onnx"], "{d}/a_ext_absolute.onnx: ", ()),
+    ("onnx-external-data-huge-length", ["{d}/a_ext_huge_length.onnx"], "{d}/a_ext_huge_length.onnx: ", ()),
     ("onnx-other-model-rank", ["{d}/a_other_rank.onnx"], "{d}/a_other_rank.onnx: ",
      ()),
     ("onnx-static-batch-mismatch", ["{d}/good.onnx", "--input-shape", "2,1,28,28"], "{d}/good.onnx: ",
