@@ -66,7 +66,7 @@ class Boom:
 
 
 def xfail(bug: str, what: str):
-    return pytest.mark.xfail(strict=True, reason=f"{bug}: {what} (see /tmp/security_bugs.md, docs/security.md)")
+    return pytest.mark.xfail(strict=True, reason=f"{bug}: {what} (see docs/security.md, Known gaps)")
 
 
 # --------------------------------------------------------------------------------------------
