@@ -134,6 +134,13 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
                 if src != dst:
                     maps.setdefault(src, []).append((dst, [np.array([off + k]) for k in range(a.size[src])]))
                     owned.add(dst)
+        elif rel[0] == "grouped":
+            # input channel c of a grouped conv is weight column c % (channels per group)
+            _, x_slot, w_slot, ig = rel
+            src, dst = a.find(x_slot), a.find(w_slot)
+            if src != dst:
+                maps.setdefault(src, []).append((dst, [np.array([c % ig]) for c in range(a.size[src])]))
+                owned.add(dst)
         elif rel[0] == "reshape":
             _, single, multi, sizes = rel
             dst = a.find(single)
@@ -155,15 +162,27 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
 
 
 def _reach(root: int, n: int, maps: dict[int, list[tuple[int, list[np.ndarray]]]]) -> dict[int, list | None]:
+    """Per space reachable from ``root``: the indices each channel of ``root`` becomes there.
+
+    A space reached along several paths (e.g. a concat fed both directly and through a norm)
+    gets the union of the paths' indices, so every copy of a channel is listed.
+    """
     reach: dict[int, list | None] = {root: None}
-    frontier: list[tuple[int, list[np.ndarray] | None]] = [(root, None)]
+    frontier: list[int] = [root]
     while frontier:
-        src, idx = frontier.pop()
+        src = frontier.pop()
+        idx = reach[src]
         for dst, m in maps.get(src, []):
-            if dst in reach:
+            if dst == root:
                 continue
             composed = m if idx is None else [np.concatenate([m[i] for i in ks]) if len(ks) else np.zeros(0, int)
                                               for ks in idx]
+            old = reach.get(dst)
+            if old is not None:
+                merged = [np.union1d(o, c).astype(int) for o, c in zip(old, composed, strict=True)]
+                if all(len(mg) == len(o) for mg, o in zip(merged, old, strict=True)):
+                    continue  # nothing new along this path
+                composed = merged
             reach[dst] = composed
-            frontier.append((dst, composed))
+            frontier.append(dst)
     return reach

@@ -127,18 +127,19 @@ def opaque(a: Analysis, node: fx.Node, reason: str | None = None) -> None:
         a.pin_var(v, reason, b)
 
 
-def _const_tensor(values: np.ndarray, dim: int, ndim: int) -> torch.Tensor:
+def _const_tensor(values: np.ndarray, dim: int, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = len(values)
-    return torch.tensor(np.nan_to_num(values, nan=0.0), dtype=torch.float32).reshape(shape)
+    return torch.tensor(np.nan_to_num(values, nan=0.0), dtype=dtype).reshape(shape)
 
 
-def _eval_unary_cv(a: Analysis, x: Var, y: Var, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _eval_unary_cv(a: Analysis, x: Var, y: Var, fn: Callable[[torch.Tensor], torch.Tensor],
+                   dtype: torch.dtype = torch.float32) -> None:
     for d, c in list(x.cval.items()):
         known = ~np.isnan(c)
         try:
             with torch.no_grad():
-                r = fn(_const_tensor(c, d, x.ndim))
+                r = fn(_const_tensor(c, d, x.ndim, dtype))
             r = r.detach().to(torch.float64).reshape(-1).numpy()
         except Exception:  # noqa: BLE001 - an op that cannot take the probe just gives no constants
             continue
@@ -163,7 +164,7 @@ def elementwise(a: Analysis, node: fx.Node, fn: Callable[[torch.Tensor], torch.T
     if fn is None:
         y.cval = dict(x.cval)
     else:
-        _eval_unary_cv(a, x, y, fn)
+        _eval_unary_cv(a, x, y, fn, meta.dtype if meta.dtype.is_floating_point else torch.float32)
 
 
 def pin_spatial(a: Analysis, v: Var, first: int = 2, reason: str = "spatial dimension") -> None:
@@ -428,6 +429,7 @@ def _conv(a: Analysis, node: fx.Node, module: nn.Module) -> None:
 
         a.constraint(demand_inputs)
     elif not (ig == 1 and og == 1):
+        a.relations.append(("grouped", x.slots[1], W.slots[1], ig))
 
         def grouped() -> bool:
             ko = a.keep(y, 1).reshape(g, og)
@@ -569,8 +571,8 @@ def _linear(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         if new_b is None and module.bias is not None:
             new_b = module.bias.detach()[torch.as_tensor(ko)]
         w = module.weight.detach()
-        new = skip_init(nn.Linear, int(ki.sum()), int(ko.sum()), bias=new_b is not None, device=w.device,
-                        dtype=w.dtype)
+        cls = type(module) if type(module).__init__ is nn.Linear.__init__ else nn.Linear  # keep plain subclasses
+        new = skip_init(cls, int(ki.sum()), int(ko.sum()), bias=new_b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.weight.copy_(w[torch.as_tensor(ko)][:, torch.as_tensor(ki)])
             if new_b is not None:
@@ -743,7 +745,15 @@ def _batchnorm(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     a.rebuilders.setdefault(name, rebuild)
 
 
+def _same_placement(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Move ``new`` to the device and floating dtype of ``old`` (a float64 model stays float64)."""
+    ref = next((t for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)] if t.is_floating_point()),
+               None)
+    return new if ref is None else new.to(device=ref.device, dtype=ref.dtype)
+
+
 def _copy_norm_state(old: nn.Module, new: nn.Module, k: np.ndarray) -> None:
+    _same_placement(new, old)
     with torch.no_grad():
         for p in ("weight", "bias"):
             t = getattr(old, p, None)
@@ -798,6 +808,11 @@ def _groupnorm(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     pin_spatial(a, x)
     _per_channel_params(a, name, module, y, 1, ("weight", "bias"))
     G, C = module.num_groups, module.num_channels
+    # a group whose input is entirely constant normalizes to 0; a zero scale leaves only the shift
+    w = module.weight.detach().double().numpy() if module.affine else np.ones(C)
+    bb = module.bias.detach().double().numpy() if module.affine else np.zeros(C)
+    const_group = np.repeat((~np.isnan(a.cv(x, 1))).reshape(G, C // G).all(1), C // G)
+    a.set_cv(y, 1, np.where(const_group | (w == 0), bb, np.nan))
 
     def whole_groups() -> bool:
         k = a.keep(y, 1).reshape(G, C // G).any(1)
@@ -879,7 +894,7 @@ def _prelu(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         k = a.keep(y, 1)
         if k.all():
             return None
-        new = nn.PReLU(int(k.sum()))
+        new = _same_placement(nn.PReLU(int(k.sum())), module)
         with torch.no_grad():
             new.weight.copy_(_sliced(module.weight, k))
         return new
@@ -1266,6 +1281,10 @@ def _cat(a: Analysis, node: fx.Node) -> None:
 
     a.constraint(concat)
     a.set_cv(y, d, np.concatenate([a.cv(v, d) for v in xs]))
+    for od in range(y.ndim):  # along other dims a slice is constant where every input agrees
+        if od != d:
+            cs = np.stack([a.cv(v, od) for v in xs])
+            a.set_cv(y, od, np.where((cs == cs[0]).all(0), cs[0], np.nan))
 
 
 @register_function_rule(torch.stack)
@@ -1313,9 +1332,11 @@ def _split(a: Analysis, node: fx.Node) -> None:
     sizes = [o.shape[d] for o in outs]
     equal = name == "chunk" and len(set(sizes)) == 1
     if not equal:
-        a.pin(x, d, f"split into fixed sizes by {name}")
+        why = f"split into fixed sizes by {name}; the sizes are part of the forward code"
+        b = a.block(node, why)
+        a.pin(x, d, why, b)
         for o in outs:
-            a.pin(o, d, f"split into fixed sizes by {name}")
+            a.pin(o, d, why, b)
         return
     n = sizes[0]
     a.relations.append(("chunk", x.slots[d], [o.slots[d] for o in outs]))
@@ -1386,12 +1407,14 @@ def _index_tensor(a: Analysis, node: fx.Node, x: Var, idx: Any) -> None:
                 if xd in x.cval:
                     y.cval[od] = x.cval[xd]
             else:
-                a.pin(x, xd, "sliced at fixed positions")
-                a.pin(y, od, "sliced at fixed positions")
+                b = a.block(node, "sliced at fixed positions in the forward code")
+                a.pin(x, xd, "sliced at fixed positions", b)
+                a.pin(y, od, "sliced at fixed positions", b)
             xd += 1
             od += 1
         else:  # an integer (or an int-valued graph value): selects one position
-            a.pin(x, xd, "indexed at a fixed position")
+            b = a.block(node, "indexed at a fixed position in the forward code")
+            a.pin(x, xd, "indexed at a fixed position", b)
             xd += 1
     while xd < x.ndim and od < y.ndim:
         a.same(x, xd, y, od)
