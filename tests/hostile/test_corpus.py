@@ -1002,3 +1002,16 @@ def test_output_symlinks_are_not_followed(run: Runner, tmp_path: Path) -> None:
     assert not elsewhere.exists()
     assert not (run.out / "out.onnx").is_symlink() and onnx.load(str(run.out / "out.onnx")).graph.node
     assert tree_digest(private) == run.before
+
+
+@pytest.mark.xfail(strict=True, reason="BUG-H19: the training checkpoint <checkpoint-dir>/last.pt may be the input "
+                   "model; with --force it is replaced")
+def test_training_checkpoint_never_replaces_the_model(run: Runner, tmp_path: Path) -> None:
+    private = tmp_path / "ck"
+    private.mkdir()
+    shutil.copy2(run.corpus / "digits_net.pt", private / "last.pt")
+    shutil.copy2(run.corpus / "cfg_element.json", private / "cfg.json")
+    run.corpus = private
+    outcome = run("prune", "{d}/last.pt", "--config", "{d}/cfg.json", "--data", "digits", "--epochs", "1",
+                  "--checkpoint-dir", "{d}", "--no-progress", "-o", "p.pt", "--force")
+    run.check(outcome, EXIT_USAGE, "{d}/last.pt: ", "input")
