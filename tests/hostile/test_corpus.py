@@ -1015,3 +1015,21 @@ def test_training_checkpoint_never_replaces_the_model(run: Runner, tmp_path: Pat
     outcome = run("prune", "{d}/last.pt", "--config", "{d}/cfg.json", "--data", "digits", "--epochs", "1",
                   "--checkpoint-dir", "{d}", "--no-progress", "-o", "p.pt", "--force")
     run.check(outcome, EXIT_USAGE, "{d}/last.pt: ", "input")
+
+
+def _yaml_alias_bomb(levels: int) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 10**levels strings."""
+    items = ['&l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    items += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG-H20: the error message reprs the whole expanded value (a 244-byte config "
+                   "gives a 5.8 MB message at 10**6; at 10**9 prune hangs)")
+def test_yaml_alias_bomb_in_config(run: Runner, tmp_path: Path) -> None:
+    config = tmp_path / "bomb.yaml"
+    config.write_text(f"target_sparsity: {_yaml_alias_bomb(6)}\n")
+    assert config.stat().st_size < 300
+    outcome = run("prune", "{d}/sd.pt", "--model", LENET, "--config", str(config))
+    assert len(outcome.err) < 1000, f"a {len(outcome.err)}-character error message"
+    run.check(outcome, EXIT_USAGE, f"{config}: ", "target_sparsity")
