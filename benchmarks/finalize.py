@@ -298,11 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per model; the median is shown (default 3)")
     p.add_argument("--skip-zoo", action="store_true", help="only the benchmark-size models")
     p.add_argument("--skip-large", action="store_true", help="only the zoo models")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP spin-waiting "
+                        "inflating the figures when other processes share the CPUs")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.models:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
         for n in names:
