@@ -37,3 +37,38 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
     if not callable(obj):
         raise error(f"{label}: {attr!r} is a {type(obj).__name__}, not a class or function")
     return obj
+
+
+# Import paths a configuration *file* may name without an opt-in: a config or scenario written
+# elsewhere must not choose code to run (module-level code executes on import).
+TRUSTED_PREFIXES = ("torch", "numpy", "math", "deployprune", "models", "converters")
+
+
+def is_trusted_path(path: str) -> bool:
+    module = path.replace(":", ".").split(".")[0]
+    return module in TRUSTED_PREFIXES
+
+
+def check_trusted_path(path: Any, key: str, *, trusted: bool, flag: str) -> None:
+    """ConfigError unless ``path`` (read from a file) stays inside torch/numpy/deployprune/models."""
+    from .errors import ConfigError
+
+    if isinstance(path, str) and not trusted and not is_trusted_path(path):
+        raise ConfigError(f"{key}: import path {path!r} comes from a file and is outside "
+                          f"{', '.join(TRUSTED_PREFIXES)}; a file must not choose code to run: "
+                          f"pass {flag} if you trust it")
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without anchors/aliases (configs never need them; alias bombs blow up)."""
+    import yaml
+
+    class _NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                event = self.peek_event()
+                raise yaml.constructor.ConstructorError(None, None, "YAML aliases are not supported in configs",
+                                                        event.start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass

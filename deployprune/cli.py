@@ -568,6 +568,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         fmt = {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
     reports = load_reports(args.reports)
     if args.output:
+        from .pipeline import check_not_input
+
+        check_not_input(Path(args.output), *[Path(r) for r in args.reports])
         write_report(reports, args.output, format=fmt, force=args.force)
         _print_lines([f"report: {args.output}"])
         return EXIT_OK

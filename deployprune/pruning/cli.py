@@ -74,6 +74,9 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
     r.add_argument("scenario", metavar="SCENARIO", help="scenario file (.json/.yaml)")
     r.add_argument("--force", action="store_true", default=None, help="overwrite existing outputs")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--trust-scenario", action="store_true",
+                   help="let the scenario import code outside torch/deployprune/models (factories, optimizers, data) "
+                        "and set trust_pickle; only for scenario files you trust")
     r.set_defaults(func=cmd_run)
 
 
@@ -100,7 +103,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if epochs > 0 and not args.data:
         raise UsageError(f"--epochs {epochs} needs --data (digits or package.module:function)")
     out = Path(args.output) if args.output else default_output(Path(args.model_path), ".pruned.pt")
-    check_not_input(out, Path(args.model_path), Path(args.config), Path(args.masks) if args.masks else None)
+    inputs = (Path(args.model_path), Path(args.config), Path(args.masks) if args.masks else None)
+    check_not_input(out, *inputs)
+    if args.checkpoint_dir:
+        from ..training import CHECKPOINT_NAME
+
+        check_not_input(Path(args.checkpoint_dir) / CHECKPOINT_NAME, *inputs)
     config = args.config
     if not Path(config).is_file():
         from ..errors import InputError
@@ -136,7 +144,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..training import run_scenario
 
-    outcome = run_scenario(args.scenario, progress=not args.no_progress, force=args.force)
+    outcome = run_scenario(args.scenario, progress=not args.no_progress, force=args.force,
+                           trust=args.trust_scenario)
     _print(outcome.lines)
     if outcome.exit_code:
         from ..errors import ValidationFailed

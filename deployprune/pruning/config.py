@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .._imports import load_yaml
 from ..errors import ConfigError
 from ._util import check_fraction, check_int, check_keys, field_names
 from .schedules import Schedule, build_schedule
@@ -423,9 +424,8 @@ class PrunerConfig:
             if suffix == ".json":
                 data = json.loads(text)
             elif suffix in (".yaml", ".yml"):
-                import yaml
 
-                data = yaml.safe_load(text)
+                data = load_yaml(text)
             else:
                 raise ConfigError(f"{p}: unknown config format {suffix!r}; use .json, .yaml or .yml")
         except (json.JSONDecodeError, ValueError) as exc:

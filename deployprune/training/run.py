@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .._imports import check_trusted_path, load_yaml
 from ..errors import ConfigError, InputError, UnsupportedError, UsageError
 from .loop import TrainResult, _build, evaluate, finetune, import_object
 
@@ -220,9 +221,8 @@ def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{p}: cannot read the scenario file ({exc.strerror or exc})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
 
-            obj = yaml.safe_load(text)
+            obj = load_yaml(text)
         else:
             obj = json.loads(text)
     except Exception as exc:  # noqa: BLE001
@@ -235,7 +235,8 @@ def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
     return sc
 
 
-def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None) -> ScenarioOutcome:
+def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None,
+                 trust: bool = False) -> ScenarioOutcome:
     """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes."""
     from ..io import load_model
 
@@ -262,6 +263,26 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         config = rel(config)
     out = Path(rel(sc["output"]))
 
+    # a scenario file must not choose code to run or opt itself into unpickling (--trust-scenario)
+    flag = "--trust-scenario (run_scenario(trust=True))"
+    for key, value in (("model.factory", model_spec.get("factory")), ("data", sc.get("data")),
+                       ("finetuning.optimizer", ft.get("optimizer")), ("finetuning.criterion", ft.get("criterion")),
+                       ("finetuning.lr_scheduler", ft.get("lr_scheduler"))):
+        if key != "data" or (isinstance(value, str) and ":" in value):
+            check_trusted_path(value, f"{p}: {key}", trusted=trust, flag=flag)
+    if model_spec.get("trust_pickle") and not trust:
+        raise ConfigError(f"{p}: model.trust_pickle: a scenario file cannot opt itself into unpickling code; "
+                          f"pass {flag} if you trust it")
+    from ..pipeline import check_not_input
+
+    inputs = [p, Path(rel(model_spec["path"]))] + ([Path(config)] if isinstance(config, str) else [])
+    check_not_input(out, *inputs)
+    ckdir_value = ft.get("checkpoint_dir")
+    if ckdir_value:
+        from .loop import CHECKPOINT_NAME
+
+        check_not_input(Path(rel(ckdir_value)) / CHECKPOINT_NAME, *inputs)
+
     if exp is not None:  # fail before training if the artifact cannot be written
         import converters
 
@@ -271,6 +292,8 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         converters.get(exp.get("target", "onnx"))
         art = Path(rel(exp["path"])) if exp.get("path") else default_output(out, target_suffix(exp.get("target",
                                                                                                         "onnx")))
+        check_not_input(art, *inputs, out)
+        check_not_input(art.with_name(art.name + ".report.json"), *inputs, out)
         check_writable(art, force=force)
 
     loaded = load_model(rel(model_spec["path"]), model_factory=model_spec.get("factory"),

@@ -95,7 +95,7 @@ def test_schedule_state_dict_round_trip() -> None:
         ({"type": "cosine"}, "unknown schedule 'cosine'"),
         ({"end_step": 3}, "missing 'type'"),
         ({"type": "linear", "end_step": 3, "power": 2}, "power is fixed to 1"),
-        ({"type": "callable", "function": "nonexistent_mod_xyz:f"}, "cannot import"),
+        ({"type": "callable", "function": "nonexistent_mod_xyz:f"}, "comes from a file and is outside"),
     ],
 )
 def test_bad_schedules(spec: dict, message: str) -> None:
