@@ -228,6 +228,19 @@ class SpatialCat(nn.Module):
         return self.c2(torch.cat([self.c1(x), self.c1b(x)], dim=2))
 
 
+class StackLinear(nn.Module):
+    """torch.stack of two channel vectors, flattened into a Linear: zero channels stay zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c1(x).mean((2, 3))
+        return self.fc(torch.stack([y, y * 2.0], dim=1).flatten(1))
+
+
 class Conv1dSequence(nn.Module):
     """Audio-style: Conv1d, MaxPool1d, AdaptiveAvgPool1d, squeeze, Linear."""
 
@@ -275,6 +288,7 @@ CASES = {
     # masked positions 1 and 3 of each block of 4: the grouped conv keeps groups=2 with 2 inputs each
     "grouped_conv": OpCase(GroupedConv, (1, 3, 6, 6), 4, {"g.weight": (8, 2, 3, 3)}),
     "conv1d_sequence": OpCase(Conv1dSequence, (1, 1, 64), 4, {"fc.weight": (4, 4)}),
+    "stack_flatten_linear": OpCase(StackLinear, (1, 3, 6, 6), 4, {"fc.weight": (4, 8)}),
     "spatial_cat": OpCase(SpatialCat, (1, 3, 6, 6), 4, {"c1b.weight": (4, 3, 3, 3), "c2.weight": (4, 4, 3, 3)}),
 }
 
