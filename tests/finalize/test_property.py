@@ -52,9 +52,9 @@ SIDE = 6  # input height and width
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # conv | bn | relu | add | cat | pool
+    kind: str  # conv | bn | relu | add | mul | cat | pool | linear (channels-last) | chunk | gate (SE-style)
     srcs: tuple[int, ...]
-    out: int = 0  # conv output channels
+    out: int = 0  # conv/linear output channels; for chunk, which half (0 or 1)
     kernel: int = 1
     groups: int = 1
     bias: bool = True
@@ -76,19 +76,33 @@ def specs(draw: st.DrawFn) -> Spec:
     shapes: list[tuple[int, int]] = [(in_ch, SIDE)]  # (channels, side) of every tensor so far
     ops: list[Op] = []
     for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "relu", "add", "cat", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "relu", "add", "cat", "pool",
+                                     "mul", "linear", "chunk", "gate"]))
         recent = list(range(max(0, len(shapes) - 4), len(shapes)))
         src = draw(st.sampled_from(recent))
         c, side = shapes[src]
-        if kind == "add":
+        if kind in ("add", "mul"):
             partners = [i for i in range(len(shapes)) if i != src and shapes[i] == shapes[src]]
             if not partners:
                 kind = "conv"
             else:
                 other = draw(st.sampled_from(partners))
-                ops.append(Op("add", (src, other)))
+                ops.append(Op(kind, (src, other)))
                 shapes.append(shapes[src])
                 continue
+        if kind == "chunk":
+            if c < 2 or c % 2:
+                kind = "gate"
+            else:
+                half = draw(st.integers(0, 1))
+                ops.append(Op("chunk", (src,), out=half))
+                shapes.append((c // 2, side))
+                continue
+        if kind == "linear":
+            out = draw(st.integers(1, 6))
+            ops.append(Op("linear", (src,), out=out, bias=draw(st.booleans())))
+            shapes.append((out, side))
+            continue
         if kind == "cat":
             partners = [i for i in range(len(shapes)) if shapes[i][1] == side]
             others = draw(st.lists(st.sampled_from(partners), min_size=1, max_size=2))
@@ -120,8 +134,10 @@ def shapes_of(spec: Spec) -> list[tuple[int, int]]:
     shapes = [(spec.in_ch, SIDE)]
     for op in spec.ops:
         c, side = shapes[op.srcs[0]]
-        if op.kind == "conv":
+        if op.kind in ("conv", "linear"):
             shapes.append((op.out, side))
+        elif op.kind == "chunk":
+            shapes.append((c // 2, side))
         elif op.kind == "cat":
             shapes.append((sum(shapes[i][0] for i in op.srcs), side))
         elif op.kind == "pool":
@@ -150,6 +166,8 @@ class SpecNet(nn.Module):
             c = shapes[op.srcs[0]][0]
             if op.kind == "conv":
                 layers.append(nn.Conv2d(c, op.out, op.kernel, padding=op.kernel // 2, groups=op.groups, bias=op.bias))
+            elif op.kind == "linear":
+                layers.append(nn.Linear(c, op.out, bias=op.bias))
             elif op.kind == "bn":
                 bn = nn.BatchNorm2d(c)
                 with torch.no_grad():
@@ -177,6 +195,14 @@ class SpecNet(nn.Module):
                 ts.append(F.relu(a))
             elif op.kind == "add":
                 ts.append(a + ts[op.srcs[1]])
+            elif op.kind == "mul":
+                ts.append(a * ts[op.srcs[1]])
+            elif op.kind == "linear":  # channels-last Linear, as in ConvNeXt blocks
+                ts.append(layer(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif op.kind == "chunk":
+                ts.append(a.chunk(2, dim=1)[op.out])
+            elif op.kind == "gate":  # squeeze-and-excitation style gate without parameters
+                ts.append(a * torch.sigmoid(a.mean((2, 3), keepdim=True)))
             elif op.kind == "cat":
                 ts.append(torch.cat([ts[i] for i in op.srcs], dim=1))
             else:
@@ -324,3 +350,23 @@ def test_spec_net_examples_cover_every_op() -> None:
     # columns, and fc1 the 2 x 3 x 3 flattened features conv0's zero channels occupy in the concat
     removed = 2 * (3 * 9 + 1) + 2 * 2 + 4 * 2 + 5 * 2 * 9
     assert param_count(r.model) == param_count(model) - removed
+
+
+def test_spec_net_channels_last_linear_chunk_gate_mul() -> None:
+    """The newer building blocks, with the sizes finalize must reach."""
+    spec = Spec(in_ch=3, ops=(
+        Op("conv", (0,), out=4, kernel=3), Op("linear", (1,), out=6), Op("chunk", (2,), out=0),
+        Op("gate", (3,)), Op("mul", (4, 3)),
+    ), head="mean", hidden=5, classes=2, seed=2)
+    assert leaves(spec) == [5]
+    model = SpecNet(spec)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    masks = {"layers.1": {"weight": keep.view(6, 1).expand(6, 4).clone(), "bias": keep.clone()}}
+    r = _check(spec, masks)
+    shapes = param_shapes(r.model)
+    # chunk(2)[0] reads rows 0-2 of the Linear; row 1 is zero, so it goes, and the same position
+    # of the other (unread) half goes with it (chunks stay equal); the gate and the product keep
+    # channel 1 at zero, so the head's fc1 drops that column
+    assert shapes["layers.1.weight"] == (4, 4) and shapes["layers.1.bias"] == (4,)
+    assert shapes["fc1.weight"] == (5, 2)
+    assert param_count(r.model) == param_count(model) - 2 * 5 - 5
