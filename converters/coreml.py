@@ -471,6 +471,9 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
                   torch_outputs: list[np.ndarray] | None = None) -> CoreMLVerification:
     """Read an ``.mlpackage`` back without running it and check it against ``torch_model``.
 
+    The package is read from a private temporary copy: coremltools re-serializes the
+    ``Manifest.json`` of a package it opens, and an input is never modified.
+
     * Loads the spec with ``MLModel(path, skip_model_load=True)`` and rebuilds the MIL program
       from it and the weight file.
     * Materializes every ``constexpr_sparse_to_dense`` constant (mask bits + non-zero values
@@ -487,8 +490,18 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
 
     ``torch_outputs`` may pass the model's outputs on ``example_inputs`` when already computed.
     """
+    with private_copy(Path(path)) as readable:
+        return _verify_coreml(Path(path), readable, torch_model, example_inputs, input_names=input_names,
+                              output_names=output_names, fold=fold, expect_sparse=expect_sparse,
+                              sparse_min_sparsity=sparse_min_sparsity, sparse_min_elements=sparse_min_elements,
+                              rtol=rtol, torch_outputs=torch_outputs)
+
+
+def _verify_coreml(path: Path, readable: Path, torch_model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+                   input_names: list[str] | None, output_names: list[str] | None, fold: bool, expect_sparse: bool,
+                   sparse_min_sparsity: float, sparse_min_elements: int, rtol: float | None,
+                   torch_outputs: list[np.ndarray] | None) -> CoreMLVerification:
     ct = _coremltools()
-    path = Path(path)
     inputs = check_model_and_inputs(torch_model, example_inputs, TARGET)
     failures: list[str] = []
     with eval_mode(torch_model):
@@ -497,7 +510,7 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
         torch_outputs = run_torch(reference_model, inputs)
 
     with _quiet():
-        mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+        mlmodel = ct.models.MLModel(str(readable), skip_model_load=True)
         spec = mlmodel.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         failures.append(f"not an mlprogram (model type {spec.WhichOneof('Type')})")
@@ -523,7 +536,7 @@ def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tupl
         failures.append(f"lossy compression ops in the program: {', '.join(lossy)}")
 
     if sys.platform == "darwin":  # pragma: no cover - needs macOS and the Core ML framework
-        result.prediction = _predict_and_compare(ct, path, inputs, torch_outputs, spec, rtol, failures)
+        result.prediction = _predict_and_compare(ct, readable, inputs, torch_outputs, spec, rtol, failures)
     result.failures = failures
     result.passed = not failures
     return result
@@ -750,10 +763,26 @@ def _check_io(spec: Any, inputs: tuple[torch.Tensor, ...], torch_outputs: list[n
             failures.append(f"output {feature.name} has shape {dims}, torch gives {want}")
 
 
+@contextlib.contextmanager
+def private_copy(path: Path):
+    """A temporary copy of an .mlpackage to open: coremltools re-serializes the Manifest.json of the
+    package it opens, and an input must never be modified (BUG-H18)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deployprune-mlpackage-") as tmp:
+        copy = Path(tmp) / Path(path).name
+        if Path(path).is_dir():
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        yield copy
+
+
 def _predict_and_compare(ct: Any, path: Path, inputs: tuple[torch.Tensor, ...],
                          torch_outputs: list[np.ndarray], spec: Any, rtol: float | None,
                          failures: list[str]) -> dict[str, Any]:  # pragma: no cover
-    model = ct.models.MLModel(str(path))
+    model = ct.models.MLModel(str(path))  # path is already a private copy
     in_names = [f.name for f in spec.description.input]
     out_names = [f.name for f in spec.description.output]
     feeds = {}

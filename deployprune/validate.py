@@ -844,7 +844,10 @@ def _run_coreml(path: Path,
                 inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:  # pragma: no cover
     import coremltools as ct
 
-    model = ct.models.MLModel(str(path))
+    from converters.coreml import private_copy
+
+    with private_copy(path) as readable:  # coremltools rewrites the Manifest.json it opens
+        model = ct.models.MLModel(str(readable))
     spec = model.get_spec()
     in_names = [i.name for i in spec.description.input]
     out_names = [o.name for o in spec.description.output]

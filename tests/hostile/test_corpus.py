@@ -538,8 +538,7 @@ def test_hostile_artifacts(run: Runner, args: list[str], needle: str) -> None:
 @pytest.mark.parametrize("name", [
     "a_garbage_file.mlpackage",
     "a_empty_dir.mlpackage",
-    pytest.param("a_bad_manifest.mlpackage", marks=xfail(
-        "BUG-H18", "coremltools rewrites the package's Manifest.json in place: validate modifies its input")),
+    "a_bad_manifest.mlpackage",  # BUG-H18 (fixed): validate opens a private copy, the input stays byte-identical
 ])
 def test_hostile_coreml_artifacts(run: Runner, name: str) -> None:
     """A broken .mlpackage fails the Core ML read-back: reported as a failed validation (exit 4), one line."""
