@@ -545,13 +545,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         source_path=loaded.source,
     )
     _print_lines(report.summary_lines())
+    written: list[Path] = []
+    try:  # both reports or neither: an error or an interrupt removes the first one again
+        if args.json_out:
+            write_text_atomic(args.json_out, report.to_json(), force=args.force)
+            written.append(Path(args.json_out))
+        if args.html_out:
+            from .report import write_report
+
+            write_report(report, args.html_out, format="html", force=args.force)
+            written.append(Path(args.html_out))
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     if args.json_out:
-        write_text_atomic(args.json_out, report.to_json(), force=args.force)
         _print_lines([f"report:     {args.json_out}"])
     if args.html_out:
-        from .report import write_report
-
-        write_report(report, args.html_out, format="html", force=args.force)
         _print_lines([f"html:       {args.html_out}"])
     report.raise_for_failure()
     return EXIT_OK

@@ -93,6 +93,7 @@ class Staging:
                 f"{dest}: cannot write in {parent} ({exc.strerror or exc}); choose another output path"
             ) from None
         self.dest = dest
+        self.published: list[Path] = []  # moved into place so far (undone if the run does not finish)
 
     def path(self, name: str | None = None) -> Path:
         return self.dir / (name or self.dest.name)
@@ -104,7 +105,9 @@ class Staging:
             for side in sides:  # side files first (ONNX external data) so the main file is last
                 target = dest.with_name(dest.name + side.name[len(staged.name) :])
                 _replace(side, target, force=force)
+                self.published.append(target)
             _replace(staged, dest, force=force)
+            self.published.append(dest)
         except OSError as exc:
             raise OutputError(
                 f"{dest}: cannot move the result into place ({exc.strerror or exc}); check free space and permissions"
@@ -113,6 +116,16 @@ class Staging:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """Remove what was already moved into place: several outputs appear together or not at all."""
+        for p in reversed(self.published):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        self.published.clear()
 
 
 def _replace(src: Path, dest: Path, *, force: bool) -> None:
@@ -131,8 +144,10 @@ def staging(dest: Path) -> Iterator[Staging]:
     An ``OSError`` raised inside (disk full, permissions) becomes a one-line OutputError.
     """
     stage = Staging(dest)
+    finished = False
     try:
         yield stage
+        finished = True
     except OutputError as exc:
         # a writer inside names its private staging path: name the user's output instead
         msg = str(exc)
@@ -146,6 +161,8 @@ def staging(dest: Path) -> Iterator[Staging]:
             f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
         ) from None
     finally:
+        if not finished:  # error, Ctrl-C or SIGTERM: nothing of this run stays
+            stage.rollback()
         stage.cleanup()
 
 

@@ -779,10 +779,10 @@ INTERRUPTIBLE = {
 
 
 @pytest.mark.parametrize("entry", [
-    pytest.param("export", marks=xfail("BUG-H12", "interrupted while the report is renamed: the artifact stays")),
+    "export",  # BUG-H12 (fixed): outputs published together or rolled back
     "finalize",
     "prune",
-    pytest.param("validate", marks=xfail("BUG-H12", "interrupted while --html is renamed: the --json file stays")),
+    "validate",
 ])
 def test_interrupted_at_every_rename(run: Runner, monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
     """Count the renames a clean run makes into the output directory, then interrupt each one in turn
