@@ -1130,12 +1130,19 @@ def couple_reshape(a: Analysis, x: Var, y: Var) -> bool:
             return changed
 
         a.constraint(product)
-        # constants: a merge of a constant channel with whole trailing dims stays constant per block
+        # constants: in a merge, flat element (i, j, ...) is constant when the slice of any merged dim
+        # through it is constant (e.g. a zero channel of a (C, H, W) -> C*H*W flatten)
         if len(si) >= 1 and len(sj) == 1:
-            c = a.cv(x, si[0])
-            if not np.isnan(c).all():
-                trailing = int(np.prod(xs[1:]))
-                a.set_cv(y, sj[0], np.repeat(c, trailing))
+            flat = np.full(int(np.prod(xs)), np.nan)
+            for pos, d in enumerate(si):
+                c = a.cv(x, d)
+                if np.isnan(c).all():
+                    continue
+                shape = [1] * len(xs)
+                shape[pos] = xs[pos]
+                spread = np.broadcast_to(c.reshape(shape), xs).reshape(-1)
+                flat = np.where(np.isnan(flat), spread, flat)
+            a.set_cv(y, sj[0], flat)
         # a split: a slice of an output dim is constant when every element it gathers is the same constant
         if len(si) == 1 and len(sj) > 1:
             c = a.cv(x, si[0])
@@ -1301,6 +1308,9 @@ def _stack(a: Analysis, node: fx.Node) -> None:
     for v in xs:
         for vd in range(v.ndim):
             a.same(v, vd, y, vd if vd < d else vd + 1)
+    for vd in range(xs[0].ndim):  # a slice is constant where every stacked input agrees
+        cs = np.stack([a.cv(v, vd) for v in xs])
+        a.set_cv(y, vd if vd < d else vd + 1, np.where((cs == cs[0]).all(0), cs[0], np.nan))
 
 
 @register_function_rule(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split",
