@@ -118,7 +118,9 @@ def test_random_masks_leave_input_model_untouched(name: str) -> None:
 @pytest.mark.parametrize("name", ZOO)
 def test_random_masks_result_is_plain_module_tree(name: str) -> None:
     case = random_case(name)
-    assert_plain_tree(case.result.model, case.model)
+    # a call whose forward fixes sizes (attention) may come back re-emitted as a GraphModule
+    # carrying its class name; everything else is the original class or a torch.nn layer
+    assert_plain_tree(case.result.model, case.model, allow_graph_modules=True)
 
 
 @pytest.mark.parametrize("name", ZOO)
