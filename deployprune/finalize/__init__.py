@@ -513,7 +513,7 @@ def _kept_zero_outputs(a: Analysis) -> dict[str, int]:
 
 def _count_kept_zero(a: Analysis) -> None:
     counted: set[tuple[int, int]] = set()
-    for i, b in enumerate(a.blockers):
+    for b in a.blockers:
         n = 0
         node = next((x for x in a.traced.graph.nodes if x.name == b.node), None)
         if node is None:
@@ -527,7 +527,6 @@ def _count_kept_zero(a: Analysis) -> None:
                     counted.add(key)
                     n += int((c == 0).sum()) if v.shape[d] > 1 else 0
         b.kept_zero_channels = n
-        del i
 
 
 # ---------------------------------------------------------------------------- pruner interface

@@ -10,18 +10,9 @@ import models
 from deployprune.finalize import compact
 from deployprune.pruning.pruner import plain_copy
 
-# Architectures whose groups over-promise removable channels (none at present; the graph marks
-# chunk/shuffle-coupled spaces as not prunable). strict=True: the test fails once they are fixed.
-GRAPH_OVERPROMISES: dict[str, str] = {}
-
-
-def _params(name: str):
-    marks = [pytest.mark.xfail(reason=GRAPH_OVERPROMISES[name], strict=True)] if name in GRAPH_OVERPROMISES else []
-    return pytest.param(name, marks=marks, id=name)
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [_params(n) for n in models.names("zoo")])
+@pytest.mark.parametrize("name", models.names("zoo"))
 def test_channel_masks_compact_with_parity(name: str) -> None:
     model = models.build(name)
     inputs = models.example_inputs(name)
