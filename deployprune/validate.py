@@ -45,6 +45,7 @@ from .latency import (
     ort_session,
     random_inputs_like,
 )
+from .parity import compare, relative_error
 from .stats import (
     LayerRow,
     ScopeIndex,
@@ -431,7 +432,7 @@ def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
 @dataclass
 class _Acc:
-    """Running aggregate for one output."""
+    """Running aggregate for one output (figures from :func:`deployprune.parity.compare`)."""
 
     name: str
     shape: list[int] | None = None
@@ -444,61 +445,42 @@ class _Acc:
     samples: int = 0
     nonfinite: int = 0
     note: str | None = None
+    comparable: bool = True
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> float:
         """Fold one input's pair in; returns that input's relative error."""
         if self.shape is None:
             self.shape = [int(d) for d in got.shape]
-        if ref.shape != got.shape:
+        p = compare(ref, got, rows=True)
+        if not p.comparable:
             self.note = f"shape {tuple(got.shape)} differs from the source's {tuple(ref.shape)}"
+            self.comparable = False
             return math.inf
-        r = ref.astype(np.float64, copy=False)
-        g = got.astype(np.float64, copy=False)
-        finite = np.isfinite(r)
-        bad = finite & ~np.isfinite(g)
-        self.nonfinite += int(bad.sum())
-        diff = np.abs(np.where(finite, r, 0.0) - np.where(finite, np.nan_to_num(g), 0.0))
-        max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(np.where(finite, r, 0.0)).max()) if r.size else 0.0
-        self.max_abs = max(self.max_abs, max_abs)
-        self.scale = max(self.scale, scale)
-        rows_r = r.reshape(r.shape[0], -1) if r.ndim >= 2 else r.reshape(1, -1)
-        rows_g = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(1, -1)
-        for a, b in zip(rows_r, rows_g, strict=True):
-            self.cosine = min(self.cosine, _cosine(a, b))
-        self.samples += rows_r.shape[0]
-        if r.ndim == 2 and r.shape[1] >= 2 and np.issubdtype(ref.dtype, np.floating):
-            self.agree += int((r.argmax(axis=1) == np.nan_to_num(g).argmax(axis=1)).sum())
-            self.rows += r.shape[0]
+        if p.mismatches and self.nonfinite == 0:
+            self.note = "first non-finite mismatch at " + (p.first_mismatch or "?").replace(
+                "reference", "source").replace("actual", "artifact")
+        self.nonfinite += p.mismatches
+        self.max_abs = max(self.max_abs, p.max_abs)
+        self.scale = max(self.scale, p.scale)
+        self.cosine = min(self.cosine, p.cosine)
+        self.samples += ref.shape[0] if ref.ndim >= 2 else 1
+        if ref.ndim == 2 and ref.shape[1] >= 2 and np.issubdtype(ref.dtype, np.floating):
+            r = np.nan_to_num(ref.astype(np.float64, copy=False))
+            g = np.nan_to_num(got.astype(np.float64, copy=False))
+            self.agree += int((r.argmax(axis=1) == g.argmax(axis=1)).sum())
+            self.rows += ref.shape[0]
         else:
             self.classifier = False
-        if scale == 0:
-            return 0.0 if max_abs == 0 else math.inf
-        return max_abs / scale
+        return p.rel
 
     def result(self) -> OutputMetrics:
-        if self.note is not None and self.samples == 0:
-            return OutputMetrics(self.name, self.shape or [], None, None, None, None, None, 0,
-                                 self.nonfinite, self.note)
-        if self.scale > 0:
-            rel = self.max_abs / self.scale
-        else:
-            rel = 0.0 if self.max_abs == 0 else math.inf
+        if not self.comparable or (self.note is not None and self.samples == 0):
+            return OutputMetrics(self.name, self.shape or [], None, None, None, None, None,
+                                 self.samples, self.nonfinite, self.note)
         top1 = self.agree / self.rows if self.classifier and self.rows else None
-        return OutputMetrics(self.name, self.shape or [], self.max_abs, rel, self.scale,
+        return OutputMetrics(self.name, self.shape or [], self.max_abs,
+                             relative_error(self.max_abs, self.scale), self.scale,
                              self.cosine, top1, self.samples, self.nonfinite, self.note)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.nan_to_num(a)
-    b = np.nan_to_num(b)
-    na = float(np.linalg.norm(a))
-    nb = float(np.linalg.norm(b))
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
 
 
 def _check(metrics: list[OutputMetrics], th: Thresholds) -> list[str]:
@@ -509,8 +491,9 @@ def _check(metrics: list[OutputMetrics], th: Thresholds) -> list[str]:
             failures.append(f"{where}: {m.note or 'not compared'}")
             continue
         if m.nonfinite:
-            failures.append(f"{where}: {m.nonfinite} non-finite value(s) where the source "
-                            "is finite")
+            failures.append(f"{where}: {m.nonfinite} position(s) whose non-finite values differ "
+                            "from the source (NaN must match NaN, inf the same-sign inf)"
+                            + (f"; {m.note}" if m.note else ""))
         if th.max_abs is not None and m.max_abs > th.max_abs:
             failures.append(f"{where}: max abs error {m.max_abs:.3g} > {th.max_abs:g}")
         if m.max_rel is not None and m.max_rel > th.max_rel:
@@ -553,17 +536,8 @@ def _align(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray | None, str]:
 
 
 def _diff_numbers(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
-    r = ref.astype(np.float64).ravel()
-    g = got.astype(np.float64).ravel()
-    max_abs = float(np.abs(r - g).max()) if r.size else 0.0
-    scale = float(np.abs(r).max()) if r.size else 0.0
-    if scale > 0:
-        rel = max_abs / scale
-    else:
-        rel = 0.0 if max_abs == 0 else math.inf
-    if not np.isfinite(rel):
-        rel = math.inf
-    return max_abs, rel, _cosine(r, g)
+    p = compare(ref, got)
+    return p.max_abs, p.rel, p.cosine
 
 
 class _Recorder:

@@ -264,7 +264,10 @@ def test_nonfinite_artifact_output_fails(linear: tuple[nn.Module, torch.Tensor])
                       thresholds=Thresholds(max_rel=1e9, min_cosine=-1.0), n_inputs=2)
     assert not report.passed
     assert report.outputs[0].nonfinite == 8  # 2 inputs x 4 rows, one column
-    assert "8 non-finite value(s) where the source is finite" in report.failures[0]
+    assert report.failures[0].startswith("output 'output0': 8 position(s) whose non-finite values differ "
+                                         "from the source (NaN must match NaN, inf the same-sign inf); "
+                                         "first non-finite mismatch at index (0, 2): source ")
+    assert report.failures[0].endswith(", artifact nan")
 
 
 def test_thresholds_are_validated() -> None:
