@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from deployprune.errors import InputError, OutputError, UsageError
+from deployprune.parity import compare_outputs
 
 
 def package_version() -> str:
@@ -138,24 +139,15 @@ def metadata_props(model: nn.Module, target_meta: dict[str, Any], model_name: st
 
 
 def parity(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Worst (max abs error / output scale) over outputs, and the worst max abs error.
+    """Worst (max abs error / output scale) over outputs, and the worst max abs error, from the
+    project's one parity metric (:func:`deployprune.parity.compare_outputs`): non-finite values
+    must match position by position, else both figures are infinite.
 
     The scale of an output is its max absolute value (at least 1e-6), so the relative figure
     compares errors across outputs of any magnitude.
     """
-    worst_rel, worst_abs = 0.0, 0.0
-    for ref, got in zip(reference, actual, strict=True):
-        ref = np.asarray(ref, dtype=np.float64)
-        got = np.asarray(got, dtype=np.float64)
-        if ref.shape != got.shape:
-            return float("inf"), float("inf")
-        if ref.size == 0:
-            continue
-        err = float(np.max(np.abs(ref - got)))
-        scale = max(float(np.max(np.abs(ref))), 1e-6)
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / scale)
-    return worst_rel, worst_abs
+    p = compare_outputs(reference, actual, min_scale=1e-6)
+    return p.rel, p.error
 
 
 def tree_size(path: str | os.PathLike) -> int:

@@ -27,10 +27,15 @@ import numpy as np
 __all__ = ["Parity", "compare", "compare_outputs", "relative_error"]
 
 
-def relative_error(max_abs: float, scale: float) -> float:
-    """``max_abs / scale``; an output that is zero everywhere is matched only exactly."""
+def relative_error(max_abs: float, scale: float, min_scale: float = 0.0) -> float:
+    """``max_abs / max(scale, min_scale)``; with a zero scale an output is matched only exactly.
+
+    ``min_scale`` is a caller's floor for outputs that are (nearly) zero everywhere, where
+    fp32 rounding alone would make the ratio large.
+    """
     if math.isnan(max_abs):
         return math.inf
+    scale = max(scale, min_scale)
     if scale > 0:
         return max_abs / scale
     return 0.0 if max_abs == 0 else math.inf
@@ -123,11 +128,11 @@ def _row_cosines(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-def compare(reference: Any, actual: Any, *, rows: bool = False) -> Parity:
+def compare(reference: Any, actual: Any, *, rows: bool = False, min_scale: float = 0.0) -> Parity:
     """Compare one output (numpy array or torch tensor) with its reference.
 
     ``rows=True`` takes the cosine per row of the first axis (one sample each) and keeps the
-    lowest; otherwise over the whole tensor.
+    lowest; otherwise over the whole tensor. ``min_scale``: see :func:`relative_error`.
     """
     r = _as_float64(reference)
     g = _as_float64(actual)
@@ -156,12 +161,13 @@ def compare(reference: Any, actual: Any, *, rows: bool = False) -> Parity:
     else:
         r2, g2 = r0.reshape(1, -1), g0.reshape(1, -1)
     cosine = float(_row_cosines(r2, g2).min()) if r2.shape[0] else 1.0
-    rel = math.inf if n_bad else relative_error(max_abs, scale)
+    rel = math.inf if n_bad else relative_error(max_abs, scale, min_scale)
     return Parity(max_abs=max_abs, scale=scale, cosine=cosine, mismatches=n_bad,
                   first_mismatch=first, rel=rel)
 
 
-def compare_outputs(references: Sequence[Any], actuals: Sequence[Any]) -> Parity:
+def compare_outputs(references: Sequence[Any], actuals: Sequence[Any], *,
+                    min_scale: float = 0.0) -> Parity:
     """Compare every output of a model with its reference: the worst figures over outputs
     (the relative error is each output's own, so outputs of any magnitude count alike)."""
     references, actuals = list(references), list(actuals)
@@ -170,7 +176,7 @@ def compare_outputs(references: Sequence[Any], actuals: Sequence[Any]) -> Parity
                       shape=f"actual has {len(actuals)} output(s), the reference has {len(references)}")
     worst = Parity()
     for i, (ref, got) in enumerate(zip(references, actuals, strict=True)):
-        p = compare(ref, got)
+        p = compare(ref, got, min_scale=min_scale)
         shape = worst.shape
         if shape is None and p.shape is not None:
             shape = p.shape if len(references) == 1 else f"output {i}: {p.shape}"

@@ -197,17 +197,10 @@ def masked_copy(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
-    ta = _flatten(a)
-    tb = _flatten(b)
-    if len(ta) != len(tb):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(ta, tb, strict=True):
-        if x.shape != y.shape:
-            return float("inf")
-        if x.numel():
-            worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return worst
+    """Max abs error of ``b`` against ``a`` (infinite when shapes or non-finite values disagree)."""
+    from .parity import compare_outputs
+
+    return compare_outputs(_flatten(a), _flatten(b)).error
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:

@@ -283,13 +283,12 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
 
 
 def _compare(ref: Any, out: Any) -> tuple[float, float]:
-    r, o = _flat_outputs(ref), _flat_outputs(out)
-    if len(r) != len(o) or any(x.shape != y.shape for x, y in zip(r, o, strict=True)):
-        return float("inf"), 0.0
-    pairs = [(x, y) for x, y in zip(r, o, strict=True) if x.numel()]
-    err = max((float((x.double() - y.double()).abs().max()) for x, y in pairs), default=0.0)
-    scale = max((float(x.double().abs().max()) for x in r if x.numel()), default=0.0)
-    return err, scale
+    """Max abs error (infinite when shapes or non-finite values disagree) and output scale,
+    from the project's one parity metric."""
+    from ..parity import compare_outputs
+
+    p = compare_outputs(_flat_outputs(ref), _flat_outputs(out))
+    return p.error, p.scale
 
 
 def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:

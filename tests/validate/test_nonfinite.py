@@ -155,3 +155,17 @@ def test_compare_figures_and_torch_tensors() -> None:
     many = compare_outputs([np.ones(2), np.full(2, 100.0)], [np.ones(2) + 0.1, np.full(2, 100.1)])
     assert many.rel == pytest.approx(0.1)  # each output against its own scale: the worst wins
     assert compare_outputs([np.ones(2)], []).shape == "actual has 0 output(s), the reference has 1"
+
+
+def test_every_parity_check_uses_the_same_metric() -> None:
+    """The converters' verification, finalize's self-check and the pipelines' read-back checks."""
+    from deployprune.converters._common import parity
+    from deployprune.finalize import _compare
+    from deployprune.pipeline import _max_abs_diff
+
+    ref = torch.tensor([[1.0, INF, NAN]])
+    flipped = torch.tensor([[1.0, -INF, NAN]])
+    assert parity([ref.numpy()], [flipped.numpy()]) == (INF, INF)
+    assert parity([ref.numpy()], [ref.numpy()]) == (0.0, 0.0)
+    assert _compare(ref, flipped)[0] == INF and _compare(ref, ref.clone()) == (0.0, 1.0)
+    assert _max_abs_diff(ref, flipped) == INF and _max_abs_diff((ref,), (ref.clone(),)) == 0.0
