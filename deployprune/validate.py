@@ -483,10 +483,10 @@ class _Acc:
                              self.cosine, top1, self.samples, self.nonfinite, self.note)
 
 
-def _check(metrics: list[OutputMetrics], th: Thresholds) -> list[str]:
+def _check(metrics: list[OutputMetrics], th: Thresholds, context: str = "") -> list[str]:
     failures = []
     for m in metrics:
-        where = f"output {m.name!r}"
+        where = f"output {m.name!r}{context}"
         if m.max_abs is None:
             failures.append(f"{where}: {m.note or 'not compared'}")
             continue
@@ -507,6 +507,90 @@ def _check(metrics: list[OutputMetrics], th: Thresholds) -> list[str]:
             if m.top1 < th.min_top1:
                 failures.append(f"{where}: top-1 agreement {m.top1:.2%} < {th.min_top1:.2%}")
     return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: a second batch size and inputs at 10x scale
+
+PROBE_SCALE = 10.0
+
+
+def _dynamic_batch(session: Any, example: tuple[torch.Tensor, ...]) -> bool:
+    """True when every ONNX input has a symbolic first dimension and the examples share it."""
+    metas = session.get_inputs()
+    if not metas or len(metas) != len(example):
+        return False
+    sizes = set()
+    for meta, t in zip(metas, example, strict=True):
+        shape = list(meta.shape or [])
+        if t.dim() == 0 or not shape or isinstance(shape[0], int):
+            return False
+        sizes.add(int(t.shape[0]))
+    return len(sizes) == 1
+
+
+def _rebatch(input_sets: list[tuple[torch.Tensor, ...]], batch: int) -> tuple[torch.Tensor, ...]:
+    """``batch`` rows drawn in turn from every input set (the examples' own values and dtypes)."""
+    out = []
+    for k, example in enumerate(input_sets[0]):
+        try:
+            rows = torch.cat([s[k] for s in input_sets], dim=0)
+        except RuntimeError:  # data batches of different shapes: the example's rows only
+            rows = example
+        out.append(rows[torch.arange(batch) % rows.shape[0]])
+    return tuple(out)
+
+
+def _scaled(inputs: tuple[torch.Tensor, ...], factor: float) -> tuple[torch.Tensor, ...]:
+    return tuple(t * factor if t.is_floating_point() else t for t in inputs)
+
+
+def _probe(source: nn.Module, run_artifact: Any, input_sets: list[tuple[torch.Tensor, ...]],
+           th: Thresholds, dynamic_batch: bool) -> tuple[list[str], list[str]]:
+    """Compare at a second batch size (artifacts with a dynamic batch) and on inputs at 10x
+    scale. Returns (failures, notes). The relative thresholds apply; ``max_abs`` and
+    ``min_top1`` belong to the inputs the user chose and are not applied here."""
+    relative = Thresholds(max_abs=None, max_rel=th.max_rel, min_cosine=th.min_cosine, min_top1=None)
+    probes: list[tuple[str, list[tuple[torch.Tensor, ...]]]] = []
+    if dynamic_batch:
+        batch = int(input_sets[0][0].shape[0])
+        other = 3 if batch != 3 else 2
+        probes.append((f" at batch {other} (the artifact has a dynamic batch)", [_rebatch(input_sets, other)]))
+    if any(t.is_floating_point() for t in input_sets[0]):
+        probes.append((f" on inputs at {PROBE_SCALE:g}x scale",
+                       [_scaled(s, PROBE_SCALE) for s in input_sets[:2]]))
+    failures: list[str] = []
+    notes: list[str] = []
+    for context, sets in probes:
+        accs: list[_Acc] = []
+        try:
+            for inputs in sets:
+                ref = _run_torch(source, inputs)
+                try:
+                    got, names = run_artifact(inputs)
+                except DeployPruneError:
+                    raise
+                except Exception as exc:  # the runtime refuses: the artifact does not generalize
+                    failures.append(f"artifact{context}: the runtime fails ({first_line(exc)})")
+                    break
+                if len(ref) != len(got):
+                    failures.append(f"artifact{context}: {len(got)} output(s), source has {len(ref)}")
+                    break
+                accs = accs or [_Acc(n) for n in names]
+                for acc, r, g in zip(accs, ref, got, strict=True):
+                    acc.add(r, g)
+        except InputError as exc:  # the source itself does not run there: nothing to compare
+            notes.append(f"not compared{context}: {exc}")
+            continue
+        if not accs:
+            continue
+        metrics = [a.result() for a in accs]
+        found = _check(metrics, relative, context)
+        failures.extend(found)
+        if not found:
+            worst = max((m.max_rel for m in metrics if m.max_rel is not None), default=0.0)
+            notes.append(f"also compared{context}: max rel error {worst:.3g}")
+    return failures, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,6 +1008,7 @@ def validate(
     localize: bool | None = None,
     source_path: str | Path | None = None,
     layers: bool = True,
+    probes: bool = True,
 ) -> ValidationReport:
     """Compare ``artifact`` with ``source`` and time both; see the module docstring.
 
@@ -934,6 +1019,9 @@ def validate(
     ``localize`` (default: only when the artifact fails) compares intermediate activations.
     ``source_path`` gives the source's file size in the report; without it the in-memory size
     of its tensors is used. The source model's train/eval mode is restored afterwards.
+    ``probes`` (default on) also compares at a second batch size when an ONNX artifact
+    declares a dynamic batch, and on the inputs scaled by 10: a trace that baked in the
+    example's batch size or one branch of a data-dependent ``if`` fails there.
     """
     if not isinstance(source, nn.Module):
         raise UsageError(f"source: expected a torch nn.Module, got {type(source).__name__}")
@@ -984,7 +1072,8 @@ def validate(
         artifact.eval()
     try:
         return _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
-                         dense_path, ort_providers, name, localize, source_path, layers, seed)
+                         dense_path, ort_providers, name, localize, source_path, layers, seed,
+                         probes)
     finally:
         for m, was in {**modes, **art_modes}.items():
             m.training = was
@@ -994,7 +1083,8 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
               input_sets: list[tuple[torch.Tensor, ...]], inputs_info: InputsInfo,
               th: Thresholds, lat_cfg: LatencyConfig | None, dense_path: Path | None,
               providers: list[str], name: str | None, localize: bool | None,
-              source_path: str | Path | None, want_layers: bool, seed: int) -> ValidationReport:
+              source_path: str | Path | None, want_layers: bool, seed: int,
+              probes: bool = True) -> ValidationReport:
     example = input_sets[0]
     notes: list[str] = []
     failures: list[str] = []
@@ -1014,21 +1104,23 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
             notes.append("Core ML predictions need macOS: outputs were not compared; the saved "
                          "program was checked against the source weights instead")
 
+    def run_artifact(inputs: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], list[str]]:
+        if kind == "onnx":
+            got = session.run(None, ort_feed(session, inputs, where=str(path)))
+            return got, [o.name for o in session.get_outputs()]
+        if kind == "torch":
+            got = _run_torch(artifact, inputs, "artifact model")
+        else:  # pragma: no cover - macOS
+            got = _run_coreml(path, inputs)
+        return got, [f"output{i}" for i in range(len(got))]
+
     # Parity
     accs: list[_Acc] = []
     per_input_rel: list[float] = []
     if compare:
         for idx, inputs in enumerate(input_sets):
             ref = _run_torch(source, inputs)
-            if kind == "onnx":
-                got = session.run(None, ort_feed(session, inputs, where=str(path)))
-                out_names = [o.name for o in session.get_outputs()]
-            elif kind == "torch":
-                got = _run_torch(artifact, inputs, "artifact model")
-                out_names = [f"output{i}" for i in range(len(got))]
-            else:  # pragma: no cover - macOS
-                got = _run_coreml(path, inputs)
-                out_names = [f"output{i}" for i in range(len(got))]
+            got, out_names = run_artifact(inputs)
             if len(ref) != len(got):
                 failures.append(f"artifact has {len(got)} output(s), source has {len(ref)}; "
                                 "export the same outputs")
@@ -1041,11 +1133,20 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
             log.debug("input %d: max rel error %.3g", idx, rel)
     outputs = [a.result() for a in accs]
     failures.extend(_check(outputs, th))
+    compared_ok = not failures
+
+    # Probes: a trace that baked in the example's batch size or took one branch of a
+    # data-dependent `if` agrees on the example inputs; other batch sizes and scales expose it.
+    if compare and probes and accs and not failures:
+        dynamic = kind == "onnx" and _dynamic_batch(session, example)
+        probe_failures, probe_notes = _probe(source, run_artifact, input_sets, th, dynamic)
+        failures.extend(probe_failures)
+        notes.extend(probe_notes)
     passed = not failures
 
     # Localization
     loc = None
-    if compare and per_input_rel and (localize or (localize is None and not passed)):
+    if compare and per_input_rel and (localize or (localize is None and not compared_ok)):
         worst = int(np.nanargmax(np.nan_to_num(per_input_rel, posinf=1e300)))
         try:
             if kind == "onnx":
