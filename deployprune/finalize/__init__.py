@@ -42,6 +42,7 @@ from ..masks import (
     normalize_masks,
     strip_parametrizations_,
 )
+from .capture import CaptureError, flat_tensors, record
 from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
 from .rewrite import _is_reshape, can_rewrite, region_module
 from .rules import apply_rule, register_function_rule, register_module_rule
@@ -131,7 +132,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         clock[0] = now
     if not isinstance(model, nn.Module):
         raise InputError(f"finalize: expected a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    inputs, kw = split_inputs(example_inputs)
     modes = {name: m.training for name, m in model.named_modules()}
     attached = extract_attached_masks(model)
     work = model if inplace else copy_model(model)
@@ -145,14 +146,13 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     params_before = _count(work)
 
     lap("copy and bake masks")
-    try:
-        traced = trace(work, inputs)
-    except RuntimeError as exc:
-        _run(work, inputs, "the masked model")  # example inputs that do not fit: a one-line InputError
-        blocker = Blocker(node="<root>", op=type(work).__name__, module="", reason=str(exc))
+    traced, capture_error = _capture(work, inputs, kw)
+    if traced is None:
+        _run(work, inputs, "the masked model", kw)  # example inputs that do not fit: a one-line InputError
+        blocker = Blocker(node="<root>", op=type(work).__name__, module="", reason=capture_error)
         if strict:
-            raise UnsupportedError(f"finalize: {exc}; the model can only be returned uncompacted") from None
-        log.warning("finalize: %s; returning the masked model uncompacted", exc)
+            raise UnsupportedError(f"finalize: {capture_error}; the model can only be returned uncompacted")
+        log.warning("finalize: %s; returning the masked model uncompacted", capture_error)
         _restore_modes(work, modes)
         return CompactionResult(model=work, blocked=[blocker], params_before=params_before,
                                 params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
@@ -160,8 +160,12 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     ref = traced.output  # the masked model's output, from the recording run of its graph
     a = Analysis(traced, work)
     lap("trace and record")
+    live = _live_nodes(traced.graph) if traced.recorded else None
     for node in traced.graph.nodes:
-        apply_rule(a, node)
+        if live is None or node in live:
+            apply_rule(a, node)
+        else:
+            a.vars[node] = None  # only read by Python (a branch, a size): the re-run checks the path
     lap("rules")
 
     result_model: nn.Module | None = None
@@ -178,7 +182,8 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
             continue
         candidate, patched, changes = _build(a, work)
         lap("rebuild")
-        failing, out = _check_shapes(a, candidate, inputs)
+        failing, out = (_check_recorded(a, candidate, inputs, kw) if traced.recorded
+                        else _check_shapes(a, candidate, inputs))
         lap("check")
         if failing is not None:
             name, why = failing
@@ -242,20 +247,73 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
 # ---------------------------------------------------------------------------- steps
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from example inputs given as a tensor, a tuple of positional inputs, a dict
+    of keyword inputs (``input_ids``, ``attention_mask``, ``pixel_values`` ...) or ``(tuple, dict)``."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+        if (len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list))
+                and isinstance(example_inputs[1], dict)):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise InputError("example_inputs must be a tensor, a tuple of inputs, a dict of keyword inputs or "
+                     f"(tuple, dict), got {type(example_inputs).__name__}")
 
 
-def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
+def _as_tuple(example_inputs: Any) -> tuple:
+    args, kwargs = split_inputs(example_inputs)
+    if kwargs:
+        raise InputError("keyword example inputs are not supported here; pass a tuple of tensors")
+    return args
+
+
+def _capture(work: nn.Module, inputs: tuple, kw: dict) -> tuple[Any, str]:
+    """The model's graph: torch.fx symbolic tracing where it sees the whole model, otherwise a
+    recording of one eager run (capture.py), which follows any Python the model runs."""
+    fx_error = ""
+    if not kw:
+        try:
+            traced = trace(work, inputs)
+            if not traced.opaque:
+                return traced, ""
+            log.info("finalize: torch.fx cannot trace %s; recording an eager run instead",
+                     ", ".join(repr(k) for k in traced.opaque))
+        except RuntimeError as exc:
+            fx_error = str(exc)
+            log.info("finalize: %s; recording an eager run instead", exc)
+    try:
+        return record(work, inputs, kw), ""
+    except CaptureError as exc:
+        return None, f"the model fails on the example inputs ({exc})" + (f"; {fx_error}" if fx_error else "")
+
+
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes some output depends on. In a recorded graph the others fed Python only (``if x.sum() > 0``,
+    ``float(x.max())``): they constrain no channel, and the compacted model's re-run shows whether it
+    still takes the same path."""
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op in ("output", "placeholder")]
+    while stack:
+        n = stack.pop()
+        if n in live:
+            continue
+        live.add(n)
+        stack.extend(n.all_input_nodes)
+    return live
+
+
+def _run(model: nn.Module, inputs: tuple, what: str, kw: dict | None = None) -> Any:
+    kw = kw or {}
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return model(*inputs, **kw)
     except Exception as exc:  # noqa: BLE001 - reported as one line
-        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+        shapes = ", ".join([str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
+                           + [f"{k}={tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                              for k, t in kw.items()])
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{what} fails on example inputs of shape {shapes}: {msg}") from None
 
@@ -270,16 +328,7 @@ def _count(model: nn.Module) -> int:
     return n
 
 
-def _flat_outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat_outputs(v)]
-    if hasattr(out, "__dataclass_fields__"):
-        return [t for k in out.__dataclass_fields__ for t in _flat_outputs(getattr(out, k))]
-    return []
+_flat_outputs = flat_tensors
 
 
 def _compare(ref: Any, out: Any) -> tuple[float, float]:
@@ -330,6 +379,10 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
             pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
             cands = pref if len(pref) == 1 else cands
         key = (owner, cands[0]) if len(cands) == 1 else None
+        if key is None and a.traced.recorded:
+            # a recorded size is usually computed from a tensor's shape, which the eager re-run
+            # recomputes; the shape check after rebuilding pins it if it was fixed after all
+            continue
         if key is None and _is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_failed:
             a.rewrite_owners.add(owner)  # the literal is rewritten in a re-emitted graph instead
             continue
@@ -487,6 +540,38 @@ def _check_shapes(a: Analysis, candidate: nn.Module, inputs: tuple) -> tuple[tup
     if failed is not None:
         return (failed, "fails with the compacted sizes"), None
     return None, out
+
+
+def _check_recorded(a: Analysis, candidate: nn.Module, inputs: tuple, kw: dict
+                    ) -> tuple[tuple[str, str] | None, Any]:
+    """Record the compacted model's eager run and compare it with the plan, node by node.
+
+    The same control flow gives the same sequence of nodes; the first node whose shape is not the
+    planned one (or that fails) is returned with why, else ``(None, output)``.
+    """
+    failed_index = None
+    try:
+        t2 = record(candidate, inputs, kw)
+        values, nodes2 = t2.values, list(t2.graph.nodes)
+    except CaptureError as exc:
+        failed_index, values, nodes2 = exc.index, exc.values, list(exc.graph.nodes)
+        t2 = None
+    orig = [n for n in a.traced.graph.nodes if n.op != "output"]
+    for n, m in zip(orig, nodes2, strict=False):
+        if m.op == "output":
+            break
+        if n.op != m.op or n.target != m.target:
+            return ("", f"the compacted model takes another path at {n.name} ({m.target} instead of {n.target})"), None
+        exp = _expected(a, a.vars.get(n))
+        got = _shape_of(values.get(m))
+        if exp is not None and got is not None and exp != got:
+            return (n.name, f"{n.target} produces shape {got} where {exp} was planned"), None
+    if t2 is None:
+        n = next((x for x in orig if x.meta.get("index") == failed_index), None)
+        if n is None:
+            return ("", "the compacted model fails to run"), None
+        return (n.name, f"{n.target} fails with the compacted sizes"), None
+    return None, t2.output
 
 
 _CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,

@@ -1256,11 +1256,19 @@ def _expand(a: Analysis, node: fx.Node) -> None:
             a.pin(y, d, "broadcast by expand")
 
 
+def _legacy_empty(a: Analysis, t: Any) -> bool:
+    meta = a.meta(t) if isinstance(t, fx.Node) else None
+    return isinstance(meta, TensorMeta) and meta.shape == (0,)
+
+
 @register_function_rule(torch.cat, torch.concat, torch.concatenate)
 def _cat(a: Analysis, node: fx.Node) -> None:
     tensors = arg(node, 0, "tensors")
     d = arg(node, 1, "dim", 0)
     y = out_var(a, node)
+    if isinstance(tensors, (tuple, list)):
+        # torch.cat skips 1-d empty tensors whatever their rank (how a KV cache starts out)
+        tensors = [t for t in tensors if not _legacy_empty(a, t)]
     xs = [a.var(t) for t in tensors] if isinstance(tensors, (tuple, list)) else []
     if y is None or not xs or any(v is None for v in xs) or not isinstance(d, int):
         opaque(a, node)
@@ -1299,6 +1307,9 @@ def _stack(a: Analysis, node: fx.Node) -> None:
     tensors = arg(node, 0, "tensors")
     d = arg(node, 1, "dim", 0)
     y = out_var(a, node)
+    if isinstance(tensors, (tuple, list)):
+        # torch.cat skips 1-d empty tensors whatever their rank (how a KV cache starts out)
+        tensors = [t for t in tensors if not _legacy_empty(a, t)]
     xs = [a.var(t) for t in tensors] if isinstance(tensors, (tuple, list)) else []
     if y is None or not xs or any(v is None for v in xs) or not isinstance(d, int):
         opaque(a, node)
@@ -1470,12 +1481,16 @@ def _sdpa(a: Analysis, node: fx.Node) -> None:
     q, k, v = (a.var(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     y = out_var(a, node)
     mask = arg(node, 3, "attn_mask")
-    if q is None or k is None or v is None or y is None or q.ndim != k.ndim or q.ndim != v.ndim:
+    if q is None or k is None or v is None or y is None or q.ndim != k.ndim or q.ndim != v.ndim or q.ndim < 3:
         opaque(a, node)
         return
     if a.var(mask) is not None:
         a.pin_var(a.var(mask), "attention mask")
+    hd = q.ndim - 3  # the heads dim of (..., heads, tokens, features)
+    gqa = bool(node.kwargs.get("enable_gqa", False)) and q.shape[hd] != k.shape[hd]
     for d in range(q.ndim - 2):
+        if gqa and d == hd:
+            continue
         for t in (q, k, v):
             if t.shape[d] == y.shape[d]:
                 a.same(t, d, y, d)
@@ -1483,6 +1498,29 @@ def _sdpa(a: Analysis, node: fx.Node) -> None:
     a.same(v, v.ndim - 1, y, y.ndim - 1)
     for t, d in ((q, q.ndim - 1), (k, k.ndim - 1), (k, k.ndim - 2), (v, v.ndim - 2)):
         a.pin(t, d, "contracted by attention")
+    if gqa:
+        # grouped-query attention: query head h reads key/value head h // (Hq / Hkv). Query heads are
+        # a (kv head, head in group) product: whole groups go with their key/value head, and a head
+        # position inside the groups goes from every group at once (sdpa reads the ratio from shapes)
+        hq, hk = q.shape[hd], k.shape[hd]
+        if hq % hk or k.shape[hd] != v.shape[hd]:
+            opaque(a, node, "grouped-query attention whose head counts do not divide")
+            return
+        heads = a.new_var(f"{node.name}.qheads", (hq,))
+        groups = a.new_var(f"{node.name}.groups", (hk, hq // hk))
+        a.same(q, hd, heads, 0)
+        a.same(y, hd, heads, 0)
+        couple_reshape(a, heads, groups)
+        a.same(k, hd, groups, 0)
+        a.same(v, hd, groups, 0)
+        vc = np.repeat(a.cv(v, hd), hq // hk)
+    else:
+        a.same(y, hd, q, hd)
+        vc = a.cv(v, hd)
+    # a head whose values are all zero outputs zero; so does a value feature that is zero everywhere
+    a.set_cv(y, hd, np.where(vc == 0, 0.0, np.nan))
+    fc = a.cv(v, v.ndim - 1)
+    a.set_cv(y, y.ndim - 1, np.where(fc == 0, 0.0, np.nan))
 
 
 # ============================================================================ tensor factories

@@ -90,6 +90,7 @@ class Traced:
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it is a leaf
     regions: dict[str, list[Region]] = field(default_factory=dict)  # traced-through module calls
     output: Any = None  # the model's output on the example inputs
+    recorded: bool = False  # captured by recording an eager run (capture.py), not by symbolic tracing
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
