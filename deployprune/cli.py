@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the artifact even when validation fails (default: remove it)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail validation when the tracer warned during the export (the artifact may hold the "
+        "example's values where the model computes them)",
+    )
     _add_validation_options(p)
     p.set_defaults(func=cmd_export)
 
@@ -432,6 +438,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         n_inputs=args.n_inputs,
         seed=args.seed,
         latency=not args.no_latency,
+        strict=args.strict,
     )
     _print_lines(outcome.summary_lines())
     if outcome.passed is False:

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,29 @@ def staging(dest: Path) -> Iterator[Staging]:
         if not finished:  # error, Ctrl-C or SIGTERM: nothing of this run stays
             stage.rollback()
         stage.cleanup()
+
+
+@contextlib.contextmanager
+def tracer_warnings() -> Iterator[list[str]]:
+    """Collect the tracer's warnings raised inside (one line each, with the model's source line).
+
+    Other warnings are passed on unchanged, to whatever filters the caller has set.
+    """
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        yield found
+    others = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            first = _one_line(w.message).split(". ", 1)[0].rstrip(".")
+            text = f"{first} ({Path(w.filename).name}:{w.lineno})"
+            if text not in found:
+                found.append(text)
+        else:
+            others.append(w)
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -330,8 +354,15 @@ def run_export(
     seed: int = 0,
     latency: Any = True,
     write_report: bool = True,
+    strict: bool = False,
 ) -> ExportOutcome:
-    """Load -> compact -> convert -> validate -> report. See the module docstring."""
+    """Load -> compact -> convert -> validate -> report. See the module docstring.
+
+    Warnings of the tracer during the conversion (``torch.jit.TracerWarning``: a tensor turned
+    into a Python number or bool, an iteration over a tensor ...) mean the artifact may hold the
+    example's values where the model computes them; they become report notes, and with
+    ``strict`` a validation failure.
+    """
     import converters
 
     converter = converters.get(target)
@@ -360,7 +391,8 @@ def run_export(
         staged = stage.path()
         log.info("converting to %s", target)
         t0 = time.perf_counter()
-        conversion = converter.convert(comp.model, loaded.example_inputs, staged, **options)
+        with tracer_warnings() as traced:
+            conversion = converter.convert(comp.model, loaded.example_inputs, staged, **options)
         seconds["convert"] = time.perf_counter() - t0
         if not staged.exists():
             raise OutputError(f"{out_path}: the {target} converter wrote nothing")
@@ -385,6 +417,15 @@ def run_export(
             )
             seconds["validate"] = time.perf_counter() - t0
             passed = bool(report.passed)
+        for w in traced:
+            notes.append(f"the tracer warned during the export: {w}")
+        if strict and traced:
+            reason = (f"the tracer warned during the export ({len(traced)} warning(s), --strict): "
+                      "the artifact may hold the example's values where the model computes them")
+            if report is not None:
+                report.failures.append(reason)
+                report.passed = False
+            passed = False
 
         keep = passed is not False or keep_failed
         artifact: Path | None = None
