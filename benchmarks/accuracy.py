@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # python benchmarks/accuracy.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deployprune as dp  # noqa: E402
-import models  # noqa: E402
+from deployprune import zoo  # noqa: E402
 from deployprune.data import digits  # noqa: E402
 from deployprune.latency import LatencyConfig  # noqa: E402
 from deployprune.pipeline import count_params  # noqa: E402
@@ -108,7 +108,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> Row:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     train, val = digits(batch_size=32, seed=seed)
-    model = models.build("mnist_net_digits")
+    model = zoo.build("mnist_net_digits")
     finetune(model, None, train, val, epochs=args.train_epochs, optimizer_kwargs={"lr": 3e-3},
              criterion="torch.nn.NLLLoss", seed=seed, progress=False, **_cosine(args.train_epochs))
     dense = copy.deepcopy(model).eval()

@@ -46,9 +46,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import converters  # noqa: E402
 import deployprune as dp  # noqa: E402
-import models  # noqa: E402
+from deployprune import (
+    converters,  # noqa: E402
+    zoo,  # noqa: E402
+)
 from deployprune.fsutil import write_text_atomic  # noqa: E402
 from deployprune.latency import LatencyConfig, OrtRunner, measure  # noqa: E402
 from deployprune.stats import count_macs, count_params, file_size  # noqa: E402
@@ -135,8 +137,8 @@ def export(model: torch.nn.Module, x: tuple[torch.Tensor, ...], path: Path) -> P
 def bench_model(name: str, levels: tuple[float, ...], config: LatencyConfig, work: Path,
                 round_tos: tuple[int, ...] = (1,)) -> list[Row]:
     """All variants of one model (levels x round_to) timed with its dense export in one loop."""
-    model = models.build(name)
-    x = models.example_inputs(name)
+    model = zoo.build(name)
+    x = zoo.example_inputs(name)
     shape = "x".join(str(s) for s in x[0].shape[1:])
     macs_dense = count_macs(model, x)
     params_dense = count_params(model)
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ([n.strip() for n in args.models.split(",") if n.strip()] if args.models
              else list(QUICK_MODELS if args.quick else FULL_MODELS))
     for n in names:
-        models.get(n)  # unknown names fail early
+        zoo.get(n)  # unknown names fail early
     levels = tuple(float(v) for v in args.levels.split(","))
     repeats = args.repeats or (50 if args.quick else 20)
     config = LatencyConfig(warmup=args.warmup, repeats=repeats, threads=1, graph_optimization="all",

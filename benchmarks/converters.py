@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import converters  # noqa: E402
-from models.resnet import BasicBlock, ResNet  # noqa: E402
+from deployprune import converters  # noqa: E402
+from deployprune.zoo.resnet import BasicBlock, ResNet  # noqa: E402
 
 
 def resnet18(width: int) -> nn.Module:

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deployprune as dp  # noqa: E402
-import models  # noqa: E402
+from deployprune import zoo  # noqa: E402
 from deployprune.finalize import ChannelGroup, channel_groups  # noqa: E402
 
 DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -173,8 +173,8 @@ class Row:
 
 
 def prepare(name: str) -> Job:
-    model = models.build(name)
-    x = models.example_inputs(name)
+    model = zoo.build(name)
+    x = zoo.example_inputs(name)
     t0 = time.perf_counter()
     masks = group_masks(model, channel_groups(model, x))
     return Job(name=name, model=model, inputs=x, masks=masks, groups_s=time.perf_counter() - t0)
@@ -312,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
         for n in names:
-            models.get(n)  # unknown names fail early with the list of known ones
+            zoo.get(n)  # unknown names fail early with the list of known ones
     else:
-        names = [] if args.skip_zoo else list(models.names("zoo"))
+        names = [] if args.skip_zoo else list(zoo.names("zoo"))
         if not args.skip_large:
-            large = sorted(set(models.names("benchmark")) | set(models.names("depth-family")),
+            large = sorted(set(zoo.names("benchmark")) | set(zoo.names("depth-family")),
                            key=lambda n: (n not in DEPTH, DEPTH.get(n, 0), n))
             names += [n for n in large if n not in names]
     print(f"finalize benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "

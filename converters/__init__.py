@@ -9,7 +9,7 @@ A target is any object (normally a module in this package) exposing::
 Built-in targets are imported lazily (coremltools and onnx are heavy), third-party targets are
 added with :func:`register` or through the ``deployprune.converters`` entry-point group.
 
-    >>> import converters
+    >>> from deployprune import converters
     >>> converters.available()
     ['coreml', 'onnx', 'torchscript']
     >>> result = converters.get("onnx").convert(model, (x,), "model.onnx", dynamic_batch=True)
@@ -27,6 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from deployprune.errors import UnsupportedError, UsageError
 
+if __name__ != "deployprune.converters":  # the folder imported by its old top-level name (e.g. from the repo root)
+    raise ImportError(f"the converters are the package deployprune.converters, not {__name__!r}: "
+                      "`pip install -e .` and import deployprune.converters")
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -42,7 +46,7 @@ __all__ = [
     "describe_options",
 ]
 
-#: Targets shipped in this package (module ``converters.<name>``).
+#: Targets shipped in this package (module ``deployprune.converters.<name>``).
 BUILTIN = ("coreml", "onnx", "torchscript")
 ENTRY_POINT_GROUP = "deployprune.converters"
 

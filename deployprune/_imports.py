@@ -41,7 +41,7 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
 
 # Import paths a configuration *file* may name without an opt-in: a config or scenario written
 # elsewhere must not choose code to run (module-level code executes on import).
-TRUSTED_PREFIXES = ("torch", "numpy", "math", "deployprune", "models", "converters")
+TRUSTED_PREFIXES = ("torch", "numpy", "math", "deployprune")
 
 
 def is_trusted_path(path: str) -> bool:
@@ -50,7 +50,7 @@ def is_trusted_path(path: str) -> bool:
 
 
 def check_trusted_path(path: Any, key: str, *, trusted: bool, flag: str) -> None:
-    """ConfigError unless ``path`` (read from a file) stays inside torch/numpy/deployprune/models."""
+    """ConfigError unless ``path`` (read from a file) stays inside torch/numpy/math/deployprune."""
     from .errors import ConfigError
 
     if isinstance(path, str) and not trusted and not is_trusted_path(path):

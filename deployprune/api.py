@@ -53,8 +53,7 @@ def export(
     into place only when complete; an existing ``path`` is replaced only with ``force=True``.
     Returns the path. Use :func:`deployprune.validate` (or the CLI's ``export``) to verify it.
     """
-    import converters
-
+    from . import converters
     from .finalize import finalize
     from .pipeline import staging
 

@@ -98,7 +98,7 @@ def _load_parent() -> argparse.ArgumentParser:
         "--model",
         dest="factory",
         metavar="PKG.MOD:FACTORY",
-        help="callable that builds the architecture (called with no arguments), e.g. models.lenet:TorchModel",
+        help="callable that builds the architecture (called with no arguments), e.g. deployprune.zoo.lenet:TorchModel",
     )
     g.add_argument(
         "--masks",
@@ -417,8 +417,7 @@ def _check_n_inputs(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import converters
-
+    from . import converters
     from .pipeline import run_export
 
     _check_n_inputs(args)
@@ -606,7 +605,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    import converters
+    from . import converters
 
     if args.target:
         converters.get(args.target)
@@ -641,8 +640,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     # Libraries (torch, onnx, coremltools) are noisy: errors only unless -vv.
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
     ours = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
-    for name in ("deployprune", "converters", "models"):
-        logging.getLogger(name).setLevel(ours)
+    logging.getLogger("deployprune").setLevel(ours)  # the zoo and converters log under deployprune.* too
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose >= 2 else logging.CRITICAL)
     if verbose < 2:
@@ -665,7 +663,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _restored_logging() -> Iterator[None]:
     """Undo the CLI's logging/warnings set-up afterwards (``main`` may be called in-process)."""
     root = logging.getLogger()
-    names = ("deployprune", "converters", "models", "py.warnings")
+    names = ("deployprune", "py.warnings")
     saved = (list(root.handlers), root.level, {n: logging.getLogger(n).level for n in names})
     with warnings.catch_warnings():
         try:

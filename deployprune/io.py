@@ -10,8 +10,9 @@ The rules (see ``docs/cli.md``, "Loading models"):
   from the file.
 * ``.pt2`` programs are scanned for pickled payloads before ``torch.export.load`` sees them, and
   loaded with ``torch.load`` forced to ``weights_only=True``.
-* A model factory named inside a *file* is only imported when it lives in the ``models`` or
-  ``deployprune`` packages or when the user names the same factory with ``--model``.
+* A model factory named inside a *file* is only imported when it lives in the ``deployprune``
+  package (the zoo is ``deployprune.zoo``; the old spelling ``models.<family>:...`` is read as the
+  zoo) or when the user names the same factory with ``--model``.
 
 Every error is a one-line :class:`~deployprune.errors.InputError` (or subclass) naming the file.
 """
@@ -46,7 +47,7 @@ CHECKPOINT_VERSION = 1
 #: Files bigger than this are rejected before they are read (override per call / --max-file-size).
 DEFAULT_MAX_FILE_BYTES = 16 * 1024**3
 #: Packages whose factories a file may name without the user repeating them with --model.
-TRUSTED_FACTORY_PACKAGES = ("models", "deployprune")
+TRUSTED_FACTORY_PACKAGES = ("deployprune",)
 #: Flag named in messages about pickled files.
 TRUST_FLAG = "--trust-pickle"
 
@@ -588,11 +589,9 @@ def _program_input_shapes(program: Any) -> list[InputShape] | None:
 
 
 def _registry() -> Any | None:
-    try:
-        import models  # the registry shipped next to deployprune
-    except ImportError:
-        return None
-    return models if hasattr(models, "get") else None
+    from . import zoo  # the registry shipped inside deployprune (folder models/)
+
+    return zoo
 
 
 def _spec_shapes(spec: Any) -> list[InputShape] | None:
@@ -656,12 +655,14 @@ def _expect_module(obj: Any, what: str, where: str) -> nn.Module:
 def resolve_factory(factory: str, *, where: str = "--model") -> Any:
     """Import ``package.module:callable`` (``callable`` may be dotted: ``mod:Class.build``)."""
     if not isinstance(factory, str) or factory.count(":") != 1:
-        raise UsageError(f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)")
+        raise UsageError(f"{where} {factory!r}: expected package.module:factory "
+                         "(e.g. deployprune.zoo.lenet:TorchModel)")
     mod_name, attr = factory.split(":")
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", mod_name) or not re.fullmatch(
         r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr
     ):
-        raise UsageError(f"{where} {factory!r}: expected package.module:factory (e.g. models.lenet:TorchModel)")
+        raise UsageError(f"{where} {factory!r}: expected package.module:factory "
+                         "(e.g. deployprune.zoo.lenet:TorchModel)")
     return import_callable(mod_name, attr, label=f"{where} {factory!r}", error=InputError)
 
 
@@ -675,6 +676,33 @@ def build_from_factory(factory: str, *, where: str = "--model") -> nn.Module:
             f"({type(exc).__name__}: {_first_line(exc, 100)})"
         ) from None
     return _expect_module(model, f"factory {factory!r}", where)
+
+
+def canonical_factory(factory: str, *, from_file: bool) -> str:
+    """``factory`` with the zoo's old top-level spelling (``models.lenet:TorchModel``, written by
+    deployprune 0.1 when the zoo was installed as ``models``) mapped to ``deployprune.zoo.lenet:...``.
+
+    From a file the old spelling always meant the zoo. From the user (``--model``) it is mapped only
+    when no other ``models`` package is importable, so a user's own ``models`` keeps working.
+    """
+    if not isinstance(factory, str):
+        return factory
+    zoo = _registry()
+    mapped = zoo.canonical_factory_path(factory)
+    if mapped == factory:
+        return factory
+    if not from_file:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(factory.split(".", 1)[0])
+        except (ImportError, ValueError):
+            spec = None
+        ours = {Path(p).resolve() for p in zoo.__path__}
+        if spec is not None and not ours & {Path(p).resolve() for p in spec.submodule_search_locations or ()}:
+            return factory  # the user's own ``models`` package
+    log.info("model factory %s is now spelled %s", factory, mapped)
+    return mapped
 
 
 def _is_trusted_factory(factory: str) -> bool:
@@ -938,6 +966,7 @@ def load_model(
         )
     user_shapes = [s if isinstance(s, InputShape) else parse_input_shape(s) for s in (input_shapes or [])]
     if model_factory is not None:
+        model_factory = canonical_factory(model_factory, from_file=False)
         resolve_factory(model_factory)  # fail fast on a typo, before reading a large file
     where = str(path)
 
@@ -976,7 +1005,7 @@ def load_model(
                 raise UsageError(
                     f"{path}: is a state_dict; pass the architecture with "
                     "--model package.module:factory "
-                    "(e.g. --model models.lenet:TorchModel)"
+                    "(e.g. --model deployprune.zoo.lenet:TorchModel)"
                 )
             sd = _check_state_dict(obj, where)
             plain, file_masks = split_pruned_state_dict(sd, where)
@@ -1087,6 +1116,8 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
         raise InputError(f"{where}: checkpoint 'arch' must be a string, got {type(arch).__name__}")
     if factory is not None and not isinstance(factory, str):
         raise InputError(f"{where}: checkpoint 'factory' must be a string, got {type(factory).__name__}")
+    if factory is not None:
+        factory = canonical_factory(factory, from_file=True)
     sd = _check_state_dict(obj.get("state_dict"), f"{where}: checkpoint 'state_dict'")
     raw_masks = obj.get("masks") or {}
     if not isinstance(raw_masks, Mapping):
@@ -1116,7 +1147,7 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
         if not _is_trusted_factory(factory):
             raise UnsafeFileError(
                 f"{where}: names model factory {factory!r} "
-                "outside the models/deployprune packages; "
+                "outside the deployprune package; "
                 f"importing it would run code named by the file; if you trust it, pass "
                 f"--model {factory}"
             )

@@ -46,7 +46,7 @@ DEFAULT_SUFFIXES = {"onnx": ".onnx", "coreml": ".mlpackage", "torchscript": ".pt
 
 def target_suffix(target: str) -> str:
     try:
-        import converters
+        from . import converters
 
         suffix = getattr(converters.get(target), "SUFFIX", None)
     except DeployPruneError:
@@ -363,7 +363,7 @@ def run_export(
     example's values where the model computes them; they become report notes, and with
     ``strict`` a validation failure.
     """
-    import converters
+    from . import converters
 
     converter = converters.get(target)
     options = dict(options or {})

@@ -862,9 +862,9 @@ def _coreml_readback(path: Path, source: nn.Module,
         source = copy.deepcopy(source)
         strip_parametrizations_(source, leave_parametrized=True)
     try:
-        from converters.coreml import verify_coreml  # type: ignore[import-not-found]
+        from deployprune.converters.coreml import verify_coreml  # type: ignore[import-not-found]
     except ImportError as exc:
-        msg = ("coreml verification unavailable (converters.coreml.verify_coreml: "
+        msg = ("coreml verification unavailable (deployprune.converters.coreml.verify_coreml: "
                f"{first_line(exc)})")
         return False, [msg], {"available": False}
     try:
@@ -902,7 +902,7 @@ def _run_coreml(path: Path,
                 inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:  # pragma: no cover
     import coremltools as ct
 
-    from converters.coreml import private_copy
+    from deployprune.converters.coreml import private_copy
 
     with private_copy(path) as readable:  # coremltools rewrites the Manifest.json it opens
         model = ct.models.MLModel(str(readable))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import deployprune as dp
-import models
+from deployprune import zoo
 from deployprune.data import digits
 from deployprune.training import evaluate, finetune
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(1)  # a model this small trains fastest on one thread
     torch.manual_seed(args.seed)
     train, val = digits(batch_size=32, seed=args.seed)
-    model = models.build("mnist_net_digits")
+    model = zoo.build("mnist_net_digits")
     example = (torch.zeros(1, 1, 8, 8),)
 
     # 1. dense training (the tutorial's network ends in LogSoftmax, so NLLLoss is its loss)

@@ -1,13 +1,13 @@
 """Model zoo: re-implementations of deployed architectures plus a registry of example inputs.
 
-Every family lives in its own module (``models.resnet``, ``models.vit`` ...) and lists its
+Every family lives in its own module (``deployprune.zoo.resnet``, ``deployprune.zoo.vit`` ...) and lists its
 registered models in a module-level ``SPECS`` tuple. The registry imports those modules lazily.
 
-    import models
-    models.names("zoo")                 # small test-size models
-    spec = models.get("resnet_basic")
-    model = models.build("resnet_basic")          # seeded, eval(), BatchNorm statistics set
-    inputs = models.example_inputs(spec)          # deterministic tuple of tensors
+    from deployprune import zoo
+    zoo.names("zoo")                 # small test-size models
+    spec = zoo.get("resnet_basic")
+    model = zoo.build("resnet_basic")          # seeded, eval(), BatchNorm statistics set
+    inputs = zoo.example_inputs(spec)          # deterministic tuple of tensors
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from torch import nn
 
 from ._spec import TASKS, InputSpec, ModelSpec
 
+if __name__ != "deployprune.zoo":  # the folder imported by its old top-level name (e.g. from the repo root)
+    raise ImportError(f"the model zoo is the package deployprune.zoo, not {__name__!r}: "
+                      "`pip install -e .` and import deployprune.zoo")
+
 __all__ = [
     "TASKS",
     "InputSpec",
@@ -30,6 +34,7 @@ __all__ = [
     "names",
     "randomize_normalization",
     "spec_for_factory",
+    "canonical_factory_path",
 ]
 
 # Family modules, in the order the documentation lists them.
@@ -112,11 +117,30 @@ def example_inputs(spec_or_name: ModelSpec | str, batch: int = 1, seed: int = 0)
     return tuple(tensors)
 
 
+#: The zoo's import name before it moved into the deployprune package (deployprune <= 0.1 saved
+#: factory paths such as ``"models.lenet:TorchModel"`` in checkpoints).
+LEGACY_PACKAGE = "models"
+
+
+def canonical_factory_path(path: str) -> str:
+    """``path`` with the zoo's old spelling (``"models.lenet:TorchModel"``) replaced by the current
+    one (``"deployprune.zoo.lenet:TorchModel"``); any other path is returned unchanged.
+
+    Only paths into one of the zoo's own family modules are mapped, so a user's unrelated
+    ``models`` package (``models.yolo:Model``) is never taken for the zoo.
+    """
+    module, sep, attr = path.strip().partition(":")
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[0] == LEGACY_PACKAGE and parts[1] in FAMILY_MODULES:
+        return f"{__name__}.{'.'.join(parts[1:])}{sep}{attr}"
+    return path
+
+
 def spec_for_factory(path_or_callable: str | Callable[..., nn.Module]) -> ModelSpec | None:
-    """The spec whose factory is ``path_or_callable`` (``"models.lenet:TorchModel"`` or the
+    """The spec whose factory is ``path_or_callable`` (``"deployprune.zoo.lenet:TorchModel"`` or the
     callable itself); ``None`` when no registered model uses it."""
     if isinstance(path_or_callable, str):
-        path = path_or_callable.strip()
+        path = canonical_factory_path(path_or_callable.strip())
         if ":" not in path and "." in path:
             module, _, attr = path.rpartition(".")
             path = f"{module}:{attr}"

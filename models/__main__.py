@@ -1,4 +1,4 @@
-"""``python -m models [TAG]``: print the registered models as a Markdown table.
+"""``python -m deployprune.zoo [TAG]``: print the registered models as a Markdown table.
 
 Parameter counts are taken on the meta device (nothing is allocated), so full-size models
 are listed instantly.

@@ -1,7 +1,7 @@
 """Regenerate the sample checkpoints in ``models/samples/`` (deterministic, byte for byte).
 
-    python -m models.make_samples            # rewrite the samples
-    python -m models.make_samples --check    # exit 1 if a committed sample differs
+    python -m deployprune.zoo.make_samples            # rewrite the samples
+    python -m deployprune.zoo.make_samples --check    # exit 1 if a committed sample differs
 
 Samples are deployprune checkpoints (``{"format": "deployprune.checkpoint", "arch": ...,
 "state_dict": ..., "masks": ...}``), loadable with ``torch.load(weights_only=True)``:
@@ -71,9 +71,9 @@ def block_channel_masks(model: nn.Module, ratio: float = 0.5) -> dict[str, dict[
 
 
 def _build(arch: str) -> nn.Module:
-    import models
+    from deployprune import zoo
 
-    return models.build(arch)
+    return zoo.build(arch)
 
 
 SAMPLES: dict[str, tuple[str, Callable[[nn.Module], dict]]] = {

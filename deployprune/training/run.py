@@ -238,7 +238,7 @@ def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
 def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None,
                  trust: bool = False) -> ScenarioOutcome:
     """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes."""
-    from ..io import load_model
+    from ..io import canonical_factory, load_model
 
     p = Path(path)
     sc = load_scenario(p)
@@ -264,6 +264,8 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
     out = Path(rel(sc["output"]))
 
     # a scenario file must not choose code to run or opt itself into unpickling (--trust-scenario)
+    if isinstance(model_spec.get("factory"), str):  # the zoo's old spelling models.<family>:... is the zoo
+        model_spec["factory"] = canonical_factory(model_spec["factory"], from_file=True)
     flag = "--trust-scenario (run_scenario(trust=True))"
     for key, value in (("model.factory", model_spec.get("factory")), ("data", sc.get("data")),
                        ("finetuning.optimizer", ft.get("optimizer")), ("finetuning.criterion", ft.get("criterion")),
@@ -284,8 +286,7 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         check_not_input(Path(rel(ckdir_value)) / CHECKPOINT_NAME, *inputs)
 
     if exp is not None:  # fail before training if the artifact cannot be written
-        import converters
-
+        from .. import converters
         from ..fsutil import check_writable
         from ..pipeline import default_output, target_suffix
 

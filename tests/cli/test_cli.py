@@ -16,8 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import models
-from deployprune import cli
+from deployprune import cli, zoo
 from deployprune.pipeline import masked_copy
 from tests.io.conftest import SAMPLES, tree_digest
 from tests.io.factories import tiny_conv
@@ -63,7 +62,7 @@ def ort_max_error(path: Path, model: torch.nn.Module, n: int = 3) -> float:
 
 
 def tutorial_reference() -> torch.nn.Module:
-    model = models.build("lenet")
+    model = zoo.build("lenet")
     mask = torch.ones_like(model.conv1.weight)
     mask[0:3] = 0
     return masked_copy(model, {"conv1": {"weight": mask.bool()}})
@@ -106,12 +105,12 @@ def test_readme_first_command_nni_tutorial(tmp_path: Path) -> None:
 
 
 def test_nni_tutorial_with_state_dict_and_masks_flags(tmp_path: Path) -> None:
-    model = models.build("lenet")
+    model = zoo.build("lenet")
     torch.save(model.state_dict(), tmp_path / "weights.pth")
     mask = torch.ones_like(model.conv1.weight)
     mask[0:3] = 0
     torch.save({"conv1": {"weight": mask}}, tmp_path / "masks.pt")
-    proc = run("export", "weights.pth", "--model", "models.lenet:TorchModel", "--masks", "masks.pt",
+    proc = run("export", "weights.pth", "--model", "deployprune.zoo.lenet:TorchModel", "--masks", "masks.pt",
                "-o", "out/tut.onnx", cwd=tmp_path) if (tmp_path / "out").mkdir() is None else None
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out" / "tut.onnx"
@@ -187,7 +186,7 @@ class Boom:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
-    model = models.build("lenet")
+    model = zoo.build("lenet")
     torch.save(model.state_dict(), d / "lenet_sd.pt")
     (d / "corrupt.pt").write_bytes(b"\x80\x02garbage" * 50)
     torch.save(tiny_conv(), d / "whole.pt")
@@ -202,7 +201,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-LENET = "models.lenet:TorchModel"
+LENET = "deployprune.zoo.lenet:TorchModel"
 
 BAD_INPUTS = [
     ("missing file", ["export", "{d}/nope.pt"], 3, "{d}/nope.pt: no such file; check the model file path"),
@@ -215,7 +214,7 @@ BAD_INPUTS = [
      "{d}/evil.pt: loading it would run code from the file (it pickles io.open)..."),
     ("state_dict without --model", ["export", "{d}/lenet_sd.pt"], 2,
      "{d}/lenet_sd.pt: is a state_dict; pass the architecture with --model package.module:factory "
-     "(e.g. --model models.lenet:TorchModel)"),
+     "(e.g. --model deployprune.zoo.lenet:TorchModel)"),
     ("masks naming a missing module", ["export", "{d}/lenet_sd.pt", "--model", LENET, "--masks",
                                        "{d}/masks_unknown.pt"], 3,
      "{d}/masks_unknown.pt: module 'conv9' does not exist in the model (did you mean 'conv2', 'conv1'?)"),
@@ -239,8 +238,9 @@ BAD_INPUTS = [
      "unknown target 'tflite'..."),
     ("unknown converter option", ["export", "{d}/lenet_sd.pt", "--opt", "opsett=17"], 2,
      "onnx: unknown option 'opsett' (did you mean 'opset'?)..."),
-    ("untrusted factory via flag typo", ["export", "{d}/lenet_sd.pt", "--model", "models.lenet:Nope"], 3,
-     "--model 'models.lenet:Nope': module 'models.lenet' has no attribute 'Nope'; check the spelling"),
+    ("untrusted factory via flag typo", ["export", "{d}/lenet_sd.pt", "--model", "deployprune.zoo.lenet:Nope"], 3,
+     "--model 'deployprune.zoo.lenet:Nope': module 'deployprune.zoo.lenet' has no attribute 'Nope'; "
+     "check the spelling"),
     ("unknown flag", ["export", "{d}/lenet_sd.pt", "--frobnicate"], 2,
      "deployprune: unrecognized arguments: --frobnicate (see 'deployprune --help')"),
 ]

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-import converters
-from converters import coreml as coreml_target
+from deployprune import converters
+from deployprune.converters import coreml as coreml_target
 from deployprune.errors import EXIT_UNSUPPORTED, EXIT_USAGE, OutputError, UnsupportedError, UsageError, ValidationFailed
 
 from .conftest import ConvBNNet, ZetaNet, magnitude_prune_, randomize_bn_

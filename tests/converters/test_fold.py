@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from converters.fold import fold_batchnorm, fold_batchnorm_pairs
+from deployprune.converters.fold import fold_batchnorm, fold_batchnorm_pairs
 
 from .conftest import ConvBNNet, magnitude_prune_, randomize_bn_
 

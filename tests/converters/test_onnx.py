@@ -14,8 +14,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import converters
-from converters import onnx as onnx_target
+from deployprune import converters
+from deployprune.converters import onnx as onnx_target
 from deployprune.errors import (
     EXIT_INPUT,
     EXIT_UNSUPPORTED,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import converters
-from converters import Choice, ConversionResult
+from deployprune import converters
+from deployprune.converters import Choice, ConversionResult
 from deployprune.errors import EXIT_UNSUPPORTED, EXIT_USAGE, OutputError, UnsupportedError, UsageError
 
 from .conftest import ConvBNNet

@@ -17,31 +17,30 @@ import onnx
 import pytest
 import torch
 
-import converters
 import deployprune as dp
-import models
-from converters.coreml import verify_coreml
-from converters.onnx import onnxruntime_outputs
+from deployprune import converters, zoo
+from deployprune.converters.coreml import verify_coreml
+from deployprune.converters.onnx import onnxruntime_outputs
 
 from .conftest import magnitude_prune_
 
 pytestmark = pytest.mark.slow
 
-ZOO = models.names("zoo")
+ZOO = zoo.names("zoo")
 CHANNEL_CONFIG = [{"op_types": ["Conv1d", "Conv2d", "Linear"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
 
 
 @functools.cache
 def compacted(name: str) -> torch.nn.Module:
-    model = models.build(name)
-    inputs = models.example_inputs(name)
+    model = zoo.build(name)
+    inputs = zoo.example_inputs(name)
     pruner = dp.Pruner(model, CHANNEL_CONFIG, inputs)
     pruner.prepare()
     return dp.finalize(model, inputs, pruner.masks()).eval()
 
 
 def input_sets(name: str) -> list[tuple[torch.Tensor, ...]]:
-    example = models.example_inputs(name)
+    example = zoo.example_inputs(name)
     g = torch.Generator().manual_seed(7)
     other = []
     for t in example:
@@ -68,13 +67,13 @@ def assert_onnx_matches(path: Path, model: torch.nn.Module, name: str) -> None:
 
 @pytest.mark.parametrize("name", ZOO)
 def test_onnx_dense_and_compacted(tmp_path: Path, name: str) -> None:
-    dense_model = models.build(name)
-    dense = converters.get("onnx").convert(dense_model, models.example_inputs(name), tmp_path / "dense.onnx")
+    dense_model = zoo.build(name)
+    dense = converters.get("onnx").convert(dense_model, zoo.example_inputs(name), tmp_path / "dense.onnx")
     assert dense.warnings == [] and dense.metadata["opset"] == 17
     assert_onnx_matches(dense.path, dense_model, name)
 
     compact_model = compacted(name)
-    compact = converters.get("onnx").convert(compact_model, models.example_inputs(name), tmp_path / "compact.onnx")
+    compact = converters.get("onnx").convert(compact_model, zoo.example_inputs(name), tmp_path / "compact.onnx")
     assert compact.warnings == []
     assert_onnx_matches(compact.path, compact_model, name)
     assert compact.size_bytes < dense.size_bytes
@@ -86,7 +85,7 @@ def test_coreml_compacted_and_sparse(tmp_path: Path, name: str) -> None:
     import copy
 
     model = magnitude_prune_(copy.deepcopy(compacted(name)), 0.5, min_elements=16)
-    inputs = models.example_inputs(name)
+    inputs = zoo.example_inputs(name)
     path = tmp_path / f"{name}.mlpackage"
     result = converters.get("coreml").convert(model, inputs, path)
     v = result.metadata["verification"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import models
+from deployprune import zoo
 from deployprune.finalize import ChannelGroup
 
 Masks = dict[str, dict[str, torch.Tensor]]
@@ -245,7 +245,7 @@ def relative_error(ref: Any, out: Any) -> float:
 
 def parity_inputs(name: str) -> list[tuple[torch.Tensor, ...]]:
     """Two seeded random inputs of the example shape at batch 1, and the same at batch 2."""
-    return [models.example_inputs(name, batch=b, seed=s) for b in (1, 2) for s in (101, 202)]
+    return [zoo.example_inputs(name, batch=b, seed=s) for b in (1, 2) for s in (101, 202)]
 
 
 def parity_errors(reference: nn.Module, compacted: nn.Module,

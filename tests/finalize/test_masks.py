@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deployprune as dp
-import models
+from deployprune import zoo
 from deployprune.errors import EXIT_INPUT, MaskError
 
 from .helpers import RTOL, assert_untouched, masked_copy, param_count, parity_errors, parity_inputs, snapshot
@@ -15,11 +15,11 @@ from .helpers import RTOL, assert_untouched, masked_copy, param_count, parity_er
 
 @pytest.fixture
 def lenet() -> nn.Module:
-    return models.build("lenet")
+    return zoo.build("lenet")
 
 
 def _x() -> tuple[torch.Tensor, ...]:
-    return models.example_inputs("lenet")
+    return zoo.example_inputs("lenet")
 
 
 # ---------------------------------------------------------------------------- NNI tutorial

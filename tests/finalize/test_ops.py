@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deployprune as dp
-import models
+from deployprune import zoo
 
 from .helpers import RTOL, assert_plain_tree, channel_mask, masked_copy, param_count, relative_error
 
@@ -297,7 +297,7 @@ def _build(case: OpCase) -> nn.Module:
     torch.manual_seed(0)
     model = case.cls()
     # non-trivial normalization statistics and affine parameters, so constants matter
-    models.randomize_normalization(model, seed=3)
+    zoo.randomize_normalization(model, seed=3)
     return model.eval()
 
 
@@ -387,7 +387,7 @@ def test_float64_model_keeps_dtype_and_compacts(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8), nn.Conv2d(8, 4, 1),
                           nn.Flatten(), nn.Linear(4 * 36, 5))
-    models.randomize_normalization(model, seed=1)
+    zoo.randomize_normalization(model, seed=1)
     model = model.to(dtype).eval()
     masks = {"0": channel_mask(model[0], KEEP), "1": {"weight": KEEP.clone(), "bias": KEEP.clone()}}
     r = dp.compact(model, torch.randn(1, 3, 6, 6, dtype=dtype), masks)

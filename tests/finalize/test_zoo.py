@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import deployprune as dp
-import models
+from deployprune import zoo
 from deployprune.finalize import ChannelGroup, channel_groups
 
 from .helpers import (
@@ -43,7 +43,7 @@ from .helpers import (
     snapshot,
 )
 
-ZOO = models.names("zoo")
+ZOO = zoo.names("zoo")
 
 # Not marked slow: the whole file runs in about 25 s on an idle 2-CPU machine (221 tests).
 
@@ -65,19 +65,19 @@ class Case:
 
 @functools.cache
 def random_case(name: str) -> Case:
-    spec = models.get(name)
-    model = models.build(name)
+    spec = zoo.get(name)
+    model = zoo.build(name)
     masks = random_channel_masks(model, seed=_seed(name, "a"), skip=spec.output_layers)
     before = snapshot(model)
-    result = dp.compact(model, models.example_inputs(name), masks)
+    result = dp.compact(model, zoo.example_inputs(name), masks)
     return Case(name, model, masks, before, result)
 
 
 @functools.cache
 def group_case(name: str) -> Case:
-    model = models.build(name)
+    model = zoo.build(name)
     before = snapshot(model)
-    x = models.example_inputs(name)
+    x = zoo.example_inputs(name)
     groups = channel_groups(model, x)
     masks, removed = group_masks(model, groups, seed=_seed(name, "c"))
     result = dp.compact(model, x, masks)
@@ -109,8 +109,8 @@ def test_random_masks_leave_input_model_untouched(name: str) -> None:
     case = random_case(name)
     assert_untouched(case.model, case.before)
     # and the input model still computes the unmasked function (no mask was baked into it)
-    fresh = models.build(name)
-    x = models.example_inputs(name, seed=5)
+    fresh = zoo.build(name)
+    x = zoo.example_inputs(name, seed=5)
     with torch.no_grad():
         assert torch.equal(case.model(*x), fresh(*x))
 
@@ -146,8 +146,8 @@ def _conv_linear_layers(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
 @pytest.mark.parametrize("variant", ["middle_weight_only", "every_third"])
 @pytest.mark.parametrize("name", ZOO)
 def test_partial_masks_parity(name: str, variant: str) -> None:
-    spec = models.get(name)
-    model = models.build(name)
+    spec = zoo.get(name)
+    model = zoo.build(name)
     if variant == "middle_weight_only":
         layers = _conv_linear_layers(model, spec.output_layers)
         chosen = [layers[len(layers) // 2]]
@@ -158,7 +158,7 @@ def test_partial_masks_parity(name: str, variant: str) -> None:
     assert sorted(masks) == sorted(chosen)
     assert all(float(per["weight"].min()) == 0.0 for per in masks.values())
     before = snapshot(model)
-    r = dp.compact(model, models.example_inputs(name), masks)
+    r = dp.compact(model, zoo.example_inputs(name), masks)
     assert_untouched(model, before)
     assert r.compacted
     ref = masked_copy(model, masks)
@@ -211,7 +211,7 @@ def test_group_masks_zero_every_producer_slice() -> None:
     feats = {}
     ref.bn1.register_forward_hook(lambda m, i, o: feats.__setitem__("bn1", o))
     with torch.no_grad():
-        ref(*models.example_inputs("resnet_basic", seed=3))
+        ref(*zoo.example_inputs("resnet_basic", seed=3))
     removed = np.flatnonzero(case.removed[g.id])
     assert len(removed) > 0
     assert float(feats["bn1"][:, removed].abs().max()) == 0.0
@@ -227,7 +227,7 @@ def test_group_masks_zero_every_producer_slice() -> None:
 def test_torch_export_of_compacted_model(name: str, masks: str) -> None:
     case = random_case(name) if masks == "random" else group_case(name)
     compacted = case.result.model
-    x = models.example_inputs(name)
+    x = zoo.example_inputs(name)
     exported = torch.export.export(compacted, x)
     with torch.no_grad():
         got = exported.module()(*x)
@@ -237,8 +237,8 @@ def test_torch_export_of_compacted_model(name: str, masks: str) -> None:
 
 @pytest.mark.parametrize("name", ["resnet_basic", "vit", "efficientnet", "bert"])
 def test_train_eval_flags_preserved(name: str) -> None:
-    spec = models.get(name)
-    model = models.build(name).train()
+    spec = zoo.get(name)
+    model = zoo.build(name).train()
     # a mixed tree: every other module back in eval mode
     for i, m in enumerate(model.modules()):
         if i % 2:
@@ -246,7 +246,7 @@ def test_train_eval_flags_preserved(name: str) -> None:
     flags = {n: m.training for n, m in model.named_modules()}
     assert len(set(flags.values())) == 2
     masks = random_channel_masks(model, seed=_seed(name, "t"), skip=spec.output_layers)
-    r = dp.compact(model, models.example_inputs(name), masks)
+    r = dp.compact(model, zoo.example_inputs(name), masks)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert {n: m.training for n, m in r.model.named_modules()} == flags
     changed = {c.name for c in r.changes}

@@ -41,8 +41,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import converters
 import deployprune as dp
+from deployprune import converters
 from deployprune.errors import DeployPruneError, ParityError, ValidationFailed
 from deployprune.pipeline import masked_copy
 

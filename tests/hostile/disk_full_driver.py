@@ -18,9 +18,11 @@ import sys
 
 import torch
 
-import converters  # noqa: F401 - imported before forking, like the CLI would
-import models  # noqa: F401
-from deployprune import cli
+from deployprune import (
+    cli,
+    converters,  # noqa: F401 - imported before forking, like the CLI would
+    zoo,  # noqa: F401
+)
 
 
 def _child(case: dict) -> None:

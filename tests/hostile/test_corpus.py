@@ -39,16 +39,14 @@ import torch
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
-import converters
 import deployprune as dp
-import models
-from deployprune import cli
+from deployprune import cli, converters, zoo
 from deployprune.errors import ConfigError
 from deployprune.io import InputShape, save_checkpoint
 from tests.io.conftest import tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
-LENET = "models.lenet:TorchModel"
+LENET = "deployprune.zoo.lenet:TorchModel"
 SENTINEL = "SENTINEL"
 
 EXIT_USAGE, EXIT_INPUT, EXIT_UNSUPPORTED = 2, 3, 5
@@ -85,7 +83,7 @@ def _rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], list[tuple[s
 
 def _lenet() -> nn.Module:
     torch.manual_seed(0)
-    return models.build("lenet").eval()
+    return zoo.build("lenet").eval()
 
 
 def build_corpus(d: Path) -> None:
@@ -105,7 +103,7 @@ def build_corpus(d: Path) -> None:
             if isinstance(m, (nn.Conv2d, nn.Linear))}
     torch.save(ones, d / "masks_ok.pt")
 
-    save_checkpoint(d / "digits_net.pt", models.build("mnist_net_digits"), arch="mnist_net_digits")
+    save_checkpoint(d / "digits_net.pt", zoo.build("mnist_net_digits"), arch="mnist_net_digits")
     (d / "cfg_element.json").write_text(json.dumps({"target_sparsity": 0.5}))
 
     # ---- model files

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from deployprune import zoo
 from tests.io.factories import tiny_conv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def lenet() -> torch.nn.Module:
-    return models.build("lenet")
+    return zoo.build("lenet")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Small models named by ``--model tests.io.factories:<name>`` in the I/O and CLI tests.
 
-They live outside the ``models``/``deployprune`` packages on purpose: a checkpoint naming one of
+They live outside the ``deployprune`` package on purpose: a checkpoint naming one of
 them must not be imported unless the user repeats the factory with ``--model``.
 """
 

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import converters
 import deployprune as dp
-import models
+from deployprune import converters, zoo
 from deployprune.errors import EXIT_VALIDATION, OutputError, UnsupportedError, UsageError
 from deployprune.io import load_model
 from deployprune.pipeline import masked_copy, run_export, run_finalize
@@ -152,7 +151,7 @@ def test_validation_failure_removes_artifact(tmp_path: Path) -> None:
 
 
 def test_run_export_refuses_input_and_existing_outputs(tmp_path: Path, lenet_sd: Path) -> None:
-    loaded = load_model(lenet_sd, model_factory="models.lenet:TorchModel")
+    loaded = load_model(lenet_sd, model_factory="deployprune.zoo.lenet:TorchModel")
     with pytest.raises(UsageError, match="the output would overwrite the input file"):
         run_export(loaded, "onnx", lenet_sd)
     report = tmp_path / "x.onnx.report.json"
@@ -163,7 +162,7 @@ def test_run_export_refuses_input_and_existing_outputs(tmp_path: Path, lenet_sd:
 
 
 def test_unwritable_output_directory(tmp_path: Path, lenet_sd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loaded = load_model(lenet_sd, model_factory="models.lenet:TorchModel")
+    loaded = load_model(lenet_sd, model_factory="deployprune.zoo.lenet:TorchModel")
     with pytest.raises(OutputError) as exc:
         run_export(loaded, "onnx", tmp_path / "missing" / "x.onnx")
     missing = tmp_path / "missing"
@@ -181,7 +180,7 @@ def test_unwritable_output_directory(tmp_path: Path, lenet_sd: Path, monkeypatch
 
 def test_really_unwritable_directory(lenet_sd: Path) -> None:
     # /sys rejects new files even for root
-    loaded = load_model(lenet_sd, model_factory="models.lenet:TorchModel")
+    loaded = load_model(lenet_sd, model_factory="deployprune.zoo.lenet:TorchModel")
     with pytest.raises(OutputError) as exc:
         run_export(loaded, "onnx", "/sys/x.onnx", validate=False)
     assert str(exc.value).startswith("/sys/x.onnx: ")
@@ -228,7 +227,7 @@ def failing_target():
 )
 def test_failures_leave_nothing_behind(tmp_path: Path, lenet_sd: Path, failing_target, exc, expected) -> None:
     target = failing_target(exc)
-    loaded = load_model(lenet_sd, model_factory="models.lenet:TorchModel")
+    loaded = load_model(lenet_sd, model_factory="deployprune.zoo.lenet:TorchModel")
     before = tree_digest(tmp_path)
     with pytest.raises(expected) as info:
         run_export(loaded, target, tmp_path / "out.bin")
@@ -280,7 +279,7 @@ def test_resnet_sample_compacts_by_half(tmp_path: Path) -> None:
     loaded = load_model(SAMPLES / "resnet_small.pt")
     outcome = run_export(loaded, "onnx", tmp_path / "r.onnx", n_inputs=2, latency=False)
     assert outcome.passed
-    spec_model = models.build("resnet_basic")
+    spec_model = zoo.build("resnet_basic")
     inner = {f"layer{i}.0.conv1" for i in range(1, 5)}
     shapes = onnx_conv_weight_shapes(tmp_path / "r.onnx")
     full = [list(m.weight.shape) for n, m in spec_model.named_modules() if isinstance(m, nn.Conv2d)]

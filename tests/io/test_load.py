@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import models
+from deployprune import zoo
 from deployprune.errors import InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
 from deployprune.io import (
     CHECKPOINT_FORMAT,
@@ -27,7 +27,7 @@ from deployprune.io import (
 from tests.io.conftest import SAMPLES, tree_digest
 from tests.io.factories import tiny_conv, two_inputs
 
-LENET = "models.lenet:TorchModel"
+LENET = "deployprune.zoo.lenet:TorchModel"
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -128,7 +128,7 @@ def test_state_dict_needs_factory(lenet_sd: Path) -> None:
         load_model(lenet_sd)
     assert one_line(exc) == (
         f"{lenet_sd}: is a state_dict; pass the architecture with --model package.module:factory "
-        "(e.g. --model models.lenet:TorchModel)"
+        "(e.g. --model deployprune.zoo.lenet:TorchModel)"
     )
 
 
@@ -263,7 +263,7 @@ def test_samples_load_without_flags(lenet: nn.Module) -> None:
 
     rs = load_model(SAMPLES / "resnet_small.pt")
     assert rs.arch == "resnet_basic"
-    assert [tuple(t.shape) for t in rs.example_inputs] == [tuple(s.shape) for s in models.get("resnet_basic").inputs]
+    assert [tuple(t.shape) for t in rs.example_inputs] == [tuple(s.shape) for s in zoo.get("resnet_basic").inputs]
     for block in ("layer1.0", "layer2.0", "layer3.0", "layer4.0"):
         kept = rs.masks[f"{block}.conv1"]["weight"].flatten(1).any(1)
         assert kept.float().mean().item() == 0.5
@@ -272,8 +272,8 @@ def test_samples_load_without_flags(lenet: nn.Module) -> None:
 
 
 def test_samples_are_reproducible() -> None:
-    from models.make_samples import SAMPLES as RECIPES
-    from models.make_samples import sample_bytes
+    from deployprune.zoo.make_samples import SAMPLES as RECIPES
+    from deployprune.zoo.make_samples import sample_bytes
 
     for filename, (arch, make_masks) in RECIPES.items():
         assert sample_bytes(arch, make_masks) == (SAMPLES / filename).read_bytes(), filename
@@ -312,19 +312,80 @@ def test_checkpoint_factory_trust(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFileError) as exc:
         load_model(path)
     assert one_line(exc) == (
-        f"{path}: names model factory 'tests.io.factories:tiny_conv' outside the models/deployprune "
-        "packages; importing it would run code named by the file; if you trust it, pass "
+        f"{path}: names model factory 'tests.io.factories:tiny_conv' outside the deployprune "
+        "package; importing it would run code named by the file; if you trust it, pass "
         "--model tests.io.factories:tiny_conv"
     )
     loaded = load_model(path, model_factory="tests.io.factories:tiny_conv")
     assert same_weights(loaded.model, model)
 
-    trusted = save_checkpoint(tmp_path / "t.pt", models.build("lenet"), factory=LENET)
+    trusted = save_checkpoint(tmp_path / "t.pt", zoo.build("lenet"), factory=LENET)
     assert load_model(trusted).factory == LENET
 
 
+@pytest.fixture
+def user_models_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A user's own top-level ``models`` package (as YOLOv5 has) first on sys.path; importing any of
+    it writes a sentinel file, so a test can prove it never ran."""
+    import importlib
+    import sys
+
+    root = tmp_path / "user_repo"
+    (root / "models").mkdir(parents=True)
+    sentinel = tmp_path / "user_models_imported"
+    (root / "models" / "__init__.py").write_text(
+        f"import pathlib\npathlib.Path({str(sentinel)!r}).write_text('ran')\n")
+    (root / "models" / "lenet.py").write_text(
+        "from torch import nn\n\ndef TorchModel():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    (root / "models" / "yolo.py").write_text("from torch import nn\n\ndef Model():\n    return nn.Linear(2, 2)\n")
+    saved = {k: v for k, v in sys.modules.items() if k == "models" or k.startswith("models.")}
+    for k in saved:
+        del sys.modules[k]
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    yield sentinel
+    for k in [k for k in sys.modules if k == "models" or k.startswith("models.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def test_checkpoint_legacy_zoo_factory(tmp_path: Path) -> None:
+    """Checkpoints written when the zoo was installed as ``models`` still load, as the zoo."""
+    model = zoo.build("lenet")
+    path = save_checkpoint(tmp_path / "old.pt", model, factory="models.lenet:TorchModel")
+    loaded = load_model(path)
+    assert loaded.factory == LENET
+    assert type(loaded.model).__module__ == "deployprune.zoo.lenet"
+    assert same_weights(loaded.model, model)
+    assert [s.shape for s in loaded.input_shapes] == [(1, 1, 28, 28)]  # the registry spec was found
+    # the old spelling given with --model (no other `models` package importable) means the zoo too
+    sd = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), sd)
+    assert load_model(sd, model_factory="models.lenet:TorchModel").factory == LENET
+
+
+def test_legacy_spelling_never_imports_a_user_models_package(tmp_path: Path, user_models_package: Path) -> None:
+    model = zoo.build("lenet")
+    old = save_checkpoint(tmp_path / "old.pt", model, factory="models.lenet:TorchModel")
+    assert load_model(old).factory == LENET  # from a file the old spelling is the zoo
+    # a file naming a module the zoo never had is the user's code: refused, nothing imported
+    foreign = save_checkpoint(tmp_path / "yolo.pt", nn.Linear(2, 2), factory="models.yolo:Model",
+                              input_shapes=[InputShape((1, 2))])
+    with pytest.raises(UnsafeFileError, match="names model factory 'models.yolo:Model' outside the deployprune"):
+        load_model(foreign)
+    assert not user_models_package.exists()
+    # the user naming their own package with --model gets their package, not the zoo
+    mine = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    sd = tmp_path / "mine.pt"
+    torch.save(mine.state_dict(), sd)
+    loaded = load_model(sd, model_factory="models.lenet:TorchModel", input_shapes=["1,1,28,28"])
+    assert loaded.factory == "models.lenet:TorchModel"
+    assert same_weights(loaded.model, mine)
+    assert user_models_package.exists()
+
+
 def _write_ckpt(path: Path, **overrides) -> Path:
-    ckpt = make_checkpoint(models.build("lenet"), arch="lenet")
+    ckpt = make_checkpoint(zoo.build("lenet"), arch="lenet")
     ckpt.update(overrides)
     for k in [k for k, v in overrides.items() if v is None]:
         del ckpt[k]

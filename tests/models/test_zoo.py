@@ -14,10 +14,10 @@ import torch
 import torch.fx
 from torch import nn
 
-import models
-from models import InputSpec, ModelSpec
+from deployprune import zoo
+from deployprune.zoo import InputSpec, ModelSpec
 
-ZOO = models.names("zoo")
+ZOO = zoo.names("zoo")
 
 EXPECTED_ZOO = {
     "audio",
@@ -91,7 +91,7 @@ def built() -> dict[str, nn.Module]:
 
 def _model(cache: dict[str, nn.Module], name: str) -> nn.Module:
     if name not in cache:
-        cache[name] = models.build(name)
+        cache[name] = zoo.build(name)
     return cache[name]
 
 
@@ -99,11 +99,11 @@ def _model(cache: dict[str, nn.Module], name: str) -> nn.Module:
 
 
 def test_names_sorted_and_filtered_by_tag() -> None:
-    all_names = models.names()
+    all_names = zoo.names()
     assert all_names == sorted(all_names)
     assert len(all_names) == len(set(all_names))
     assert set(ZOO) == EXPECTED_ZOO
-    assert set(models.names("benchmark")) == {
+    assert set(zoo.names("benchmark")) == {
         "resnet18",
         "resnet34",
         "resnet50",
@@ -112,71 +112,71 @@ def test_names_sorted_and_filtered_by_tag() -> None:
         "mobilenet_v2",
         "vit_small",
     }
-    assert models.names("depth-family") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
-    assert "lenet" in models.names("sample")
-    assert models.names("no-such-tag") == []
+    assert zoo.names("depth-family") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+    assert "lenet" in zoo.names("sample")
+    assert zoo.names("no-such-tag") == []
 
 
 def test_get_unknown_name_lists_known_models() -> None:
     with pytest.raises(ValueError) as info:
-        models.get("resnet9000")
+        zoo.get("resnet9000")
     message = str(info.value)
     assert "resnet9000" in message
     assert "lenet" in message and "vit_mha" in message
     assert "\n" not in message
     with pytest.raises(ValueError, match="unknown model"):
-        models.get(None)  # type: ignore[arg-type]
+        zoo.get(None)  # type: ignore[arg-type]
 
 
 def test_get_returns_spec_with_consistent_fields() -> None:
-    spec = models.get("lenet")
+    spec = zoo.get("lenet")
     assert isinstance(spec, ModelSpec)
     assert spec.name == "lenet"
     assert spec.inputs == (InputSpec((1, 1, 28, 28)),)
     assert spec.task == "classification"
     assert spec.output_layers == ("fc3",)
     assert set(spec.tags) == {"zoo", "sample"}
-    assert spec.factory_path == "models.lenet:TorchModel"
+    assert spec.factory_path == "deployprune.zoo.lenet:TorchModel"
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", zoo.names())
 def test_every_factory_is_importable_from_its_path(name: str) -> None:
-    spec = models.get(name)
+    spec = zoo.get(name)
     module_name, _, attr = spec.factory_path.partition(":")
-    assert module_name.startswith("models.")
+    assert module_name.startswith("deployprune.zoo.")
     assert getattr(importlib.import_module(module_name), attr) is spec.factory
-    assert spec.task in models.TASKS
+    assert spec.task in zoo.TASKS
 
 
 def test_factories_are_unique() -> None:
-    paths = [models.get(n).factory_path for n in models.names()]
+    paths = [zoo.get(n).factory_path for n in zoo.names()]
     assert len(paths) == len(set(paths))
 
 
 def test_example_inputs_are_deterministic() -> None:
-    a = models.example_inputs("resnet_basic")
-    b = models.example_inputs(models.get("resnet_basic"))
-    c = models.example_inputs("resnet_basic", seed=1)
+    a = zoo.example_inputs("resnet_basic")
+    b = zoo.example_inputs(zoo.get("resnet_basic"))
+    c = zoo.example_inputs("resnet_basic", seed=1)
     assert len(a) == 1 and a[0].shape == (1, 3, 32, 32) and a[0].dtype == torch.float32
     assert torch.equal(a[0], b[0])
     assert not torch.equal(a[0], c[0])
-    batch = models.example_inputs("resnet_basic", batch=4)
+    batch = zoo.example_inputs("resnet_basic", batch=4)
     assert batch[0].shape == (4, 3, 32, 32)
-    assert torch.equal(batch[0], models.example_inputs("resnet_basic", batch=4)[0])
+    assert torch.equal(batch[0], zoo.example_inputs("resnet_basic", batch=4)[0])
     with pytest.raises(ValueError, match="batch"):
-        models.example_inputs("resnet_basic", batch=0)
+        zoo.example_inputs("resnet_basic", batch=0)
 
 
 def test_example_inputs_for_token_ids_respect_dtype_and_high() -> None:
-    spec = models.get("bert")
-    (ids,) = models.example_inputs(spec, batch=64)
+    spec = zoo.get("bert")
+    (ids,) = zoo.example_inputs(spec, batch=64)
     high = spec.inputs[0].high
     assert high is not None
     assert ids.dtype == torch.int64
     assert ids.shape == (64, 16)
     assert int(ids.min()) >= 0 and int(ids.max()) < high
     assert len(torch.unique(ids)) > high // 2  # spread over the vocabulary, not a constant
-    assert torch.equal(ids, models.example_inputs(spec, batch=64)[0])
+    assert torch.equal(ids, zoo.example_inputs(spec, batch=64)[0])
 
 
 def test_input_spec_validation() -> None:
@@ -191,26 +191,26 @@ def test_input_spec_validation() -> None:
 
 
 def test_spec_for_factory_by_string_and_callable() -> None:
-    from models.lenet import TorchModel
-    from models.resnet import resnet18
+    from deployprune.zoo.lenet import TorchModel
+    from deployprune.zoo.resnet import resnet18
 
-    assert models.spec_for_factory("models.lenet:TorchModel") is models.get("lenet")
-    assert models.spec_for_factory("models.lenet.TorchModel") is models.get("lenet")
-    assert models.spec_for_factory(" models.resnet:resnet18 ") is models.get("resnet18")
-    assert models.spec_for_factory(TorchModel) is models.get("lenet")
-    assert models.spec_for_factory(resnet18) is models.get("resnet18")
-    assert models.spec_for_factory("models.lenet:Nope") is None
-    assert models.spec_for_factory("nope") is None
-    assert models.spec_for_factory(lambda: nn.Linear(2, 2)) is None
+    assert zoo.spec_for_factory("deployprune.zoo.lenet:TorchModel") is zoo.get("lenet")
+    assert zoo.spec_for_factory("deployprune.zoo.lenet.TorchModel") is zoo.get("lenet")
+    assert zoo.spec_for_factory(" deployprune.zoo.resnet:resnet18 ") is zoo.get("resnet18")
+    assert zoo.spec_for_factory(TorchModel) is zoo.get("lenet")
+    assert zoo.spec_for_factory(resnet18) is zoo.get("resnet18")
+    assert zoo.spec_for_factory("deployprune.zoo.lenet:Nope") is None
+    assert zoo.spec_for_factory("nope") is None
+    assert zoo.spec_for_factory(lambda: nn.Linear(2, 2)) is None
 
 
 def test_build_is_seeded_eval_and_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = models.build("resnet_basic")
+    a = zoo.build("resnet_basic")
     assert torch.equal(torch.get_rng_state(), before)
-    b = models.build("resnet_basic")
-    c = models.build("resnet_basic", seed=1)
+    b = zoo.build("resnet_basic")
+    c = zoo.build("resnet_basic", seed=1)
     assert not a.training and all(not m.training for m in a.modules())
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys()
@@ -222,16 +222,16 @@ def test_build_is_seeded_eval_and_leaves_global_rng_alone() -> None:
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_reference_sizes_match_published_parameter_counts(name: str) -> None:
     with torch.device("meta"):
-        model = models.get(name).factory()
+        model = zoo.get(name).factory()
     assert _num_params(model) == REFERENCE_PARAMS[name]
 
 
 def test_every_full_size_model_has_a_reference_count() -> None:
-    assert set(models.names("full")) == set(REFERENCE_PARAMS)
+    assert set(zoo.names("full")) == set(REFERENCE_PARAMS)
 
 
 def test_lenet_matches_the_nni_tutorial_structure() -> None:
-    model = models.build("lenet")
+    model = zoo.build("lenet")
     convs = {
         n: (m.in_channels, m.out_channels, m.kernel_size) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
     }
@@ -239,14 +239,14 @@ def test_lenet_matches_the_nni_tutorial_structure() -> None:
     assert convs == {"conv1": (1, 6, (5, 5)), "conv2": (6, 16, (5, 5))}
     assert linears == {"fc1": (256, 120), "fc2": (120, 84), "fc3": (84, 10)}
     assert {n for n, m in model.named_modules() if isinstance(m, nn.ReLU)} == {"relu1", "relu2", "relu3", "relu4"}
-    (x,) = models.example_inputs("lenet")
+    (x,) = zoo.example_inputs("lenet")
     # log-probabilities: exp sums to one
     assert torch.allclose(model(x).exp().sum(1), torch.ones(1), atol=1e-5)
 
 
 def test_mnist_net_digits_dense_layer_size() -> None:
-    assert models.build("mnist_net").dense.in_features == 12 * 14 * 14
-    assert models.build("mnist_net_digits").dense.in_features == 12 * 4 * 4
+    assert zoo.build("mnist_net").dense.in_features == 12 * 14 * 14
+    assert zoo.build("mnist_net_digits").dense.in_features == 12 * 4 * 4
 
 
 # ------------------------------------------------------------------------------ zoo models
@@ -262,9 +262,9 @@ def _expected_out_dim(model: nn.Module, spec: ModelSpec) -> int:
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_eager_forward(name: str, built: dict[str, nn.Module]) -> None:
-    spec = models.get(name)
+    spec = zoo.get(name)
     model = _model(built, name)
-    inputs = models.example_inputs(spec)
+    inputs = zoo.example_inputs(spec)
     with torch.no_grad():
         out = model(*inputs)
         again = model(*inputs)
@@ -280,7 +280,7 @@ def test_zoo_eager_forward(name: str, built: dict[str, nn.Module]) -> None:
     for layer in spec.output_layers:
         model.get_submodule(layer)  # raises if the name is wrong
     # a batch of two gives the same rows as two batches of one (no batch mixing in eval)
-    pair = models.example_inputs(spec, batch=2, seed=3)
+    pair = zoo.example_inputs(spec, batch=2, seed=3)
     with torch.no_grad():
         joint = model(*pair)
         rows = torch.cat([model(*(t[i : i + 1] for t in pair)) for i in range(2)])
@@ -290,7 +290,7 @@ def test_zoo_eager_forward(name: str, built: dict[str, nn.Module]) -> None:
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_fx_trace_matches_eager(name: str, built: dict[str, nn.Module]) -> None:
     model = _model(built, name)
-    inputs = models.example_inputs(name, seed=5)
+    inputs = zoo.example_inputs(name, seed=5)
     traced = torch.fx.symbolic_trace(model)
     with torch.no_grad():
         expected = model(*inputs)
@@ -301,7 +301,7 @@ def test_zoo_fx_trace_matches_eager(name: str, built: dict[str, nn.Module]) -> N
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_onnx_export(name: str, built: dict[str, nn.Module], tmp_path: Path) -> None:
     model = _model(built, name)
-    inputs = models.example_inputs(name, seed=7)
+    inputs = zoo.example_inputs(name, seed=7)
     path = tmp_path / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -353,9 +353,9 @@ def test_zoo_normalization_is_not_default_after_build(name: str, built: dict[str
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vit_small"])
 def test_benchmark_models_run_at_imagenet_size(name: str) -> None:
-    spec = models.get(name)
-    model = models.build(name)
-    (x,) = models.example_inputs(spec)
+    spec = zoo.get(name)
+    model = zoo.build(name)
+    (x,) = zoo.example_inputs(spec)
     assert x.shape == (1, 3, 224, 224)
     with torch.no_grad():
         out = model(x)

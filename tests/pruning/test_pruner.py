@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import deployprune as dp
-import models
+from deployprune import zoo
 from deployprune.errors import InputError, MaskError, OutputError, UnsafeFileError, UsageError
 from deployprune.masks import extract_attached_masks
 from deployprune.pruning import (
@@ -74,13 +74,13 @@ def test_usage_errors(mlp) -> None:
 
 def test_mnist_tutorial_flow_reaches_70_and_80_percent() -> None:
     """coremltools magnitude-pruning tutorial: conv 70 %, dense 80 %, polynomial schedule."""
-    model = models.build("mnist_net")
+    model = zoo.build("mnist_net")
     model.train()
     config = {
         "module_type_configs": {"Conv2d": {"target_sparsity": 0.7}, "Linear": {"target_sparsity": 0.8}},
         "schedule": {"type": "polynomial", "begin_step": 0, "end_step": 8, "frequency": 2},
     }
-    pruner = dp.Pruner(model, config, models.example_inputs("mnist_net"))
+    pruner = dp.Pruner(model, config, zoo.example_inputs("mnist_net"))
     pruner.prepare()
     opt = torch.optim.Adam(model.parameters(), eps=1e-7)
     g = torch.Generator().manual_seed(0)
@@ -102,7 +102,7 @@ def test_mnist_tutorial_flow_reaches_70_and_80_percent() -> None:
     assert seen[9] == seen[7]  # stays there
     compact = pruner.finalize()
     with torch.no_grad():
-        x = models.example_inputs("mnist_net")[0]
+        x = zoo.example_inputs("mnist_net")[0]
         model.eval()
         assert torch.allclose(compact(x), model(x), atol=1e-5)
     assert not any(parametrize.is_parametrized(m) for m in compact.modules())
@@ -111,13 +111,13 @@ def test_mnist_tutorial_flow_reaches_70_and_80_percent() -> None:
 
 
 def test_exclude_last_layer_finds_the_output_layer(caplog) -> None:
-    model = models.build("mnist_net")  # dense is followed by a LogSoftmax module
-    pruner = dp.Pruner(model, {"target_sparsity": 0.5, "exclude_last_layer": True}, models.example_inputs("mnist_net"))
+    model = zoo.build("mnist_net")  # dense is followed by a LogSoftmax module
+    pruner = dp.Pruner(model, {"target_sparsity": 0.5, "exclude_last_layer": True}, zoo.example_inputs("mnist_net"))
     pruner.prepare()
     assert set(pruner.masks()) == {"conv"}
     rows = {r.name: r for r in pruner.report()}
     assert rows["dense"].note == "last layer kept dense (exclude_last_layer)" and rows["dense"].sparsity == 0
-    assert tuple(models.get("mnist_net").output_layers) == ("dense",)
+    assert tuple(zoo.get("mnist_net").output_layers) == ("dense",)
 
     class TwoHeads(nn.Module):  # both outputs come from a Linear: both are kept
         def __init__(self) -> None:

@@ -6,22 +6,22 @@ import pytest
 import torch
 
 import deployprune as dp
-import models
+from deployprune import zoo
 from deployprune.finalize import compact
 from deployprune.pruning.pruner import plain_copy
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", models.names("zoo"))
+@pytest.mark.parametrize("name", zoo.names("zoo"))
 def test_channel_masks_compact_with_parity(name: str) -> None:
-    model = models.build(name)
-    inputs = models.example_inputs(name)
+    model = zoo.build(name)
+    inputs = zoo.example_inputs(name)
     pruner = dp.Pruner(model, {"target_sparsity": 0.5, "granularity": "channel"}, inputs)
     pruner.prepare()
     groups = [t for t in pruner.targets if t.kind == "group"]
     assert groups, "no prunable group"
     masks = pruner.masks()
-    for layer in models.get(name).output_layers:  # output channels are never removed
+    for layer in zoo.get(name).output_layers:  # output channels are never removed
         assert (masks.get(layer, {}).get("weight", torch.ones(1, dtype=torch.bool))).all()
     result = compact(plain_copy(model), inputs, masks)
     assert result.compacted and not result.blocked, result.summary()
@@ -39,15 +39,15 @@ def test_channel_masks_compact_with_parity(name: str) -> None:
     assert result.params_after < result.params_before
 
 
-@pytest.mark.parametrize("name", models.names("zoo"))
+@pytest.mark.parametrize("name", zoo.names("zoo"))
 def test_exclude_last_layer_matches_the_zoo_output_layers(name: str) -> None:
-    model = models.build(name)
+    model = zoo.build(name)
     pruner = dp.Pruner(model, {"target_sparsity": 0.5, "exclude_last_layer": True,
                                "module_type_configs": {"Embedding": {"target_sparsity": 0.5}}},
-                       models.example_inputs(name))
+                       zoo.example_inputs(name))
     pruner.prepare()
     masks = pruner.masks()
-    for layer in models.get(name).output_layers:
+    for layer in zoo.get(name).output_layers:
         assert layer not in masks, f"{layer} is an output layer"
     assert masks  # something else was pruned
 
@@ -58,8 +58,8 @@ ATTENTION = ("bert", "vit", "vit_mha")
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ATTENTION)
 def test_head_masks_compact_with_parity(name: str) -> None:
-    model = models.build(name)
-    inputs = models.example_inputs(name)
+    model = zoo.build(name)
+    inputs = zoo.example_inputs(name)
     config = {"module_type_configs": {t: {"target_sparsity": 0.5, "granularity": "head"}
                                       for t in ("Linear", "MultiheadAttention")}}
     pruner = dp.Pruner(model, config, inputs)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from deployprune import zoo
 from deployprune.io import load_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "net.pt", models.build("mnist_net_digits"), arch="mnist_net_digits")
+    save_checkpoint(tmp_path / "net.pt", zoo.build("mnist_net_digits"), arch="mnist_net_digits")
     (tmp_path / "prune.json").write_text(json.dumps(CONFIG))
     (tmp_path / "baddata.py").write_text(
         "def loaders(batch_size=32, seed=0):\n    raise RuntimeError('disk on fire')\n\n"

@@ -432,12 +432,9 @@ def _fake_coreml(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]
         calls.append((path, model, inputs))
         return result
 
-    pkg = types.ModuleType("converters")
-    mod = types.ModuleType("converters.coreml")
+    mod = types.ModuleType("deployprune.converters.coreml")
     mod.verify_coreml = verify_coreml
-    pkg.coreml = mod
-    monkeypatch.setitem(sys.modules, "converters", pkg)
-    monkeypatch.setitem(sys.modules, "converters.coreml", mod)
+    monkeypatch.setitem(sys.modules, "deployprune.converters.coreml", mod)
     return calls
 
 
@@ -476,7 +473,7 @@ def test_coreml_readback_verdict_on_linux(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML artifacts are predicted")
 def test_coreml_verification_unavailable_is_a_failure(monkeypatch: pytest.MonkeyPatch,
                                                       mlpackage: Path) -> None:
-    monkeypatch.setitem(sys.modules, "converters.coreml", None)  # import fails
+    monkeypatch.setitem(sys.modules, "deployprune.converters.coreml", None)  # import fails
     report = validate(tiny_net(), mlpackage, (X,), latency=False)
     assert not report.passed
     assert report.failures[0].startswith("coreml verification unavailable")
