@@ -372,9 +372,14 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
         new = int(a.keep(y, d).sum())
         if new == lit:
             continue
+        if a.traced.recorded and type(lit) is not int:
+            continue  # read from a tensor's shape: the compacted model's forward recomputes it
         owner = node.meta.get("owner", "") or ""
         module = a.modules.get(owner)
         cands = [k for k, v in _int_attrs(module).items() if v == lit] if module is not None else []
+        reads = (a.traced.int_reads or {}).get(owner)
+        if reads is not None:
+            cands = [k for k in cands if k in reads]  # attributes the forward actually read
         if len(cands) > 1:
             pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
             cands = pref if len(pref) == 1 else cands

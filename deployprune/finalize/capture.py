@@ -93,6 +93,7 @@ class _Recorder:
         self.index = 0
         self.consts = 0
         self.failed_index: int | None = None  # index the failing call's node would have had
+        self.int_reads: dict[str, set[str]] = {}  # module -> names of int attributes its forward read
 
     # ----------------------------------------------------------------- nodes
     def _node(self, op: str, target: Any, args: tuple, kwargs: dict, value: Any, owner: str | None = None) -> fx.Node:
@@ -165,6 +166,15 @@ class _Recorder:
         if name == "__get__":  # a property of a tensor (x.T, x.data, ...)
             prop = getattr(getattr(func, "__self__", None), "__name__", "")
             return "call_method", _PROPERTIES.get(prop, prop or "property"), args
+        qual = getattr(func, "__qualname__", "") or ""
+        if qual.split(".")[0] in ("TensorBase", "Tensor", "_TensorBase") and qual.count(".") == 1:
+            name = qual.split(".")[1]  # a method, possibly through torch._tensor's operator wrappers
+            if name in _DUNDER:
+                target, swap = _DUNDER[name]
+                if swap:
+                    args = (args[1], args[0], *args[2:])
+                return "call_function", target, args
+            return "call_method", name, args
         if name in _DUNDER and _is_tensor_method(func, name):
             target, swap = _DUNDER[name]
             if swap:
@@ -172,7 +182,6 @@ class _Recorder:
             return "call_function", target, args
         if _is_tensor_method(func, name):
             return "call_method", name, args
-        qual = getattr(func, "__qualname__", "") or ""
         if qual.startswith("_VariableFunctionsClass.") and callable(getattr(torch, name, None)):
             func = getattr(torch, name)  # torch.cat as the mode sees it -> torch.cat as forward wrote it
         return "call_function", func, args
@@ -200,13 +209,36 @@ class _Recorder:
             return out
         start = self.index
         self.scope.append(qualname)
+        cls = type(module)
+        tracked = _tracking_class(cls, self.int_reads.setdefault(qualname, set()))
+        if tracked is not None:
+            module.__class__ = tracked
         try:
             out = call(module, *args, **kwargs)
         finally:
             self.scope.pop()
+            if tracked is not None:
+                module.__class__ = cls
         if qualname:
             self.regions.setdefault(qualname, []).append(Region(start, self.index, (), {}, None))
         return out
+
+
+def _tracking_class(cls: type, reads: set[str]) -> type | None:
+    """A subclass of ``cls`` that notes which int attributes are read (``self.split_size``), so a
+    size patch goes to the attribute forward uses, not to another that happens to be equal."""
+    if getattr(cls, "_deployprune_tracking", False) or "__getattribute__" in vars(cls) or "__slots__" in vars(cls):
+        return None
+    base_get = cls.__getattribute__
+
+    def __getattribute__(self, name):  # noqa: N807
+        value = base_get(self, name)
+        if type(value) is int and not name.startswith("_"):
+            reads.add(name)
+        return value
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "_deployprune_tracking": True,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _has_tensor(value: Any) -> bool:
@@ -225,6 +257,28 @@ def _is_tensor_method(func: Any, name: str) -> bool:
     return getattr(torch.Tensor, name, None) is func or getattr(torch._C.TensorBase, name, None) is func
 
 
+class SizeInt(int):
+    """An int read from a tensor's shape during recording (``x.size(-1)``, ``x.shape[:-1]``).
+
+    Forward code that passes such a size on (``x.view(-1, x.size(-1))``) recomputes it when the
+    compacted model runs, so it is not a fixed size to patch; arithmetic on it gives plain ints.
+    """
+
+    __slots__ = ()
+
+
+def _mark_sizes(func: Any, out: Any) -> Any:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    if name in ("size", "shape"):
+        if isinstance(out, torch.Size):
+            return torch.Size([SizeInt(v) for v in out])
+        if type(out) is int:
+            return SizeInt(out)
+    return out
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, rec: _Recorder):
         super().__init__()
@@ -240,6 +294,7 @@ class _Mode(TorchFunctionMode):
             raise
         if not self.rec.leaf_depth:
             self.rec.record_call(func, args, kwargs, out)
+            out = _mark_sizes(func, out)
         return out
 
 
@@ -296,7 +351,7 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     out_node.meta["owner"] = ""
     out_node.meta["index"] = rec.index
     return Traced(graph=rec.graph, root=model, values=rec.values, opaque={}, regions={}, output=out,
-                  recorded=True)
+                  recorded=True, int_reads=rec.int_reads)
 
 
-__all__ = ["record", "is_leaf", "flat_tensors", "CaptureError", "TensorMeta"]
+__all__ = ["record", "is_leaf", "flat_tensors", "CaptureError", "SizeInt", "TensorMeta"]

@@ -230,6 +230,7 @@ _UNARY_FUNCTIONS = (
     F.logsigmoid, torch.erf, torch.log, torch.sin, torch.cos, torch.reciprocal, torch.nn.functional.softsign,
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "sqrt", "rsqrt", "clamp",
     "clamp_", "clamp_min", "clamp_max", "clip", "square", "erf", "log", "sin", "cos", "reciprocal",
+    torch.pow, operator.pow, "pow", F.gelu, "gelu", torch.nn.functional.silu, "silu",
 )
 _IDENTITY_FUNCTIONS = (
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clone, torch.detach,
@@ -651,6 +652,25 @@ def _f_linear(a: Analysis, node: fx.Node) -> None:
     bias = _attr(a, str(bnode.target)) if bnode is not None and bnode.op == "get_attr" else None
     y = out_var(a, node)
     _linear_core(a, x, y, W, b, weight.detach(), bias, None)
+
+
+@register_function_rule(torch.addmm)
+def _addmm(a: Analysis, node: fx.Node) -> None:
+    """``torch.addmm(bias, x, weight)`` with a (in, out) weight: transformers' ``Conv1D`` (GPT-2)."""
+    bnode, xnode, wnode = arg(node, 0, "input"), arg(node, 1, "mat1"), arg(node, 2, "mat2")
+    x, W, b = a.var(xnode), a.var(wnode), a.var(bnode)
+    ok = (x is not None and W is not None and b is not None and isinstance(wnode, fx.Node) and wnode.op == "get_attr"
+          and isinstance(bnode, fx.Node) and bnode.op == "get_attr" and b.ndim == 1
+          and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1)
+    if not ok:
+        opaque(a, node)
+        return
+    y = out_var(a, node)
+    weight = _attr(a, str(wnode.target)).detach()
+    Wt = a.new_var(f"{node.name}.weight_t", (W.shape[1], W.shape[0]))  # the Linear-layout view of W
+    a.same(Wt, 0, W, 1)
+    a.same(Wt, 1, W, 0)
+    _linear_core(a, x, y, Wt, b, weight.t(), _attr(a, str(bnode.target)).detach(), None)
 
 
 def _attr(a: Analysis, target: str) -> torch.Tensor:
@@ -1352,6 +1372,14 @@ def _split(a: Analysis, node: fx.Node) -> None:
                 a.same(x, od, o, od)
     sizes = [o.shape[d] for o in outs]
     equal = name == "chunk" and len(set(sizes)) == 1
+    step = arg(node, 1, "split_size_or_sections", arg(node, 1, "split_size"))
+    if (name == "split" and isinstance(step, int) and not isinstance(step, bool) and len(set(sizes)) == 1
+            and sizes[0] * len(outs) == x.shape[d]):
+        # x.split(self.split_size): equal parts whose size the forward passes (GPT-2's fused qkv);
+        # the size is patched like a reshape literal
+        equal = True
+        for o in outs:
+            a.literal_sizes.append((node, o, d, step))
     if not equal:
         why = f"split into fixed sizes by {name}; the sizes are part of the forward code"
         b = a.block(node, why)
@@ -1484,9 +1512,17 @@ def _sdpa(a: Analysis, node: fx.Node) -> None:
     if q is None or k is None or v is None or y is None or q.ndim != k.ndim or q.ndim != v.ndim or q.ndim < 3:
         opaque(a, node)
         return
-    if a.var(mask) is not None:
-        a.pin_var(a.var(mask), "attention mask")
     hd = q.ndim - 3  # the heads dim of (..., heads, tokens, features)
+    mv = a.var(mask)
+    if mv is not None:
+        # an additive mask or bias broadcast against the (..., heads, queries, keys) scores; a per-head
+        # bias (T5's relative position bias, ALiBi) loses the heads that go
+        for md in range(mv.ndim):
+            d = md + (q.ndim - mv.ndim)
+            if d == hd and 0 <= d and mv.shape[md] == q.shape[hd] and mv.shape[md] > 1:
+                a.same(mv, md, q, hd)
+            elif mv.shape[md] > 1:
+                a.pin(mv, md, "attention mask")
     gqa = bool(node.kwargs.get("enable_gqa", False)) and q.shape[hd] != k.shape[hd]
     for d in range(q.ndim - 2):
         if gqa and d == hd:

@@ -91,6 +91,7 @@ class Traced:
     regions: dict[str, list[Region]] = field(default_factory=dict)  # traced-through module calls
     output: Any = None  # the model's output on the example inputs
     recorded: bool = False  # captured by recording an eager run (capture.py), not by symbolic tracing
+    int_reads: dict[str, set[str]] | None = None  # module -> int attributes its forward read (recorded runs)
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Traced:
