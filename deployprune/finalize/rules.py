@@ -1272,6 +1272,13 @@ def _expand(a: Analysis, node: fx.Node) -> None:
             if xd in x.cval:
                 y.cval[d] = x.cval[xd]
         elif y.shape[d] > 1:
+            sizes = _size_args(node) if node.target == "expand" else []
+            lit = sizes[d] if len(sizes) == y.ndim else None
+            if a.traced.recorded and xd >= 0 and x.shape[xd] == 1 and type(lit) is int:
+                # copies of one slice (repeat_kv's n_rep query heads per key/value head): fewer copies
+                # are an expand to a smaller size, patched where the forward reads it
+                a.literal_sizes.append((node, y, d, lit))
+                continue
             # a broadcast dimension: its size comes from the expand arguments, never pruned here
             a.pin(y, d, "broadcast by expand")
 
