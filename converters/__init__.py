@@ -5,6 +5,10 @@ A target is any object (normally a module in this package) exposing::
     OPTIONS: dict[str, tuple[type | Choice, default, help]]
     SUFFIX: str                       # e.g. ".onnx"; the CLI uses it for default output names
     def convert(model, example_inputs, path, **options) -> ConversionResult
+    def verify(path, model, example_inputs) -> Verification   # check a written artifact
+
+The core (``deployprune.validate``) asks this registry for a target's ``verify``; it never
+imports a converter module by name. ``verify`` is optional for third-party targets.
 
 Built-in targets are imported lazily (coremltools and onnx are heavy), third-party targets are
 added with :func:`register` or through the ``deployprune.converters`` entry-point group.
@@ -37,6 +41,7 @@ __all__ = [
     "Choice",
     "ConversionResult",
     "ConverterModule",
+    "Verification",
     "COMMON_OPTIONS",
     "available",
     "get",
@@ -76,11 +81,25 @@ class ConversionResult:
         }
 
 
+@dataclass
+class Verification:
+    """What ``verify(path, model, example_inputs)`` found: the artifact against the torch model."""
+
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "failures": list(self.failures), **self.details}
+
+
 @runtime_checkable
 class ConverterModule(Protocol):
     OPTIONS: dict[str, tuple[Any, Any, str]]
 
     def convert(self, model: Any, example_inputs: tuple, path: Any, **options: Any) -> ConversionResult: ...
+
+    def verify(self, path: Any, model: Any, example_inputs: tuple) -> Any: ...
 
 
 class Choice:
@@ -152,6 +171,8 @@ def register(name: str, module_or_object: Any, *, replace: bool = False) -> None
         raise UsageError(f"converter name {name!r} must be a lower-case identifier such as 'tflite'")
     if not callable(getattr(module_or_object, "convert", None)):
         raise UsageError(f"converter {name!r}: {module_or_object!r} has no callable convert()")
+    if getattr(module_or_object, "verify", None) is not None and not callable(module_or_object.verify):
+        raise UsageError(f"converter {name!r}: verify must be callable (verify(path, model, example_inputs))")
     options = getattr(module_or_object, "OPTIONS", None)
     if not isinstance(options, Mapping):
         raise UsageError(f"converter {name!r}: OPTIONS must be a dict name -> (type, default, help)")

@@ -7,23 +7,22 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from deployprune._version import __version__
 from deployprune.errors import InputError, OutputError, UsageError
 from deployprune.parity import compare_outputs
 
+if TYPE_CHECKING:
+    from . import Verification
+
 
 def package_version() -> str:
-    try:
-        import deployprune
-
-        return str(deployprune.__version__)
-    except Exception:  # pragma: no cover - the package always has a version
-        return "unknown"
+    return __version__
 
 
 def check_model_and_inputs(model: Any, example_inputs: Any, target: str) -> tuple[torch.Tensor, ...]:
@@ -156,3 +155,17 @@ def tree_size(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compared(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], tolerance: float,
+             what: str) -> Verification:
+    """A :class:`~deployprune.converters.Verification` from the parity of ``actual`` (an artifact's
+    outputs) with ``reference`` (torch's), passing when the relative error is within ``tolerance``."""
+    from . import Verification
+
+    rel, err = parity(reference, actual)
+    passed = bool(rel <= tolerance)
+    failures = [] if passed else [f"{what} differs from torch (max abs error {err:.3g} = {rel:.3g} of the "
+                                  f"output scale > tolerance {tolerance:g})"]
+    return Verification(passed=passed, failures=failures,
+                        details={"max_abs_error": err, "relative_error": rel, "tolerance": tolerance})

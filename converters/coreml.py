@@ -464,6 +464,12 @@ _LOSSY_CONSTEXPR = ("constexpr_affine_dequantize", "constexpr_lut_to_dense", "co
                     "constexpr_lut_to_sparse", "constexpr_cast")
 
 
+def verify(path: str | Path, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> CoreMLVerification:
+    """The converter interface's check of a written ``.mlpackage``: :func:`verify_coreml` with its
+    defaults (read back without running it; on macOS a prediction is compared too)."""
+    return verify_coreml(path, model, example_inputs)
+
+
 def verify_coreml(path: str | Path, torch_model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
                   input_names: list[str] | None = None, output_names: list[str] | None = None,
                   fold: bool = True, expect_sparse: bool = False, sparse_min_sparsity: float = 0.1,
@@ -801,4 +807,4 @@ def _predict_and_compare(ct: Any, path: Path, inputs: tuple[torch.Tensor, ...],
 
 
 __all__ = ["OPTIONS", "SUFFIX", "CoreMLVerification", "WeightCheck", "convert", "fold_batchnorm",
-           "fp16_losses", "verify_coreml"]
+           "fp16_losses", "private_copy", "verify", "verify_coreml"]

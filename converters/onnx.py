@@ -28,9 +28,10 @@ from torch import nn
 from deployprune.errors import OutputError, UnsupportedError, UsageError, ValidationFailed
 from deployprune.fsutil import atomic_output, check_writable
 
-from . import COMMON_OPTIONS, Choice, ConversionResult, resolve_options
+from . import COMMON_OPTIONS, Choice, ConversionResult, Verification, resolve_options
 from ._common import (
     check_model_and_inputs,
+    compared,
     eval_mode,
     io_names,
     metadata_props,
@@ -593,6 +594,19 @@ def _verify_onnxruntime(tmp: Path, path: Path, feeds: dict[str, np.ndarray], out
     return {"ort_max_abs_error": err, "ort_relative_error": rel}
 
 
+def verify(path: str | Path, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+           tolerance: float = OPTIONS["tolerance"][1]) -> Verification:
+    """The converter interface's check of a written ``.onnx`` file: onnxruntime's outputs on
+    ``example_inputs`` against ``model``'s (relative to the output scale, within ``tolerance``)."""
+    inputs = check_model_and_inputs(model, example_inputs, TARGET)
+    reference = run_torch(model, inputs)
+    try:
+        got = onnxruntime_outputs(path, inputs)
+    except Exception as exc:  # noqa: BLE001 - an artifact onnxruntime cannot run fails verification
+        return Verification(passed=False, failures=[f"{path}: onnxruntime cannot run it: {_one_line(str(exc))}"])
+    return compared(reference, got, tolerance, f"{path}: onnxruntime output")
+
+
 def onnxruntime_outputs(path: str | Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     """Run an ONNX file in onnxruntime on ``inputs`` (in graph-input order)."""
     import onnxruntime as ort
@@ -603,4 +617,4 @@ def onnxruntime_outputs(path: str | Path, inputs: tuple[torch.Tensor, ...]) -> l
 
 
 __all__ = ["OPTIONS", "SUFFIX", "convert", "encode_sparse_initializers", "onnxruntime_outputs",
-           "unsupported_op"]
+           "unsupported_op", "verify"]

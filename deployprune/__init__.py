@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import (
     ConfigError,
     DeployPruneError,
@@ -26,8 +27,6 @@ from .errors import (
     UsageError,
     ValidationFailed,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

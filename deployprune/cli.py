@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -550,7 +550,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         name=loaded.source.stem,
         source_path=loaded.source,
     )
-    _print_lines(report.summary_lines())
+    from .report import summary_lines
+
+    _print_lines(summary_lines(report))
     written: list[Path] = []
     try:  # both reports or neither: an error or an interrupt removes the first one again
         if args.json_out:

@@ -307,7 +307,9 @@ class ExportOutcome:
         validation_lines: list[str] = []
         if self.validation is not None:
             try:
-                validation_lines = list(self.validation.summary_lines())
+                from .report import summary_lines
+
+                validation_lines = list(summary_lines(self.validation))
             except Exception as exc:  # noqa: BLE001 - a rendering problem must not hide the verdict
                 log.debug("summary_lines failed: %s", exc)
                 validation_lines = [

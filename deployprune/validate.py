@@ -271,17 +271,8 @@ class ValidationReport:
                              "pass a report written by deployprune") from None
         return cls.from_dict(data, where=where)
 
-    # -- rendering ---------------------------------------------------------------------------
-
-    def to_markdown(self) -> str:
-        from .report import render_markdown
-
-        return render_markdown(self)
-
-    def summary_lines(self) -> list[str]:
-        from .report import summary_lines
-
-        return summary_lines(self)
+    # Rendering (Markdown, HTML, the console summary) is deployprune.report's job: validate
+    # measures, report renders; report imports this module, never the other way round.
 
 
 def load_report(path: str | os.PathLike) -> ValidationReport:
@@ -861,14 +852,15 @@ def _coreml_readback(path: Path, source: nn.Module,
 
         source = copy.deepcopy(source)
         strip_parametrizations_(source, leave_parametrized=True)
-    try:
-        from deployprune.converters.coreml import verify_coreml  # type: ignore[import-not-found]
-    except ImportError as exc:
-        msg = ("coreml verification unavailable (deployprune.converters.coreml.verify_coreml: "
-               f"{first_line(exc)})")
+    from . import converters
+
+    try:  # the target's own check, from the registry (validate never imports a converter by name)
+        verify = converters.get("coreml").verify
+    except (ImportError, AttributeError, DeployPruneError) as exc:
+        msg = f"coreml verification unavailable (target 'coreml' verify(): {first_line(exc)})"
         return False, [msg], {"available": False}
     try:
-        result = verify_coreml(path, source, example_inputs)
+        result = verify(path, source, example_inputs)
     except DeployPruneError as exc:
         return False, [f"coreml read-back: {exc}"], {"available": True, "error": str(exc)}
     except Exception as exc:  # a verifier crash must not pass for a verdict: report it
@@ -902,9 +894,9 @@ def _run_coreml(path: Path,
                 inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:  # pragma: no cover
     import coremltools as ct
 
-    from deployprune.converters.coreml import private_copy
+    from . import converters
 
-    with private_copy(path) as readable:  # coremltools rewrites the Manifest.json it opens
+    with converters.get("coreml").private_copy(path) as readable:  # coremltools rewrites the Manifest.json it opens
         model = ct.models.MLModel(str(readable))
     spec = model.get_spec()
     in_names = [i.name for i in spec.description.input]
@@ -1217,7 +1209,7 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
 
 
 def _tool_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

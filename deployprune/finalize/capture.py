@@ -64,7 +64,7 @@ _PROPERTIES = {"T": "t", "mT": "mT", "data": "detach", "real": "real"}
 
 def is_leaf(module: nn.Module) -> bool:
     """Modules recorded whole: torch.nn's own layers and module types with a user rule."""
-    from .rules import has_user_rule
+    from .rule_registry import has_user_rule
 
     if has_user_rule(module):
         return True

@@ -29,58 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import Analysis, Var, flatten_vars, owner_of
+from .rule_registry import (  # the table lives apart so that tracing can ask it without importing this module
+    FunctionRule,
+    ModuleRule,
+    function_rule_for,
+    has_user_rule,
+    module_rule_for,
+    register_function_rule,
+    register_module_rule,
+)
 from .trace import TensorMeta
+
+__all__ = ["FunctionRule", "ModuleRule", "function_rule_for", "has_user_rule", "module_rule_for",
+           "register_function_rule", "register_module_rule"]
 
 # new layers get their weights copied in right away: skip the random initialization
 skip_init = torch.nn.utils.skip_init
-
-ModuleRule = Callable[[Analysis, fx.Node, nn.Module], None]
-FunctionRule = Callable[[Analysis, fx.Node], None]
-
-_MODULE_RULES: dict[type, ModuleRule] = {}
-_FUNCTION_RULES: dict[Any, FunctionRule] = {}
-
-
-def register_module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
-    """Register ``fn(analysis, node, module)`` for modules of these types (and subclasses)."""
-
-    def deco(fn: ModuleRule) -> ModuleRule:
-        for t in types:
-            _MODULE_RULES[t] = fn
-        return fn
-
-    return deco
-
-
-def register_function_rule(*targets: Any) -> Callable[[FunctionRule], FunctionRule]:
-    """Register ``fn(analysis, node)`` for functions (``torch.cat``) or Tensor method names ("view")."""
-
-    def deco(fn: FunctionRule) -> FunctionRule:
-        for t in targets:
-            _FUNCTION_RULES[t] = fn
-        return fn
-
-    return deco
-
-
-def module_rule_for(module: nn.Module) -> ModuleRule | None:
-    for cls in type(module).__mro__:
-        rule = _MODULE_RULES.get(cls)
-        if rule is not None:
-            return rule
-    return None
-
-
-def has_user_rule(module: nn.Module) -> bool:
-    """A rule registered for a module class that is not part of torch (so tracing stops there)."""
-    for cls in type(module).__mro__:
-        if cls in _MODULE_RULES:
-            return not (cls.__module__ or "").startswith("torch.")
-    return False
-
-
-def function_rule_for(node: fx.Node) -> FunctionRule | None:
-    return _FUNCTION_RULES.get(node.target)
 
 
 # ============================================================================ helpers

@@ -51,7 +51,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque or qualname in self.leaves:
             return True
-        from .rules import has_user_rule
+        from .rule_registry import has_user_rule
 
         if has_user_rule(m):
             return True  # the user registered a rule for this module type: keep it whole

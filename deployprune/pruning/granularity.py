@@ -17,17 +17,28 @@ unit keep-vector becomes parameter masks.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .config import ModuleConfig
-from .criteria import Criterion, block_reduce, resolve_block_size
+from .config import ModuleConfig, PrunerConfig
+from .criteria import Criterion, ParamView, block_reduce, resolve_block_size
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .pruner import Pruner
+
+class PrunerLike(Protocol):
+    """What a granularity asks of the pruner. :class:`deployprune.pruning.Pruner` provides it;
+    this module does not import ``pruner.py`` (which imports this one)."""
+
+    config: PrunerConfig
+
+    def param(self, module_name: str, param_name: str) -> torch.Tensor: ...
+
+    def param_view(self, target: Target, data: Mapping[tuple, Mapping[str, torch.Tensor]]) -> ParamView: ...
+
+    def group_scores(self, target: Target, data: Mapping[tuple, Mapping[str, torch.Tensor]]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -66,48 +77,48 @@ class Granularity:
     name = ""
     structured = False
 
-    def setup(self, target: Target, pruner: Pruner) -> None:  # pragma: no cover - interface
+    def setup(self, target: Target, pruner: PrunerLike) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def scores(self, target: Target, pruner: Pruner, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
+    def scores(self, target: Target, pruner: PrunerLike, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
-    def expand(self, target: Target, pruner: Pruner, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    def expand(self, target: Target, pruner: PrunerLike, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         raise NotImplementedError  # pragma: no cover
 
 
 class ElementGranularity(Granularity):
     name = "element"
 
-    def setup(self, target: Target, pruner: Pruner) -> None:
+    def setup(self, target: Target, pruner: PrunerLike) -> None:
         shape = tuple(pruner.param(target.module_name, target.param_name).shape)
         target.unit_shape = shape
         target.units = math.prod(shape)
         target.final_sparsity = target.config.effective_target
 
-    def scores(self, target: Target, pruner: Pruner, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
+    def scores(self, target: Target, pruner: PrunerLike, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
         view = pruner.param_view(target, data)
         return target.criterion.element_scores(view).reshape(-1).to(torch.float64)
 
-    def expand(self, target: Target, pruner: Pruner, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    def expand(self, target: Target, pruner: PrunerLike, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         return {(target.module_name, target.param_name): keep.reshape(target.unit_shape)}
 
 
 class BlockGranularity(Granularity):
     name = "block"
 
-    def setup(self, target: Target, pruner: Pruner) -> None:
+    def setup(self, target: Target, pruner: PrunerLike) -> None:
         shape = tuple(pruner.param(target.module_name, target.param_name).shape)
         sizes = resolve_block_size(shape, target.config.block_size)  # type: ignore[arg-type]
         target.unit_shape = tuple(-(-s // b) for s, b in zip(shape, sizes, strict=True))
         target.units = math.prod(target.unit_shape)
         target.final_sparsity = target.config.effective_target
 
-    def scores(self, target: Target, pruner: Pruner, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
+    def scores(self, target: Target, pruner: PrunerLike, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
         view = pruner.param_view(target, data)
         return target.criterion.block_scores(view, target.config.block_size).reshape(-1).to(torch.float64)
 
-    def expand(self, target: Target, pruner: Pruner, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    def expand(self, target: Target, pruner: PrunerLike, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         shape = tuple(pruner.param(target.module_name, target.param_name).shape)
         return {(target.module_name, target.param_name): expand_blocks(keep.reshape(target.unit_shape), shape,
                                                                         target.config.block_size)}
@@ -133,7 +144,7 @@ class NMGranularity(Granularity):
     def _layout(shape: tuple[int, ...]) -> int:
         return 1 if len(shape) >= 2 else 0
 
-    def setup(self, target: Target, pruner: Pruner) -> None:
+    def setup(self, target: Target, pruner: PrunerLike) -> None:
         shape = tuple(pruner.param(target.module_name, target.param_name).shape)
         n, m = target.config.n_m_ratio  # type: ignore[misc]
         d = self._layout(shape)
@@ -144,7 +155,7 @@ class NMGranularity(Granularity):
         target.units = math.prod(shape)
         target.final_sparsity = rows * per_row / target.units if target.units else 0.0
 
-    def scores(self, target: Target, pruner: Pruner, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
+    def scores(self, target: Target, pruner: PrunerLike, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
         view = pruner.param_view(target, data)
         e = target.criterion.element_scores(view).to(torch.float64)
         shape = tuple(e.shape)
@@ -166,7 +177,7 @@ class NMGranularity(Granularity):
         out = torch.where(candidate, x, math.inf).movedim(-1, d)
         return out.reshape(-1)
 
-    def expand(self, target: Target, pruner: Pruner, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    def expand(self, target: Target, pruner: PrunerLike, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         return {(target.module_name, target.param_name): keep.reshape(target.unit_shape)}
 
 
@@ -194,14 +205,14 @@ class GroupGranularity(Granularity):
         per = size // div
         return (torch.arange(per).reshape(per, 1) + per * torch.arange(div).reshape(1, div))
 
-    def setup(self, target: Target, pruner: Pruner) -> None:
+    def setup(self, target: Target, pruner: PrunerLike) -> None:
         cmap = self.channel_map(target.group)
         target.channel_map = cmap
         target.units = int(cmap.shape[0])
         target.unit_shape = (target.units,)
         target.final_sparsity = target.config.effective_target
 
-    def scores(self, target: Target, pruner: Pruner, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
+    def scores(self, target: Target, pruner: PrunerLike, data: dict, prior_keep: torch.Tensor) -> torch.Tensor:
         channel = pruner.group_scores(target, data)
         cmap = target.channel_map
         unit = channel[cmap].mean(1)
@@ -211,7 +222,7 @@ class GroupGranularity(Granularity):
             unit = torch.where(ok, unit, math.inf)
         return unit
 
-    def expand(self, target: Target, pruner: Pruner, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    def expand(self, target: Target, pruner: PrunerLike, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         pruned = target.channel_map[~keep].reshape(-1).sort().values.tolist()
         out: dict[tuple[str, str], torch.Tensor] = {}
         roles = ("producer", "consumer") if pruner.config.mask_consumers else ("producer",)

@@ -30,6 +30,7 @@ def test_builtin_targets_follow_the_contract(target: str) -> None:
         assert isinstance(help_text, str) and help_text, name
         assert default is None or converters.resolve_options(target, module.OPTIONS, {name: default})[name] == default
     assert {"force", "verify"} <= set(module.OPTIONS)
+    assert callable(module.verify)  # the core asks the registry for it, never the module by name
 
 
 def test_unknown_target_names_it_and_the_available_ones() -> None:
@@ -81,6 +82,8 @@ def test_register_a_third_party_target(tmp_path: Path) -> None:
         ("badspec", types.SimpleNamespace(OPTIONS={"x": (int, 1)}, convert=lambda *a, **k: None),
          "option 'x' must be (type, default, help)"),
         ("onnx", types.SimpleNamespace(OPTIONS={}, convert=lambda *a, **k: None), "'onnx' already exists"),
+        ("badverify", types.SimpleNamespace(OPTIONS={}, convert=lambda *a, **k: None, verify=3),
+         "verify must be callable"),
     ],
 )
 def test_register_rejects_malformed_targets(name: str, obj: object, message: str) -> None:
@@ -153,6 +156,27 @@ def test_torchscript_target_round_trip(tmp_path: Path, convbn: ConvBNNet, image:
         assert torch.equal(loaded(*image), convbn(*image))
     assert result.metadata["max_abs_error"] == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "torchscript"])
+def test_verify_checks_a_written_artifact_against_the_model(tmp_path: Path, convbn: ConvBNNet, image: tuple,
+                                                            target: str) -> None:
+    conv = converters.get(target)
+    path = tmp_path / f"model{conv.SUFFIX}"
+    conv.convert(convbn, image, path)
+    good = conv.verify(path, convbn, image)
+    assert isinstance(good, converters.Verification)
+    assert good.passed and good.failures == [] and good.to_dict()["passed"] is True
+    # a real fault: the model changes after the export (one output channel's weights negated)
+    with torch.no_grad():
+        convbn.conv1.weight[0].neg_()
+    bad = conv.verify(path, convbn, image)
+    assert not bad.passed and bad.details["relative_error"] > 100 * bad.details["tolerance"]  # far beyond rounding
+    assert len(bad.failures) == 1 and "differs from torch" in bad.failures[0] and str(path) in bad.failures[0]
+    # an artifact that does not load is a failed verification, not a crash
+    path.write_bytes(b"not a model")
+    broken = conv.verify(path, convbn, image)
+    assert not broken.passed and str(path) in broken.failures[0]
 
 
 def test_torchscript_target_refuses_to_overwrite(tmp_path: Path, convbn: ConvBNNet, image: tuple) -> None:

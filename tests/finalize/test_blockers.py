@@ -13,7 +13,7 @@ from torch import nn
 
 import deployprune as dp
 from deployprune.errors import EXIT_UNSUPPORTED, UnsupportedError
-from deployprune.finalize import register_function_rule, register_module_rule, rules
+from deployprune.finalize import register_function_rule, register_module_rule, rule_registry, rules
 
 from .helpers import RTOL, assert_plain_tree, assert_untouched, masked_copy, param_count, relative_error, snapshot
 
@@ -23,8 +23,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "finalize.md"
 @pytest.fixture(autouse=True)
 def isolated_rule_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rules registered by a test live in a copy of the registry that is dropped afterwards."""
-    monkeypatch.setattr(rules, "_FUNCTION_RULES", dict(rules._FUNCTION_RULES))
-    monkeypatch.setattr(rules, "_MODULE_RULES", dict(rules._MODULE_RULES))
+    monkeypatch.setattr(rule_registry, "_FUNCTION_RULES", dict(rule_registry._FUNCTION_RULES))
+    monkeypatch.setattr(rule_registry, "_MODULE_RULES", dict(rule_registry._MODULE_RULES))
 
 
 class Spectral(nn.Module):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from deployprune import converters
 from deployprune.errors import (
     EXIT_INPUT,
     EXIT_USAGE,
@@ -21,6 +22,7 @@ from deployprune.errors import (
     ValidationFailed,
 )
 from deployprune.latency import LatencyConfig, random_inputs_like
+from deployprune.report import render_markdown
 from deployprune.validate import Thresholds, validate
 
 from .helpers import (
@@ -93,7 +95,7 @@ def test_perturbed_weight_fails_and_names_the_layer(exported: tuple[nn.Module, P
     for layer in loc.layers[: loc.first_bad]:
         assert layer.max_rel is not None and layer.max_rel < 1e-5, layer
     assert any(f.startswith(f"first diverging layer: {module}") for f in report.failures)
-    assert f"First diverging layer: **{module}**" in report.to_markdown()
+    assert f"First diverging layer: **{module}**" in render_markdown(report)
     with pytest.raises(ValidationFailed) as info:
         report.raise_for_failure()
     assert info.value.exit_code == EXIT_VALIDATION == 4
@@ -428,13 +430,13 @@ class _FakeVerification:
 def _fake_coreml(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]:
     calls: list[tuple] = []
 
-    def verify_coreml(path: Path, model: nn.Module, inputs: tuple) -> object:
+    def verify(path: Path, model: nn.Module, inputs: tuple) -> object:
         calls.append((path, model, inputs))
         return result
 
-    mod = types.ModuleType("deployprune.converters.coreml")
-    mod.verify_coreml = verify_coreml
-    monkeypatch.setitem(sys.modules, "deployprune.converters.coreml", mod)
+    # validate asks the converter registry for the target's verify(); a stand-in target answers
+    target = types.SimpleNamespace(OPTIONS={}, convert=None, verify=verify)
+    monkeypatch.setitem(converters._registered, "coreml", target)
     return calls
 
 
@@ -459,7 +461,7 @@ def test_coreml_readback_verdict_on_linux(monkeypatch: pytest.MonkeyPatch,
     assert report.outputs == []
     assert report.artifact_stats.size_bytes == 1002  # directory summed
     assert report.artifact_stats.size_kind == "directory"
-    md = report.to_markdown()
+    md = render_markdown(report)
     assert "outputs were not compared (Core ML predicts only on macOS)" in md
     assert "- checked: 7\n- mismatches: 0 entries\n" in md
 
@@ -478,3 +480,8 @@ def test_coreml_verification_unavailable_is_a_failure(monkeypatch: pytest.Monkey
     assert not report.passed
     assert report.failures[0].startswith("coreml verification unavailable")
     assert report.coreml == {"available": False}
+    # a coreml target registered without verify() cannot vouch for the artifact either
+    monkeypatch.setitem(converters._registered, "coreml", types.SimpleNamespace(OPTIONS={}, convert=None))
+    report = validate(tiny_net(), mlpackage, (X,), latency=False)
+    assert not report.passed and report.coreml == {"available": False}
+    assert report.failures[0].startswith("coreml verification unavailable (target 'coreml' verify():")
