@@ -772,16 +772,15 @@ def _check_io(spec: Any, inputs: tuple[torch.Tensor, ...], torch_outputs: list[n
 @contextlib.contextmanager
 def private_copy(path: Path):
     """A temporary copy of an .mlpackage to open: coremltools re-serializes the Manifest.json of the
-    package it opens, and an input must never be modified (BUG-H18)."""
-    import shutil
+    package it opens, and an input must never be modified (BUG-H18). Symlinks and special files
+    inside are refused (a link to /dev/zero would fill the disk), see ``copy_regular_tree``."""
     import tempfile
+
+    from deployprune.fsutil import copy_regular_tree
 
     with tempfile.TemporaryDirectory(prefix="deployprune-mlpackage-") as tmp:
         copy = Path(tmp) / Path(path).name
-        if Path(path).is_dir():
-            shutil.copytree(path, copy)
-        else:
-            shutil.copy2(path, copy)
+        copy_regular_tree(path, copy)
         yield copy
 
 

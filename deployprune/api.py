@@ -55,7 +55,7 @@ def export(
     """
     from . import converters
     from .finalize import finalize
-    from .pipeline import staging
+    from .pipeline import side_file, staging
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"model: expected a torch nn.Module, got {type(model).__name__}")
@@ -88,6 +88,9 @@ def export(
             if not staged.exists():
                 raise OutputError(f"{dest}: the {target} converter wrote nothing")
             stage.publish(staged, dest, force=force)
+            side = side_file(converter, dest)
+            if force and side is not None and side not in stage.published:
+                stage.retire(side)  # external data of the artifact this one replaced
     finally:
         if work is model:
             model.train(was_training)

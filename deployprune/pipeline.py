@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .errors import DeployPruneError, OutputError, UnsupportedError, UsageError
-from .fsutil import check_writable
+from .fsutil import JOURNAL, PREVIOUS, backup_path, check_writable, journal, remove_stale, staging_prefix, undo
+from .fsutil import commit as fs_commit
 from .io import LoadedModel, describe_inputs
 from .masks import Masks, apply_masks_, mask_sparsity
 
@@ -83,59 +84,92 @@ def report_path_for(artifact: Path) -> Path:
 
 
 class Staging:
-    """A private directory next to the destination; :meth:`publish` moves results into place."""
+    """A private directory next to the destination; :meth:`publish` moves results into place.
+
+    An output being replaced (``force``) is moved aside into the staging directory, not
+    deleted, and restored if the run does not finish (:func:`deployprune.fsutil.undo`, driven
+    by a journal written before every move, so a killed run is rolled back by the next one).
+    """
 
     def __init__(self, dest: Path):
         parent = dest.parent if str(dest.parent) else Path(".")
+        remove_stale(dest)  # what killed runs to the same output left behind
         try:
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+            self.dir = Path(tempfile.mkdtemp(prefix=staging_prefix(dest), suffix=".partial", dir=parent))
         except OSError as exc:
             raise OutputError(
                 f"{dest}: cannot write in {parent} ({exc.strerror or exc}); choose another output path"
             ) from None
         self.dest = dest
         self.published: list[Path] = []  # moved into place so far (undone if the run does not finish)
+        self.retired: list[Path] = []  # previous outputs removed by this run (restored if it does not finish)
 
     def path(self, name: str | None = None) -> Path:
         return self.dir / (name or self.dest.name)
 
     def publish(self, staged: Path, dest: Path, *, force: bool) -> Path:
         """Move ``staged`` (and side files ``staged.name + suffix``) onto ``dest``."""
-        sides = sorted(p for p in self.dir.iterdir() if p.name.startswith(staged.name) and p != staged)
+        sides = sorted(p for p in self.dir.iterdir()
+                       if p.name.startswith(staged.name) and p != staged and p.name not in (JOURNAL, PREVIOUS))
         try:
             for side in sides:  # side files first (ONNX external data) so the main file is last
                 target = dest.with_name(dest.name + side.name[len(staged.name) :])
-                _replace(side, target, force=force)
-                self.published.append(target)
-            _replace(staged, dest, force=force)
-            self.published.append(dest)
+                self._move_in(side, target, force=force)
+            self._move_in(staged, dest, force=force)
         except OSError as exc:
             raise OutputError(
                 f"{dest}: cannot move the result into place ({exc.strerror or exc}); check free space and permissions"
             ) from None
         return dest
 
+    def retire(self, target: Path) -> bool:
+        """Remove a previous output that does not belong to the new set (kept aside until the run
+        is complete). Returns True if there was one."""
+        if not (target.exists() or target.is_symlink()):
+            return False
+        self._check_sibling(target)
+        journal(self.dir, "replaced", target)
+        backup = backup_path(self.dir, target)
+        backup.parent.mkdir(exist_ok=True)
+        os.replace(target, backup)
+        self.retired.append(target)
+        return True
+
+    def _check_sibling(self, target: Path) -> None:
+        if os.path.abspath(target.parent) != os.path.abspath(self.dir.parent):
+            raise OutputError(f"{target}: outputs of one run must share a directory with {self.dest}")
+
+    def _move_in(self, src: Path, target: Path, *, force: bool) -> None:
+        self._check_sibling(target)
+        if target.exists() or target.is_symlink():
+            if not force:
+                raise OutputError(f"{target}: already exists; pass --force (force=True) to overwrite it")
+            self.retire(target)
+        else:
+            journal(self.dir, "new", target)
+        os.replace(src, target)
+        self.published.append(target)
+
+    def commit(self) -> None:
+        """The new set is complete: the outputs it replaced are let go."""
+        fs_commit(self.dir)
+
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def rollback(self) -> None:
-        """Remove what was already moved into place: several outputs appear together or not at all."""
-        for p in reversed(self.published):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    def rollback(self) -> bool:
+        """Undo what was moved into place and put back what it replaced: several outputs appear
+        together or not at all. False if that failed (the staging directory is then kept, and the
+        next run to this output finishes the job)."""
+        try:
+            undo(self.dir)
+        except OSError as exc:
+            log.error("%s: could not restore the previous outputs (%s); they are kept in %s",
+                      self.dest, exc, self.dir)
+            return False
         self.published.clear()
-
-
-def _replace(src: Path, dest: Path, *, force: bool) -> None:
-    if dest.exists() or dest.is_symlink():
-        if not force:
-            raise OutputError(f"{dest}: already exists; pass --force (force=True) to overwrite it")
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-    os.replace(src, dest)
+        self.retired.clear()
+        return True
 
 
 @contextlib.contextmanager
@@ -145,26 +179,28 @@ def staging(dest: Path) -> Iterator[Staging]:
     An ``OSError`` raised inside (disk full, permissions) becomes a one-line OutputError.
     """
     stage = Staging(dest)
-    finished = False
     try:
-        yield stage
-        finished = True
-    except OutputError as exc:
-        # a writer inside names its private staging path: name the user's output instead
-        msg = str(exc)
-        staged = str(stage.dir)
-        if staged in msg:
-            raise OutputError(msg.replace(str(Path(staged) / dest.name), str(dest)).replace(staged, str(dest.parent))
-                              ) from None
+        try:
+            yield stage
+        except OutputError as exc:
+            # a writer inside names its private staging path: name the user's output instead
+            msg = str(exc)
+            staged = str(stage.dir)
+            if staged in msg:
+                raise OutputError(
+                    msg.replace(str(Path(staged) / dest.name), str(dest)).replace(staged, str(dest.parent))
+                ) from None
+            raise
+        except OSError as exc:
+            raise OutputError(
+                f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
+            ) from None
+    except BaseException:  # error, Ctrl-C or SIGTERM: nothing of this run stays, what it replaced is back
+        if stage.rollback():
+            stage.cleanup()
         raise
-    except OSError as exc:
-        raise OutputError(
-            f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
-        ) from None
-    finally:
-        if not finished:  # error, Ctrl-C or SIGTERM: nothing of this run stays
-            stage.rollback()
-        stage.cleanup()
+    stage.commit()
+    stage.cleanup()
 
 
 @contextlib.contextmanager
@@ -375,11 +411,18 @@ def run_export(
     out_path = Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
     inputs = loaded.files or (loaded.source,)
     check_not_input(out_path, *inputs)
+    remove_stale(out_path)  # first: it may restore outputs a killed --force run had moved aside
     check_writable(out_path, force=force)
     rpath = report_path_for(out_path) if (validate and write_report) else None
     if rpath is not None:
         check_not_input(rpath, *inputs)
         check_writable(rpath, force=force)
+    side = side_file(converter, out_path)  # ONNX external data: <out>.data
+    if side is not None:
+        check_not_input(side, *inputs)
+        if (side.exists() or side.is_symlink()) and not force:
+            raise OutputError(f"{side}: already exists (external data of a previous export); "
+                              "pass --force (force=True) to overwrite it")
 
     seconds: dict[str, float] = {}
     log.info("compacting %s (%d masked modules)", loaded.source, len(loaded.masks))
@@ -435,6 +478,15 @@ def run_export(
             artifact = stage.publish(staged, out_path, force=force)
         else:
             notes.append("the artifact failed validation and was removed; rerun with --keep-failed to keep it")
+            if force and stage.retire(out_path):  # never an old artifact beside this report
+                notes.append(f"the previous {out_path.name} was removed too (--force): it is not the model "
+                             "this report describes")
+        if force:  # leftovers of the previous set that this one does not replace
+            if side is not None and side not in stage.published:
+                stage.retire(side)
+            old_report = report_path_for(out_path)
+            if rpath is None and stage.retire(old_report):
+                notes.append(f"the previous {old_report.name} was removed: it described the previous artifact")
         if report is not None:
             _annotate_report(report, target, loaded, comp, conversion, out_path if keep else None, notes)
             if rpath is not None:
@@ -457,6 +509,11 @@ def run_export(
         seconds=seconds,
         notes=notes,
     )
+
+
+def side_file(converter: Any, out_path: Path) -> Path | None:
+    suffix = getattr(converter, "EXTERNAL_SUFFIX", None)
+    return Path(str(out_path) + suffix) if isinstance(suffix, str) and suffix else None
 
 
 def _validate(
@@ -654,6 +711,7 @@ def run_finalize(
             f"({loaded.kind}) does not name; write a .pt2 file instead"
         )
     check_not_input(out_path, *(loaded.files or (loaded.source,)))
+    remove_stale(out_path)
     check_writable(out_path, force=force)
     comp = compact_loaded(loaded)
     from .io import load_model, save_checkpoint

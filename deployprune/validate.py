@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DeployPruneError, InputError, UsageError, ValidationFailed
+from .fsutil import check_regular_tree
 from .latency import (
     LatencyConfig,
     LatencyReport,
@@ -923,6 +924,7 @@ def _artifact_kind(artifact: str | Path | nn.Module) -> tuple[str, Path | None]:
     if suffix == ".onnx":
         return "onnx", path
     if suffix in (".mlpackage", ".mlmodel"):
+        check_regular_tree(path)  # it is copied before it is opened: no links, no special files
         return "coreml", path
     raise UsageError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; "
                      "expected .onnx or .mlpackage")

@@ -1018,3 +1018,98 @@ def test_yaml_alias_bomb_in_config(run: Runner, tmp_path: Path) -> None:
     outcome = run("prune", "{d}/sd.pt", "--model", LENET, "--config", str(config))
     assert len(outcome.err) < 1000, f"a {len(outcome.err)}-character error message"
     run.check(outcome, EXIT_USAGE, f"{config}: ")
+
+
+# --------------------------------------------------------------------------------------------
+# --force: the previous outputs stay until the new set is complete
+
+
+FORCE_INTERRUPTIBLE = {
+    "export": ["export", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.onnx",
+               "--no-latency", "--n-inputs", "2", "--force"],
+    "finalize": ["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt2",
+                 "--force"],
+}
+
+
+@pytest.mark.parametrize("entry", list(FORCE_INTERRUPTIBLE))
+def test_interrupted_force_run_restores_the_previous_outputs(run: Runner, monkeypatch: pytest.MonkeyPatch,
+                                                              entry: str) -> None:
+    """With a previous set of outputs in place, interrupt a --force run at each of its renames (alternating
+    Ctrl-C and SIGTERM): the previous outputs are back, byte for byte, and nothing else is left."""
+    outcome = run(*FORCE_INTERRUPTIBLE[entry])
+    assert outcome.code == 0, outcome.err
+    real_replace = os.replace
+    calls: list[str] = []
+    fire_at: list[int] = []  # 1-based index of the rename to interrupt; empty: none
+    fired: list[bool] = []
+    signal_exc: list[BaseException] = []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).resolve().is_relative_to(run.out.resolve()) and not fired:
+            calls.append(str(dst))
+            if fire_at and len(calls) == fire_at[0]:
+                fired.append(True)  # the rollback's own renames are not counted
+                raise signal_exc[0]
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    outcome = run(*FORCE_INTERRUPTIBLE[entry])  # a clean --force run over the previous set: count its renames
+    assert outcome.code == 0, outcome.err
+    renames = len(calls)
+    assert renames >= 2  # the previous output moved aside, the new one moved in
+    before = tree_digest(run.out)
+    for k in range(1, renames + 1):
+        calls.clear()
+        fired.clear()
+        fire_at[:] = [k]
+        interrupted = k % 2 == 1
+        signal_exc[:] = [KeyboardInterrupt() if interrupted else cli.Terminated()]
+        outcome = run(*FORCE_INTERRUPTIBLE[entry])
+        assert len(calls) == k, "the interrupt did not happen where planned"
+        assert outcome.code == (130 if interrupted else 143), (k, outcome.err)
+        assert tree_digest(run.out) == before, f"rename {k} of {renames}: the previous outputs were not restored"
+
+
+def test_external_data_never_replaces_an_input(run: Runner, tmp_path: Path) -> None:
+    """<out>.data (ONNX external data) is checked like <out>: a masks file of that name stays."""
+    private = tmp_path / "inputs"
+    private.mkdir()
+    shutil.copy2(run.corpus / "sd.pt", private / "sd.pt")
+    shutil.copy2(run.corpus / "masks_ok.pt", private / "x.onnx.data")
+    run.corpus = private
+    outcome = run("export", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/x.onnx.data", "-o", "{d}/x.onnx",
+                  "--opt", "external_data=true", "--no-latency", "--n-inputs", "2", "--force")
+    run.check(outcome, EXIT_USAGE, "{d}/x.onnx.data: the output would overwrite the input file")
+
+
+def _package(root: Path, name: str) -> Path:
+    pkg = root / name
+    (pkg / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (pkg / "Manifest.json").write_text('{"fileFormatVersion": "1.0.0", "itemInfoEntries": {}}')
+    return pkg
+
+
+def test_mlpackage_with_links_or_special_files_is_refused(run: Runner, tmp_path: Path) -> None:
+    """validate copies an .mlpackage before opening it: a symlink inside (to /dev/zero, which a copy would
+    read forever, or to a file outside the package) or a FIFO is refused, nothing is copied."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the package")
+    outside = tmp_path / "hostile"  # not under the corpus: tree_digest would follow the links
+    outside.mkdir()
+    cases = {}
+    pkg = _package(outside, "zero.mlpackage")
+    (pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").symlink_to("/dev/zero")
+    cases[pkg] = ("Data/com.apple.CoreML/weights/weight.bin is a symlink", EXIT_INPUT)
+    pkg = _package(outside, "link.mlpackage")
+    (pkg / "Data" / "com.apple.CoreML" / "model.mlmodel").symlink_to(secret)
+    cases[pkg] = ("Data/com.apple.CoreML/model.mlmodel is a symlink", EXIT_INPUT)
+    pkg = _package(outside, "dirlink.mlpackage")
+    (pkg / "Data" / "more").symlink_to(tmp_path, target_is_directory=True)
+    cases[pkg] = ("Data/more is a symlink", EXIT_INPUT)
+    pkg = _package(outside, "fifo.mlpackage")
+    os.mkfifo(pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin")
+    cases[pkg] = ("Data/com.apple.CoreML/weights/weight.bin is a FIFO", EXIT_INPUT)
+    for pkg, (needle, code) in cases.items():
+        outcome = run("validate", "{d}/sd.pt", "--model", LENET, str(pkg), "--no-latency", "--n-inputs", "2")
+        run.check(outcome, code, f"{pkg}: {needle}; a package must hold only regular files and directories")
