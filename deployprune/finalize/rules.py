@@ -832,7 +832,7 @@ def _layernorm(a: Analysis, node: fx.Node, module: nn.Module) -> None:
                 a.same(x, x.ndim - k + i, a.module_param(name, p), i)
 
 
-@register_function_rule(F.layer_norm, F.group_norm, F.normalize, F.rms_norm)
+@register_function_rule(F.layer_norm, F.normalize, F.rms_norm)  # F.group_norm: in "library ops" below
 def _f_norm_last(a: Analysis, node: fx.Node) -> None:
     x = a.var(node.args[0])
     y = out_var(a, node)
@@ -849,14 +849,8 @@ def _f_norm_last(a: Analysis, node: fx.Node) -> None:
             if pv is not None:
                 for i in range(pv.ndim):
                     a.same(x, dims[i], pv, i)
-    elif node.target is F.normalize:
+    else:  # F.normalize
         dims = [norm_dim(arg(node, 2, "dim", 1), x.ndim)]
-    else:
-        dims = list(range(1, x.ndim))
-        for pos, pname in ((2, "weight"), (3, "bias")):
-            pv = a.var(arg(node, pos, pname))
-            if pv is not None:
-                a.pin_var(pv, "group_norm parameter")
     for d in dims:
         a.pin(x, d, f"normalized by {node.target.__name__}")
 
@@ -1703,3 +1697,157 @@ def _multihead_attention(a: Analysis, node: fx.Node, module: nn.Module) -> None:
         return pruned_mha(module, torch.as_tensor(keep))
 
     a.rebuilders.setdefault(name, rebuild)
+
+
+# ============================================================================ library ops
+# Norms as library code calls them. timm's norm-act layers (BatchNormAct2d, GroupNormAct, ...)
+# subclass torch.nn's norms but call F.batch_norm / F.group_norm in their own forward, so the
+# capture sees the functional call, with the module's parameters and buffers as get_attr nodes.
+# The channels are the same as for the module rules above; the parameters shrink in place, and a
+# size attribute (num_features, num_groups) of the module that owns them is patched.
+
+
+def _channel_arg(a: Analysis, node: fx.Node, index: int, name: str, y: Var, role: str
+                 ) -> tuple[bool, np.ndarray | None]:
+    """Couple a per-channel tensor argument (weight, bias, running stats) with ``y``'s dim 1.
+
+    Returns (ok, values): ok is False for an argument of an unexpected kind or shape; values are
+    its float64 values when it is a parameter or buffer (a get_attr node), None when absent or
+    computed in forward (then no constants are derived from it).
+    """
+    t = arg(node, index, name)
+    if t is None:
+        return True, None
+    v = a.var(t)
+    if v is None or v.ndim != 1 or v.shape[0] != y.shape[1]:
+        return False, None
+    a.same(y, 1, v, 0)
+    a.role(v, 0, role)
+    if t.op != "get_attr":
+        return True, None
+    return True, _attr(a, str(t.target)).detach().double().numpy()
+
+
+def _patch_norm_size(a: Analysis, node: fx.Node, v: Var, dim: int, attr: str, size: int,
+                     params: tuple[Any, ...]) -> None:
+    """Note ``attr`` (num_features, num_groups) of the norm module whose forward made this call, so
+    the size is patched when its parameters shrink; only when the module holds those parameters."""
+    owner = owner_of(node)
+    module = a.modules.get(owner)
+    if module is None or getattr(module, attr, None) != size:
+        return
+    targets = {str(p.target).rpartition(".")[0] for p in params if isinstance(p, fx.Node) and p.op == "get_attr"}
+    if targets == {owner}:
+        a.literal_sizes.append((node, v, dim, size))
+
+
+@register_function_rule(F.batch_norm)
+def _f_batch_norm(a: Analysis, node: fx.Node) -> None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``."""
+    x = a.var(node.args[0])
+    y = out_var(a, node)
+    training = arg(node, 5, "training", False)
+    eps = arg(node, 7, "eps", 1e-5)
+    if x is None or y is None or x.ndim < 2 or x.shape != y.shape or not isinstance(training, bool) or not isinstance(
+            eps, (int, float)):
+        opaque(a, node, "batch_norm on unbatched input or with a computed training flag or eps")
+        return
+    a.same_all(x, y)
+    pin_spatial(a, x)
+    values = {}
+    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), 1):
+        ok, values[name] = _channel_arg(a, node, i, name, y, "producer" if name in ("weight", "bias") else "other")
+        if not ok:
+            opaque(a, node, f"batch_norm whose {name} is not one value per channel")
+            return
+    C = x.shape[1]
+    given = {name: arg(node, i, name) is not None for i, name in enumerate(values, 1)}
+    known = all(values[n] is not None or not given[n] for n in values)
+    if known:
+        w = values["weight"] if values["weight"] is not None else np.ones(C)
+        b = values["bias"] if values["bias"] is not None else np.zeros(C)
+        cx = a.cv(x, 1)
+        if training or values["running_mean"] is None or values["running_var"] is None:
+            # batch statistics: an exactly zero channel normalizes to 0 (mean 0, variance 0)
+            out = np.where(cx == 0, b, np.nan)
+        else:
+            with np.errstate(all="ignore"):
+                out = (cx - values["running_mean"]) / np.sqrt(values["running_var"] + eps) * w + b
+        a.set_cv(y, 1, np.where(w == 0, b, out))
+    _patch_norm_size(a, node, y, 1, "num_features", C, tuple(arg(node, i, n) for i, n in enumerate(values, 1)))
+
+
+@register_function_rule(F.instance_norm)
+def _f_instance_norm(a: Analysis, node: fx.Node) -> None:
+    """``F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)``:
+    every channel of every sample is normalized on its own."""
+    x = a.var(node.args[0])
+    y = out_var(a, node)
+    use_input_stats = arg(node, 5, "use_input_stats", True)
+    eps = arg(node, 7, "eps", 1e-5)
+    if x is None or y is None or x.ndim < 3 or x.shape != y.shape or not isinstance(use_input_stats, bool) or \
+            not isinstance(eps, (int, float)):
+        opaque(a, node, "instance_norm on unbatched input or with a computed use_input_stats or eps")
+        return
+    a.same_all(x, y)
+    pin_spatial(a, x)
+    values = {}
+    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), 1):
+        ok, values[name] = _channel_arg(a, node, i, name, y, "producer" if name in ("weight", "bias") else "other")
+        if not ok:
+            opaque(a, node, f"instance_norm whose {name} is not one value per channel")
+            return
+    C = x.shape[1]
+    given = {name: arg(node, i, name) is not None for i, name in enumerate(values, 1)}
+    if all(values[n] is not None or not given[n] for n in values):
+        w = values["weight"] if values["weight"] is not None else np.ones(C)
+        b = values["bias"] if values["bias"] is not None else np.zeros(C)
+        cx = a.cv(x, 1)
+        if use_input_stats or values["running_mean"] is None or values["running_var"] is None:
+            out = np.where(cx == 0, b, np.nan)
+        else:
+            with np.errstate(all="ignore"):
+                out = (cx - values["running_mean"]) / np.sqrt(values["running_var"] + eps) * w + b
+        a.set_cv(y, 1, np.where(w == 0, b, out))
+    _patch_norm_size(a, node, y, 1, "num_features", C, tuple(arg(node, i, n) for i, n in enumerate(values, 1)))
+
+
+@register_function_rule(F.group_norm)
+def _f_group_norm(a: Analysis, node: fx.Node) -> None:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``: whole groups go (each group has its own
+    statistics), and the group count is patched in the module that passes it (timm's GroupNormAct
+    passes ``self.num_groups``); a count that no attribute holds keeps every group."""
+    x = a.var(node.args[0])
+    y = out_var(a, node)
+    G = arg(node, 1, "num_groups")
+    if x is None or y is None or x.ndim < 2 or x.shape != y.shape or not isinstance(G, int) or G < 1 or \
+            x.shape[1] % G:
+        opaque(a, node, "group_norm on unbatched input or with a computed group count")
+        return
+    C = x.shape[1]
+    a.same_all(x, y)
+    pin_spatial(a, x)
+    values = {}
+    for i, name in ((2, "weight"), (3, "bias")):
+        ok, values[name] = _channel_arg(a, node, i, name, y, "producer")
+        if not ok:
+            opaque(a, node, f"group_norm whose {name} is not one value per channel")
+            return
+    groups = a.new_var(f"{node.name}.groups", (G, C // G))
+    couple_reshape(a, Var(f"{node.name}.channels", (C,), [y.slots[1]]), groups)
+    a.pin(groups, 1, "normalized by group_norm (statistics over the channels of a group)")
+    if G > 1:
+        owner = a.modules.get(owner_of(node))
+        attr = next((k for k in ("num_groups", "groups") if getattr(owner, k, None) == G), None)
+        if attr is None:
+            b = a.block(node, f"forward code passes the group count {G} to group_norm; no attribute of "
+                              f"{owner_of(node) or 'the model'!r} named num_groups holds it")
+            a.pin(groups, 0, "group count fixed in forward code", b)
+        else:
+            a.literal_sizes.append((node, groups, 0, G))
+    given = [arg(node, i, n) is not None for i, n in ((2, "weight"), (3, "bias"))]
+    if all(v is not None or not g for v, g in zip(values.values(), given, strict=True)):
+        w = values["weight"] if values["weight"] is not None else np.ones(C)
+        b = values["bias"] if values["bias"] is not None else np.zeros(C)
+        zero_group = np.repeat((a.cv(x, 1) == 0).reshape(G, C // G).all(1), C // G)
+        a.set_cv(y, 1, np.where(zero_group | (w == 0), b, np.nan))
