@@ -511,7 +511,7 @@ def latency_config_from_args(args: argparse.Namespace):
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .fsutil import check_writable, write_text_atomic
+    from .fsutil import check_writable, replacing, write_text_atomic
     from .pipeline import check_not_input, masked_copy
     from .validate import validate
 
@@ -553,20 +553,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .report import summary_lines
 
     _print_lines(summary_lines(report))
-    written: list[Path] = []
-    try:  # both reports or neither: an error or an interrupt removes the first one again
+    outs = [Path(p) for p in (args.json_out, args.html_out) if p]
+    with replacing(outs):  # both reports or neither; with --force the previous ones come back on failure
         if args.json_out:
             write_text_atomic(args.json_out, report.to_json(), force=args.force)
-            written.append(Path(args.json_out))
         if args.html_out:
             from .report import write_report
 
             write_report(report, args.html_out, format="html", force=args.force)
-            written.append(Path(args.html_out))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
     if args.json_out:
         _print_lines([f"report:     {args.json_out}"])
     if args.html_out:

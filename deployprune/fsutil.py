@@ -212,6 +212,44 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False,
             _remove(old)
 
 
+@contextlib.contextmanager
+def replacing(paths: list[Path]) -> Iterator[None]:
+    """Outputs in different places that appear together or not at all, even with ``force``.
+
+    Each existing file among ``paths`` is renamed aside first (``.<name>.<pid>-<random>.old``)
+    and deleted only when the block completes; on an error or an interrupt what the block
+    wrote is removed and the previous files are put back (a kill leaves the ``.old`` file, which
+    :func:`remove_stale` restores on the next run to that output).
+    """
+    backups: list[tuple[Path, Path]] = []
+    ours = [p for p in paths if not (p.exists() or p.is_symlink())]  # what the block may create
+    started = False
+    try:
+        for path in paths:
+            if path.is_file() and not path.is_symlink():
+                parent = path.parent if str(path.parent) else Path(".")
+                fd, name = tempfile.mkstemp(prefix=staging_prefix(path), suffix=".old", dir=parent)
+                os.close(fd)
+                try:
+                    os.replace(path, name)
+                except BaseException:
+                    os.unlink(name)
+                    raise
+                backups.append((path, Path(name)))
+        started = True
+        yield
+    except BaseException:
+        if started:
+            for path in ours + [p for p, _ in backups]:
+                if path.exists() or path.is_symlink():
+                    _remove(path)
+        for path, backup in backups:
+            os.replace(backup, path)
+        raise
+    for _, backup in backups:
+        _remove(backup)
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symlink"

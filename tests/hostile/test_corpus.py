@@ -1029,6 +1029,8 @@ FORCE_INTERRUPTIBLE = {
                "--no-latency", "--n-inputs", "2", "--force"],
     "finalize": ["finalize", "{d}/sd.pt", "--model", LENET, "--masks", "{d}/masks_ok.pt", "-o", "x.pt2",
                  "--force"],
+    "validate": ["validate", "{d}/sd.pt", "--model", LENET, "{d}/good.onnx", "--no-latency", "--n-inputs", "2",
+                 "--json", "r.json", "--html", "r.html", "--force"],
 }
 
 
