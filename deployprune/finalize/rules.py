@@ -1335,6 +1335,8 @@ def _split(a: Analysis, node: fx.Node) -> None:
         for od in range(o.ndim):
             if od != d:
                 a.same(x, od, o, od)
+                if od in x.cval:  # a constant slice stays constant in every part (LeViT's zero heads)
+                    o.cval[od] = x.cval[od]
     sizes = [o.shape[d] for o in outs]
     equal = name == "chunk" and len(set(sizes)) == 1
     step = arg(node, 1, "split_size_or_sections", arg(node, 1, "split_size"))
@@ -1398,7 +1400,8 @@ def _index_tensor(a: Analysis, node: fx.Node, x: Var, idx: Any) -> None:
         # tensor / list indexing (gather): positions are data
         if any(isinstance(i, fx.Node) and isinstance(a.meta(i), TensorMeta) for i in items) or any(
                 isinstance(i, list) for i in items):
-            opaque(a, node, "advanced (tensor) indexing")
+            if not _gather_index(a, node, x, y, items):  # in "library ops" below
+                opaque(a, node, "advanced (tensor) indexing")
             return
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
@@ -1851,3 +1854,35 @@ def _f_group_norm(a: Analysis, node: fx.Node) -> None:
         b = values["bias"] if values["bias"] is not None else np.zeros(C)
         zero_group = np.repeat((a.cv(x, 1) == 0).reshape(G, C // G).all(1), C // G)
         a.set_cv(y, 1, np.where(zero_group | (w == 0), b, np.nan))
+
+
+def _gather_index(a: Analysis, node: fx.Node, x: Var, y: Var, items: list[Any]) -> bool:
+    """``x[:, idx]``: one integer index tensor, full slices elsewhere (LeViT's
+    ``attention_biases[:, attention_bias_idxs]``). The indexed dim and the index keep every position;
+    the other dims (the heads) pass through. False for any other advanced indexing."""
+    pos = [k for k, i in enumerate(items) if isinstance(i, fx.Node) and isinstance(a.meta(i), TensorMeta)]
+    if len(pos) != 1 or len(items) > x.ndim:
+        return False
+    k = pos[0]
+    if any(not (isinstance(i, slice) and i == slice(None)) for j, i in enumerate(items) if j != k):
+        return False
+    meta = a.meta(items[k])
+    iv = a.var(items[k])
+    if iv is None or meta.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+        return False  # a bool or byte mask selects a data-dependent number of positions
+    n = len(meta.shape)
+    if y.shape != x.shape[:k] + tuple(meta.shape) + x.shape[k + 1:]:
+        return False
+    b = a.block(node, "indexed by a tensor of positions")
+    a.pin(x, k, "indexed by a tensor of positions", b)
+    a.pin_var(iv, "index positions", b)
+    for j in range(n):
+        a.same(iv, j, y, k + j)
+    for d in range(x.ndim):
+        if d == k:
+            continue
+        od = d if d < k else d - 1 + n
+        a.same(x, d, y, od)
+        if d in x.cval:
+            y.cval[od] = x.cval[d]
+    return True

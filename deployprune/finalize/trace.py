@@ -48,6 +48,14 @@ class _Tracer(fx.Tracer):
         self.regions: dict[str, list[Region]] = {}
         self._n_nodes = 0
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        before = {id(m): dict(vars(m)) for m in root.modules()} if isinstance(root, nn.Module) else None
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if before is not None:
+                _drop_proxies(root, before)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque or qualname in self.leaves:
             return True
@@ -80,6 +88,25 @@ class _Tracer(fx.Tracer):
         node.meta["index"] = self._n_nodes
         self._n_nodes += 1
         return node
+
+
+def _drop_proxies(model: nn.Module, before: dict[int, dict[str, Any]]) -> None:
+    """Undo what symbolic tracing left in module state: forward code that caches tensors on the
+    module in eval mode (timm's LeViT keeps ``attention_bias_cache[str(x.device)]``) stored Proxies,
+    which a later trace of a copy would pick up and which cannot be pickled."""
+    for m in model.modules():
+        old = before.get(id(m), {})
+        for k, v in list(vars(m).items()):
+            if isinstance(v, fx.Proxy):
+                if k in old:
+                    object.__setattr__(m, k, old[k])
+                else:
+                    delattr(m, k)
+            elif isinstance(v, dict):
+                for key in [key for key, x in v.items() if isinstance(x, fx.Proxy)]:
+                    del v[key]
+            elif isinstance(v, list) and any(isinstance(x, fx.Proxy) for x in v):
+                v[:] = [x for x in v if not isinstance(x, fx.Proxy)]
 
 
 @dataclass
