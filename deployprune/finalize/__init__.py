@@ -42,6 +42,7 @@ from ..masks import (
     normalize_masks,
     strip_parametrizations_,
 )
+from .accounting import Accounting, KeptChannels, account, all_kept, masked_slices
 from .capture import CaptureError, flat_tensors, record
 from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
 from .rewrite import _is_reshape, can_rewrite, region_module
@@ -54,6 +55,7 @@ __all__ = [
     "finalize",
     "compact",
     "CompactionResult",
+    "KeptChannels",
     "Blocker",
     "register_module_rule",
     "register_function_rule",
@@ -75,7 +77,13 @@ class LayerChange:
 
 @dataclass
 class CompactionResult:
-    """What :func:`compact` produced."""
+    """What :func:`compact` produced.
+
+    ``masked_channels`` counts the masked channels of the input (docs/finalize.md, "Masked
+    channels"), ``removed_channels`` those gone from ``model``; every other one is in ``kept``,
+    grouped by module and reason. ``blocked`` lists the ops without a rule (or with fixed sizes)
+    among those reasons.
+    """
 
     model: nn.Module
     blocked: list[Blocker] = field(default_factory=list)
@@ -87,20 +95,35 @@ class CompactionResult:
     output_scale: float = 0.0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    # layers whose output channels are exactly zero in the masked model but had to stay
-    kept_zero: dict[str, int] = field(default_factory=dict)
+    masked_channels: int = 0
+    removed_channels: int = 0
+    kept: list[KeptChannels] = field(default_factory=list)  # masked channels that stay, with the reason
     compacted: bool = True  # False when compaction had to be abandoned (the masked model is returned)
+    abandoned: str = ""  # why, when compacted is False
+
+    @property
+    def kept_channels(self) -> int:
+        return sum(k.count for k in self.kept)
+
+    def channels_line(self) -> str:
+        """``removed 1,024 of 1,536 masked channels; kept 512 in 'encoder.layer.0.attention' (reason)``."""
+        head = f"removed {self.removed_channels:,} of {self.masked_channels:,} masked channels"
+        if not self.compacted:
+            head = f"compaction abandoned ({self.abandoned}); {head}"
+        if len(self.kept) == 1:
+            return f"{head}; {self.kept[0].describe()}"
+        if self.kept:
+            return f"{head}; kept {self.kept_channels:,} in {len(self.kept)} groups:"
+        return head
 
     def summary(self) -> str:
-        lines = [f"params {self.params_before:,} -> {self.params_after:,} "
-                 f"({self.params_after / max(self.params_before, 1):.1%}), "
-                 f"{len(self.changes)} layer(s) replaced, max abs error {self.max_abs_error:.2e}, "
-                 f"{self.seconds * 1000:.0f} ms"]
-        for b in self.blocked:
-            lines.append(f"  kept: {b.describe()}")
-        if self.kept_zero:
-            lines.append("  zero output channels kept (their constants reach a padded conv, a norm or an output): "
-                         + ", ".join(f"{k} ({v})" for k, v in self.kept_zero.items()))
+        lines = [self.channels_line()]
+        if len(self.kept) > 1:
+            lines.extend(f"  {k.describe()}" for k in self.kept)
+        lines.append(f"params {self.params_before:,} -> {self.params_after:,} "
+                     f"({self.params_after / max(self.params_before, 1):.1%}), "
+                     f"{len(self.changes)} layer(s) replaced, max abs error {self.max_abs_error:.2e}, "
+                     f"{self.seconds * 1000:.0f} ms")
         return "\n".join(lines)
 
 
@@ -118,9 +141,11 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
             inplace: bool = False, rtol: float = 1e-4) -> CompactionResult:
     """Like :func:`finalize`, returning a :class:`CompactionResult` (model, blockers, changes).
 
-    ``strict=True`` raises :class:`UnsupportedError` when an op without a rule (or forward code
-    with fixed sizes) kept masked channels. ``rtol`` bounds the self-check against the masked
-    model, relative to the output's scale.
+    ``strict=True`` raises :class:`UnsupportedError` when any masked channel is kept (the
+    message names module, count and reason), and :class:`ParityError` when compaction had to be
+    abandoned. Without it, an abandoned compaction is logged as an ERROR and the masked model is
+    returned with ``compacted=False``. ``rtol`` bounds the self-check against the masked model,
+    relative to the output's scale.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -154,8 +179,11 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
             raise UnsupportedError(f"finalize: {capture_error}; the model can only be returned uncompacted")
         log.warning("finalize: %s; returning the masked model uncompacted", capture_error)
         _restore_modes(work, modes)
-        return CompactionResult(model=work, blocked=[blocker], params_before=params_before,
-                                params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
+        acc = all_kept(masked_slices(work, masks_n), f"no graph: {capture_error}", "<root>", blocker.op)
+        blocker.kept_zero_channels = acc.masked
+        return _result(CompactionResult(model=work, blocked=[blocker], params_before=params_before,
+                                        params_after=params_before, seconds=time.perf_counter() - t0,
+                                        compacted=False, abandoned=capture_error), acc)
 
     ref = traced.output  # the masked model's output, from the recording run of its graph
     a = Analysis(traced, work)
@@ -163,9 +191,11 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     live = _live_nodes(traced.graph) if traced.recorded else None
     for node in traced.graph.nodes:
         if live is None or node in live:
+            a.at(node.name)  # provenance: what this rule pins and constrains comes from this node
             apply_rule(a, node)
         else:
             a.vars[node] = None  # only read by Python (a branch, a size): the re-run checks the path
+    a.at("")
     lap("rules")
 
     result_model: nn.Module | None = None
@@ -219,29 +249,54 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         log.error("finalize: compacted model differs from the masked model (max abs error %.3g at scale %.3g); "
                   "returning the masked model uncompacted", err, scale)
         break
+    lap("check")  # the output comparison above
+    slices = masked_slices(work, masks_n, a)
     if result_model is None:
+        detail = why if failing else (f"max abs error {err:.3g}" if err or scale else
+                                      f"no consistent plan after {MAX_REPAIRS} repairs")
         blocker = Blocker(node="<parity>", op="finalize", module="",
-                          reason=f"self-check failed ({why if failing else f'max abs error {err:.3g}'}); "
-                                 "compaction abandoned")
+                          reason=f"self-check failed ({detail}); compaction abandoned")
         if strict:
             raise ParityError(f"finalize: {blocker.reason}; please report this model")
         _restore_modes(work, modes)
-        return CompactionResult(model=work, blocked=a.blockers + [blocker], params_before=params_before,
-                                params_after=params_before, seconds=time.perf_counter() - t0, compacted=False)
+        acc = all_kept(slices, f"compaction abandoned: self-check failed ({detail})", blocker.node, blocker.op)
+        blocker.kept_zero_channels = acc.masked
+        log.error("finalize: compaction abandoned (self-check failed: %s); returning the masked model with "
+                  "all %d masked channel(s); please report this model", detail, acc.masked)
+        return _result(CompactionResult(model=work, blocked=[blocker], params_before=params_before,
+                                        params_after=params_before, seconds=time.perf_counter() - t0,
+                                        compacted=False, abandoned=f"self-check failed: {detail}"), acc)
 
     _restore_modes(result_model, modes)
-    _count_kept_zero(a)
-    blocked = [b for b in a.blockers if b.kept_zero_channels or b.reason.startswith("forward code")]
-    for b in blocked:
-        log.warning("finalize: kept channels at %s", b.describe())
-    if strict and blocked:
-        raise UnsupportedError("finalize (strict): " + "; ".join(b.describe() for b in blocked))
-    res = CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
-                           params_before=params_before, params_after=_count(result_model), max_abs_error=err,
-                           output_scale=scale, seconds=time.perf_counter() - t0, timings=timings,
-                           kept_zero=_kept_zero_outputs(a))
+    acc = account(a, slices)
+    lap("accounting")
+    for k, b in enumerate(a.blockers):
+        b.kept_zero_channels = acc.by_blocker.get(k, 0)
+    blocked = [b for b in a.blockers if b.kept_zero_channels]
+    res = _result(CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
+                                   params_before=params_before, params_after=_count(result_model), max_abs_error=err,
+                                   output_scale=scale, seconds=time.perf_counter() - t0, timings=timings), acc)
+    for k in res.kept:
+        log.warning("finalize: %s", k.describe())
+    if strict and res.kept:
+        raise UnsupportedError(f"finalize (strict): {strict_message(res)}")
     log.info("finalize: %s", res.summary())
     return res
+
+
+def _result(res: CompactionResult, acc: Accounting) -> CompactionResult:
+    res.masked_channels, res.removed_channels, res.kept = acc.masked, acc.removed, acc.kept
+    return res
+
+
+def strict_message(res: CompactionResult, limit: int = 5) -> str:
+    """One line naming module, count and reason of the kept masked channels (the first ``limit`` groups)."""
+    parts = [k.describe() for k in res.kept[:limit]]
+    rest = res.kept[limit:]
+    if rest:
+        parts.append(f"and {sum(k.count for k in rest):,} more in {len(rest)} other group(s)")
+    return (f"{res.kept_channels:,} of {res.masked_channels:,} masked channels stay: " + "; ".join(parts)
+            + "; register a rule for the op, change the masks or drop strict to accept them")
 
 
 # ---------------------------------------------------------------------------- steps
@@ -577,45 +632,6 @@ def _check_recorded(a: Analysis, candidate: nn.Module, inputs: tuple, kw: dict
             return ("", "the compacted model fails to run"), None
         return (n.name, f"{n.target} fails with the compacted sizes"), None
     return None, t2.output
-
-
-_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                   nn.InstanceNorm3d, nn.GroupNorm)
-
-
-def _kept_zero_outputs(a: Analysis) -> dict[str, int]:
-    """Zero output channels of rebuilt layers that compaction could not remove (for reports)."""
-    out: dict[str, int] = {}
-    for node in a.traced.graph.nodes:
-        if node.op != "call_module" or str(node.target) not in a.rebuilders:
-            continue
-        y = a.vars.get(node)
-        if not isinstance(y, Var) or y.ndim < 2:
-            continue
-        d = 1 if isinstance(a.modules[str(node.target)], _CHANNELS_FIRST) else y.ndim - 1
-        n = int(((a.cv(y, d) == 0) & a.keep(y, d)).sum())
-        if n:
-            out[str(node.target)] = out.get(str(node.target), 0) + n
-    return out
-
-
-def _count_kept_zero(a: Analysis) -> None:
-    counted: set[tuple[int, int]] = set()
-    for b in a.blockers:
-        n = 0
-        node = next((x for x in a.traced.graph.nodes if x.name == b.node), None)
-        if node is None:
-            continue
-        for inp in node.all_input_nodes:
-            for v in flatten_vars(a.vars.get(inp)):
-                for d, c in v.cval.items():
-                    key = (id(v), d)
-                    if key in counted:
-                        continue
-                    counted.add(key)
-                    n += int((c == 0).sum()) if v.shape[d] > 1 else 0
-        b.kept_zero_channels = n
 
 
 # ---------------------------------------------------------------------------- pruner interface

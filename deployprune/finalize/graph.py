@@ -13,6 +13,8 @@ Vocabulary
   inputs demand everything, a conv demands the input channels its kept outputs read, an op
   without a rule demands everything it touches. Keeping more is always exact, so the fixed
   point is exact and is the smallest model the rules can justify.
+* Every kept channel remembers its first *cause* (``Analysis.why``): the pin or the constraint
+  whose demand kept it, so a masked channel that stays can be explained (``accounting.py``).
 * Forward, every Var carries per-dimension constant information (``cval``): NaN = depends on
   the input, a number = that slice is this constant for any input (0.0 = exactly zero).
   Consumers need not read zero channels, and a constant channel can be folded into a
@@ -78,6 +80,12 @@ class Pin:
     slot: int
     reason: str
     blocker: int | None = None  # index into Analysis.blockers
+    node: str = ""  # the node whose rule (or repair) pinned the slot
+
+
+# kinds of Analysis.causes entries: ("pin", pin index), ("constraint", constraint index),
+# ("rule", node name) for a demand a rule made directly, ("rescue",) for rescue_empty
+NO_CAUSE = -1
 
 
 class Analysis:
@@ -108,6 +116,24 @@ class Analysis:
         # and ("reshape", single_slot, [multi_slots], [sizes]) for one dim split into / merged from several
         self.relations: list[tuple] = []
         self.rewrite_failed: set[str] = set()
+        # provenance: per space root, the cause (index into ``causes``) that first kept each channel
+        self.causes: list[tuple] = []
+        self.why: dict[int, np.ndarray] = {}
+        self.when: dict[int, np.ndarray] = {}  # per space root: when (a demand counter) each channel was kept
+        self.tick = 0
+        self.cause = NO_CAUSE  # the cause of the demands being made now
+        self.current = ""  # the node whose rule is being applied (set by the caller)
+        self.constraint_causes: list[int] = []
+        self.constraint_nodes: list[str] = []
+
+    def new_cause(self, *cause: Any) -> int:
+        self.causes.append(cause)
+        return len(self.causes) - 1
+
+    def at(self, node: str) -> None:
+        """What rules pin, demand and constrain from now on comes from ``node`` ("" for nobody)."""
+        self.current = node
+        self.cause = self.new_cause("rule", node) if node else NO_CAUSE
 
     # ------------------------------------------------------------------ slots
     def new_slot(self, n: int) -> int:
@@ -138,6 +164,14 @@ class Analysis:
             return
         self.parent[rb] = ra
         self.kept[ra] = self.kept[ra] | self.kept[rb]
+        wb, tb = self.why.pop(rb, None), self.when.pop(rb, None)
+        if wb is not None:
+            wa, ta = self.why.get(ra), self.when.get(ra)
+            if wa is None:
+                self.why[ra], self.when[ra] = wb, tb
+            else:
+                first = (wa == NO_CAUSE) | ((wb != NO_CAUSE) & (tb < ta))
+                self.why[ra], self.when[ra] = np.where(first, wb, wa), np.where(first, tb, ta)
 
     def keep_of(self, slot: int) -> np.ndarray:
         return self.kept[self.find(slot)]
@@ -149,13 +183,27 @@ class Analysis:
             raise AssertionError(f"demand of shape {mask.shape} on slot of size {cur.shape}")
         new = cur | mask
         if (new != cur).any():
+            self._note(r, new & ~cur)
             self.kept[r] = new
             return True
         return False
 
+    def _note(self, root: int, added: np.ndarray) -> None:
+        w = self.why.get(root)
+        if w is None:
+            w = self.why[root] = np.full(self.size[root], NO_CAUSE, np.int64)
+            self.when[root] = np.full(self.size[root], -1, np.int64)
+        w[added] = self.cause
+        self.when[root][added] = self.tick
+        self.tick += 1
+
     def pin_slot(self, slot: int, reason: str, blocker: int | None = None) -> bool:
-        self.pins.append(Pin(slot, reason, blocker))
-        return self.demand_slot(slot, np.ones(self.size[self.find(slot)], bool))
+        self.pins.append(Pin(slot, reason, blocker, self.current))
+        outer, self.cause = self.cause, self.new_cause("pin", len(self.pins) - 1)
+        try:
+            return self.demand_slot(slot, np.ones(self.size[self.find(slot)], bool))
+        finally:
+            self.cause = outer
 
     # ------------------------------------------------------------------ vars
     def new_var(self, key: str, shape: Iterable[int]) -> Var:
@@ -223,6 +271,8 @@ class Analysis:
 
     def constraint(self, fn: Callable[[], bool]) -> None:
         self.constraints.append(fn)
+        self.constraint_nodes.append(self.current)
+        self.constraint_causes.append(self.new_cause("constraint", len(self.constraints) - 1))
 
     def block(self, node: fx.Node, reason: str) -> int:
         self.blockers.append(Blocker(node=node.name, op=describe_node(node, self), module=owner_of(node),
@@ -249,22 +299,33 @@ class Analysis:
     # ------------------------------------------------------------------ solving
     def solve(self, max_passes: int = 10_000) -> int:
         """Run constraints until no demand changes; returns the number of passes."""
-        for passes in range(1, max_passes + 1):
-            changed = False
-            for fn in reversed(self.constraints):
-                if fn():
-                    changed = True
-            if not changed:
-                return passes
+        outer = self.cause
+        try:
+            for passes in range(1, max_passes + 1):
+                changed = False
+                for i in range(len(self.constraints) - 1, -1, -1):
+                    self.cause = self.constraint_causes[i]
+                    if self.constraints[i]():
+                        changed = True
+                if not changed:
+                    return passes
+        finally:
+            self.cause = outer
         raise RuntimeError("mask propagation did not converge")  # pragma: no cover
 
     def rescue_empty(self) -> bool:
         """A dimension never shrinks to zero: keep index 0 of any space with nothing kept."""
         changed = False
+        rescue = NO_CAUSE
         for i in range(len(self.parent)):
             if self.parent[i] == i and self.size[i] > 0 and not self.kept[i].any():
                 k = self.kept[i].copy()
                 k[0] = True
+                if rescue == NO_CAUSE:
+                    rescue = self.new_cause("rescue")
+                outer, self.cause = self.cause, rescue
+                self._note(i, ~self.kept[i] & k)
+                self.cause = outer
                 self.kept[i] = k
                 changed = True
         return changed
