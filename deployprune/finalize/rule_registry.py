@@ -34,7 +34,8 @@ def register_module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
 
 
 def register_function_rule(*targets: Any) -> Callable[[FunctionRule], FunctionRule]:
-    """Register ``fn(analysis, node)`` for functions (``torch.cat``) or Tensor method names ("view")."""
+    """Register ``fn(analysis, node)`` for functions (``torch.cat``), Tensor method names ("view") or
+    functions given by qualified name ("torchvision.ops.stochastic_depth.stochastic_depth")."""
 
     def deco(fn: FunctionRule) -> FunctionRule:
         for t in targets:
@@ -61,4 +62,10 @@ def has_user_rule(module: nn.Module) -> bool:
 
 
 def function_rule_for(node: fx.Node) -> FunctionRule | None:
-    return _FUNCTION_RULES.get(node.target)
+    rule = _FUNCTION_RULES.get(node.target)
+    if rule is None and callable(node.target):
+        # a function of an optional library, registered by its qualified name so that deployprune need
+        # not import the library: "torchvision.ops.stochastic_depth.stochastic_depth"
+        t = node.target
+        rule = _FUNCTION_RULES.get(f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}")
+    return rule

@@ -1419,7 +1419,7 @@ def _index_tensor(a: Analysis, node: fx.Node, x: Var, idx: Any) -> None:
             opaque(a, node)
             return
         if isinstance(i, slice):
-            if i == slice(None):
+            if i == slice(None) or _covers(i, x.shape[xd]):  # _covers: in "library ops" below
                 a.same(x, xd, y, od)
                 if xd in x.cval:
                     y.cval[od] = x.cval[xd]
@@ -1886,3 +1886,29 @@ def _gather_index(a: Analysis, node: fx.Node, x: Var, y: Var, items: list[Any]) 
         if d in x.cval:
             y.cval[od] = x.cval[d]
     return True
+
+
+def _covers(s: slice, n: int) -> bool:
+    """A slice that keeps every position of a dim of size ``n`` (GhostNet's ``out[:, :self.out_chs]``
+    where the concat is exactly ``out_chs`` wide). It still keeps every position once the dim shrinks:
+    Python slicing clamps the stop."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return (s.start in (None, 0) and s.step in (None, 1)
+            and (s.stop is None or (is_int(s.stop) and s.stop >= n)))
+
+
+@register_function_rule("torchvision.ops.stochastic_depth.stochastic_depth")
+def _stochastic_depth(a: Analysis, node: fx.Node) -> None:
+    """torchvision's ``stochastic_depth(x, p, mode, training)`` (EfficientNet, ConvNeXt, Swin): the
+    identity in eval mode; in training it scales whole samples or rows, so only zeros stay known."""
+    p, training = arg(node, 1, "p"), arg(node, 3, "training", True)
+    if training is False or p == 0:
+        elementwise(a, node)
+    else:
+        _elementwise_no_cv(a, node, node.args[0])
+        x, y = a.var(node.args[0]), a.var(node)
+        if x is not None and y is not None:
+            for d, c in x.cval.items():
+                a.set_cv(y, d, np.where(c == 0, 0.0, np.nan))
