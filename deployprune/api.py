@@ -59,7 +59,10 @@ def export(
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"model: expected a torch nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_inputs)
+    from .adapt import positional, split_example
+
+    args, kwargs = split_example(example_inputs)
+    inputs: Any = (args, kwargs) if kwargs else _as_inputs(example_inputs)
     dest = Path(path)
     converter = converters.get(target)
     resolver = getattr(converters, "resolve_options", None)
@@ -81,10 +84,15 @@ def export(
         work = model
     was_training = work.training
     work.eval()
+    # keyword inputs (input_ids=..., pixel_values=...) and ModelOutput results: converters see a
+    # tensor-in/tensor-out view of the (compacted) model, and the graph inputs keep the names
+    target_model, flat_inputs = positional(work, inputs)
+    if target_model is not work and "input_names" in getattr(converter, "OPTIONS", {}):
+        options.setdefault("input_names", list(target_model.input_names))
     try:
         with staging(dest) as stage:
             staged = stage.path()
-            converter.convert(work, inputs, staged, **options)
+            converter.convert(target_model, flat_inputs, staged, **options)
             if not staged.exists():
                 raise OutputError(f"{dest}: the {target} converter wrote nothing")
             stage.publish(staged, dest, force=force)

@@ -1019,6 +1019,15 @@ def validate(
     """
     if not isinstance(source, nn.Module):
         raise UsageError(f"source: expected a torch nn.Module, got {type(source).__name__}")
+    if isinstance(example_inputs, dict) or (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
+                                            and isinstance(example_inputs[1], dict)):
+        # keyword inputs and ModelOutput results: compare through a tensor-in/tensor-out view, the
+        # one export used (an nn.Module artifact gets the same view)
+        from .adapt import positional
+
+        if isinstance(artifact, nn.Module):
+            artifact, _ = positional(artifact, example_inputs)
+        source, example_inputs = positional(source, example_inputs)
     example = _as_inputs(example_inputs, "example_inputs")
     if not isinstance(n_inputs, int) or n_inputs < 1:
         raise UsageError(f"n_inputs: expected an integer >= 1, got {n_inputs!r}")
