@@ -130,10 +130,12 @@ def extract_attached_masks(model: nn.Module) -> Masks:
             continue
         for pname in list(plist.keys()):
             mask = None
-            shape = plist[pname].original.shape
+            shape: torch.Size | None = None
             for par in plist[pname]:
                 m = getattr(par, "mask", None)
                 if isinstance(m, torch.Tensor):
+                    if shape is None:  # the parametrized tensor's (weight_norm has two originals)
+                        shape = _parametrized_shape(module, pname)
                     m = _expand_mask(m.detach().to(torch.bool), shape)
                     mask = m if mask is None else (mask & m)
             if mask is not None:
@@ -213,17 +215,22 @@ def strip_parametrizations_(model: nn.Module, *, leave_parametrized: bool = True
         plist = module.parametrizations
         restored: dict[str, torch.Tensor] = {}
         for name in list(plist.keys()):
-            original = getattr(plist[name], "original", None)
-            if not isinstance(original, torch.Tensor):
-                raise UnsupportedError(f"parametrization of {type(module).__name__}.{name} has several original "
-                                       "tensors; remove it before handing the model to deployprune")
+            originals = _originals(plist[name])
+            if not originals:
+                raise UnsupportedError(f"parametrization of {type(module).__name__}.{name} has no original "
+                                       "tensor; remove it before handing the model to deployprune")
             if leave_parametrized:
                 with torch.no_grad():
                     value = getattr(module, name).detach().clone()
+            elif len(originals) == 1:
+                value = originals[0].detach()
             else:
-                value = original.detach()
-            restored[name] = nn.Parameter(value, requires_grad=original.requires_grad) if isinstance(
-                original, nn.Parameter) else value
+                # several originals (weight_norm's magnitude and direction): there is no single tensor to go
+                # back to, so the parametrization that combines them is baked; masks stacked on it are not
+                value = _value_without_masks(plist[name], originals)
+            first = originals[0]
+            restored[name] = nn.Parameter(value, requires_grad=first.requires_grad) if isinstance(
+                first, nn.Parameter) else value
         module.__class__ = module.__class__.__bases__[0]
         del module._modules["parametrizations"]
         for name, value in restored.items():
@@ -231,6 +238,34 @@ def strip_parametrizations_(model: nn.Module, *, leave_parametrized: bool = True
                 module.register_parameter(name, value)
             else:
                 module.register_buffer(name, value)
+
+
+def _originals(plist: nn.Module) -> list[torch.Tensor]:
+    """The tensors a ``ParametrizationList`` stores: ``original``, or ``original0``, ``original1`` ... when
+    the first parametrization's ``right_inverse`` returns several (``parametrizations.weight_norm``)."""
+    if getattr(plist, "is_tensor", True):
+        original = getattr(plist, "original", None)
+        return [original] if isinstance(original, torch.Tensor) else []
+    found = [getattr(plist, f"original{i}", None) for i in range(int(getattr(plist, "ntensors", 0)))]
+    return found if all(isinstance(t, torch.Tensor) for t in found) else []
+
+
+def _value_without_masks(plist: nn.Module, originals: list[torch.Tensor]) -> torch.Tensor:
+    """The parametrized value of a multi-original list, skipping parametrizations that carry a ``mask``."""
+    with torch.no_grad():
+        value = plist[0](*originals)
+        for par in list(plist)[1:]:
+            if not isinstance(getattr(par, "mask", None), torch.Tensor):
+                value = par(value)
+    return value.detach().clone()
+
+
+def _parametrized_shape(module: nn.Module, name: str) -> torch.Size:
+    originals = _originals(module.parametrizations[name])
+    if len(originals) == 1:
+        return originals[0].shape
+    with torch.no_grad():
+        return getattr(module, name).shape
 
 
 def _is_finite(x: float) -> bool:
