@@ -258,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="fail validation when the tracer warned during the export (the artifact may hold the "
-        "example's values where the model computes them)",
+        help="fail (exit 5) when finalize keeps any masked channel, and fail validation when the tracer "
+        "warned during the export (the artifact may hold the example's values where the model computes them)",
     )
+    _add_allow_uncompacted(p)
     _add_validation_options(p)
     p.set_defaults(func=cmd_export)
 
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="output path ending in .pt2 or .pt (default: ./<model stem>.compact.pt2)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--strict", action="store_true", help="fail (exit 5) when finalize keeps any masked channel")
+    _add_allow_uncompacted(p)
     p.set_defaults(func=cmd_finalize)
 
     # validate -------------------------------------------------------------------------------
@@ -381,6 +384,15 @@ def _placeholder(sub: Any, command: str, why: str) -> None:
     p.set_defaults(func=run)
 
 
+def _add_allow_uncompacted(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-uncompacted",
+        action="store_true",
+        help="when finalize has to abandon compaction (its self-check failed: a bug, please report the "
+        "model), go on with the masked model at full size instead of failing (exit 4)",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -438,6 +450,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         latency=not args.no_latency,
         strict=args.strict,
+        allow_uncompacted=args.allow_uncompacted,
     )
     _print_lines(outcome.summary_lines())
     if outcome.passed is False:
@@ -451,7 +464,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from .pipeline import run_finalize
 
     loaded = load_from_args(args)
-    outcome = run_finalize(loaded, args.output, force=args.force)
+    outcome = run_finalize(loaded, args.output, force=args.force, strict=args.strict,
+                           allow_uncompacted=args.allow_uncompacted)
     _print_lines(outcome.summary_lines())
     return EXIT_OK
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeployPruneError, OutputError, UnsupportedError, UsageError
+from .errors import DeployPruneError, OutputError, ParityError, UnsupportedError, UsageError
 from .fsutil import JOURNAL, PREVIOUS, backup_path, check_writable, journal, remove_stale, staging_prefix, undo
 from .fsutil import commit as fs_commit
 from .io import LoadedModel, describe_inputs
@@ -281,29 +281,99 @@ class Compacted:
     parity_max_abs: float
     seconds: float
     compacted: bool = True  # False: finalize gave up and returned the masked model
+    masked_channels: int = 0
+    removed_channels: int = 0
+    kept: list = field(default_factory=list)  # finalize KeptChannels: masked channels that stay, with the reason
+    abandoned: str = ""  # why compaction was abandoned (compacted is False)
 
     @property
     def blocked_text(self) -> list[str]:
         return [b.describe() if hasattr(b, "describe") else str(b) for b in self.blocked]
 
+    def channel_lines(self) -> list[str]:
+        """``removed 1,024 of 1,536 masked channels; kept 512 in 'encoder.layer.0.attention' (reason)``,
+        then one line per group of kept channels when there are several."""
+        head = f"removed {self.removed_channels:,} of {self.masked_channels:,} masked channels"
+        if not self.compacted and not self.kept:  # otherwise the kept channels' reason says it
+            head = f"compaction abandoned ({self.abandoned}), the masked model is used at full size; {head}"
+        kept = sum(k.count for k in self.kept)
+        if len(self.kept) == 1:
+            return [f"{head}; {self.kept[0].describe()}"]
+        if self.kept:
+            return [f"{head}; kept {kept:,} in {len(self.kept)} groups:", *(k.describe() for k in self.kept)]
+        return [head]
 
-def compact_loaded(loaded: LoadedModel) -> Compacted:
-    """Finalize ``loaded`` (when it has masks) and measure torch parity against the masked model."""
+    def finalize_facts(self) -> dict[str, Any]:
+        """The finalize section of the JSON report (plain JSON types)."""
+        return {
+            "torch_max_abs": self.parity_max_abs,
+            "seconds": round(self.seconds, 3),
+            "compacted": self.compacted,
+            "abandoned": self.abandoned or None,
+            "masked_channels": self.masked_channels,
+            "removed_channels": self.removed_channels,
+            "kept_channels": sum(k.count for k in self.kept),
+            "kept": [k.to_dict() for k in self.kept],
+            "blocked": self.blocked_text,
+        }
+
+
+@contextlib.contextmanager
+def _held_errors(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Hold back the ERROR records logger ``name`` emits inside; the caller shows them (``handle``)
+    or replaces them by its own one-line error."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger(name)
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+def compact_loaded(loaded: LoadedModel, *, strict: bool = False, allow_uncompacted: bool = False) -> Compacted:
+    """Finalize ``loaded`` (when it has masks) and measure torch parity against the masked model.
+
+    ``strict``: any masked channel that stays is an :class:`UnsupportedError`. An abandoned
+    compaction (finalize's self-check failed and it returned the masked model) is a
+    :class:`ParityError` unless ``allow_uncompacted``, with which the masked model goes on at
+    full size.
+    """
     from .finalize import compact
 
     t0 = time.perf_counter()
     source = masked_copy(loaded.model, loaded.masks)
-    compacted = True
+    comp = Compacted(source, source, [], 0.0, 0.0)
     if loaded.masks:
-        result = compact(loaded.model, loaded.example_inputs, loaded.masks)
-        model, blocked = result.model, list(getattr(result, "blocked", []) or [])
-        compacted = bool(getattr(result, "compacted", True))
-    else:
-        model, blocked = source, []
-    model.eval()
+        with _held_errors("deployprune.finalize") as held:
+            result = compact(loaded.model, loaded.example_inputs, loaded.masks, strict=strict)
+        comp.model, comp.blocked = result.model, list(result.blocked)
+        comp.compacted, comp.abandoned = result.compacted, result.abandoned
+        comp.masked_channels, comp.removed_channels = result.masked_channels, result.removed_channels
+        comp.kept = list(result.kept)
+        if not result.compacted and not allow_uncompacted:
+            raise ParityError(
+                f"{loaded.source}: compaction abandoned ({result.abandoned}); nothing was written. This is a "
+                "deployprune bug: please report this model; --allow-uncompacted (allow_uncompacted=True) "
+                "goes on with the masked model at full size"
+            )
+        for record in held:  # finalize's own account of what went wrong, unless the error above replaced it
+            logging.getLogger(record.name).handle(record)
+        if not result.compacted:
+            log.warning("%s: compaction abandoned (%s); going on with the masked model at full size "
+                        "(--allow-uncompacted)", loaded.source, result.abandoned)
+    comp.model.eval()
     with torch.no_grad():
-        diff = _max_abs_diff(source(*loaded.example_inputs), model(*loaded.example_inputs))
-    return Compacted(source, model, blocked, diff, time.perf_counter() - t0, compacted)
+        comp.parity_max_abs = _max_abs_diff(source(*loaded.example_inputs), comp.model(*loaded.example_inputs))
+    comp.seconds = time.perf_counter() - t0
+    return comp
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +398,7 @@ class ExportOutcome:
     torch_parity: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)  # finalize: removed/masked channels, kept groups
 
     @property
     def exit_code(self) -> int:
@@ -355,8 +426,9 @@ class ExportOutcome:
         if not any(line.startswith("params") for line in validation_lines):
             ratio = self.params_after / self.params_before if self.params_before else 1.0
             lines.append(f"params:     {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)")
-        if self.blocked:
-            lines.append(f"compaction: {len(self.blocked)} op(s) kept masked channels (see the report notes)")
+        if self.channels:
+            lines.append(f"compaction: {self.channels[0]}")
+            lines.extend(f"  {c}" for c in self.channels[1:])
         if self.validation is not None:
             lines.extend(validation_lines)
         else:
@@ -393,13 +465,16 @@ def run_export(
     latency: Any = True,
     write_report: bool = True,
     strict: bool = False,
+    allow_uncompacted: bool = False,
 ) -> ExportOutcome:
     """Load -> compact -> convert -> validate -> report. See the module docstring.
 
     Warnings of the tracer during the conversion (``torch.jit.TracerWarning``: a tensor turned
     into a Python number or bool, an iteration over a tensor ...) mean the artifact may hold the
     example's values where the model computes them; they become report notes, and with
-    ``strict`` a validation failure.
+    ``strict`` a validation failure. ``strict`` also refuses (:class:`UnsupportedError`) when
+    finalize keeps any masked channel; an abandoned compaction is a :class:`ParityError` unless
+    ``allow_uncompacted`` (see :func:`compact_loaded`).
     """
     from . import converters
 
@@ -426,7 +501,7 @@ def run_export(
 
     seconds: dict[str, float] = {}
     log.info("compacting %s (%d masked modules)", loaded.source, len(loaded.masks))
-    comp = compact_loaded(loaded)
+    comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
     seconds["finalize"] = comp.seconds
     notes: list[str] = []
     if comp.parity_max_abs > 1e-4:
@@ -508,6 +583,7 @@ def run_export(
         torch_parity=comp.parity_max_abs,
         seconds=seconds,
         notes=notes,
+        channels=comp.channel_lines() if loaded.masks else [],
     )
 
 
@@ -599,8 +675,9 @@ def _annotate_report(
                 f"model is {comp.parity_max_abs:.3g} (max abs)"
             )
         if not comp.compacted:
-            report_notes.append("finalize could not compact the model; the masked model was exported at full size")
-        report_notes.extend(f"finalize kept masked channels: {b}" for b in comp.blocked_text)
+            report_notes.append(f"finalize abandoned compaction ({comp.abandoned}); the masked model was exported "
+                                "at full size (--allow-uncompacted)")
+        report_notes.extend(f"finalize {k.describe()}" for k in comp.kept)
         report_notes.extend(f"converter: {w}" for w in getattr(conversion, "warnings", []) or [])
         report_notes.extend(notes)
 
@@ -618,12 +695,7 @@ def pipeline_facts(loaded: LoadedModel, comp: Compacted, conversion: Any) -> dic
         },
         "masks": {k: round(v, 6) for k, v in mask_sparsity(loaded.masks).items()},
         "params": {"source": count_params(comp.source), "compact": count_params(comp.model)},
-        "finalize": {
-            "torch_max_abs": comp.parity_max_abs,
-            "seconds": round(comp.seconds, 3),
-            "compacted": comp.compacted,
-            "blocked": comp.blocked_text,
-        },
+        "finalize": comp.finalize_facts(),
         "conversion": to_dict() if callable(to_dict) else None,
     }
 
@@ -642,6 +714,7 @@ class FinalizeOutcome:
     blocked: list
     torch_parity: float
     module_changes: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)  # finalize: removed/masked channels, kept groups
 
     def summary_lines(self) -> list[str]:
         ratio = self.params_after / self.params_before if self.params_before else 1.0
@@ -651,12 +724,12 @@ class FinalizeOutcome:
             f"params:        {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)",
             f"parity:        max abs error {self.torch_parity:.3g} vs the masked model (torch)",
         ]
+        if self.channels:
+            lines.append(f"compaction:    {self.channels[0]}")
+            lines.extend(f"  {c}" for c in self.channels[1:])
         lines.extend(f"  {c}" for c in self.module_changes[:20])
         if len(self.module_changes) > 20:
             lines.append(f"  ... {len(self.module_changes) - 20} more")
-        if self.blocked:
-            lines.append(f"kept masked channels at {len(self.blocked)} op(s):")
-            lines.extend(f"  {b.describe() if hasattr(b, 'describe') else b}" for b in self.blocked[:10])
         return lines
 
 
@@ -692,11 +765,14 @@ def run_finalize(
     *,
     force: bool = False,
     tolerance: float = 1e-5,
+    strict: bool = False,
+    allow_uncompacted: bool = False,
 ) -> FinalizeOutcome:
     """Compact ``loaded`` and write it as a ``.pt2`` program (default) or a deployprune checkpoint.
 
     The written file is loaded back (safely) and compared with the compact model before it is
-    moved into place; a checkpoint that cannot reproduce the model is refused.
+    moved into place; a checkpoint that cannot reproduce the model is refused. ``strict`` and
+    ``allow_uncompacted`` are those of :func:`compact_loaded`.
     """
     out_path = Path(out) if out is not None else default_output(loaded.source, ".compact.pt2")
     fmt = "pt2" if out_path.suffix == ".pt2" else "checkpoint" if out_path.suffix in (".pt", ".pth") else None
@@ -713,7 +789,7 @@ def run_finalize(
     check_not_input(out_path, *(loaded.files or (loaded.source,)))
     remove_stale(out_path)
     check_writable(out_path, force=force)
-    comp = compact_loaded(loaded)
+    comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
     from .io import load_model, save_checkpoint
 
     with staging(out_path) as stage:
@@ -768,4 +844,5 @@ def run_finalize(
         blocked=comp.blocked,
         torch_parity=comp.parity_max_abs,
         module_changes=module_changes(loaded.model, comp.model),
+        channels=comp.channel_lines() if loaded.masks else [],
     )

@@ -89,6 +89,21 @@ def _plain(value: object) -> str:
     return json.dumps(value, sort_keys=False, separators=(", ", ": "), default=str)
 
 
+def _pipeline_item(key: str, value: object) -> tuple[str, list[str]]:
+    """One pipeline fact as text, with sub-items; the finalize section reads as the CLI prints it."""
+    if key == "finalize" and isinstance(value, dict) and "masked_channels" in value:
+        text = f"removed {value.get('removed_channels', 0):,} of {value['masked_channels']:,} masked channels"
+        if not value.get("compacted", True):
+            text = f"compaction abandoned ({value.get('abandoned') or 'self-check failed'}); {text}"
+        extra = {k: v for k, v in value.items()
+                 if k not in ("masked_channels", "removed_channels", "kept_channels", "kept", "compacted",
+                              "abandoned")}
+        kept = [f"kept {k.get('count', 0):,} in {k.get('module', '')!r} ({k.get('reason', '')})"
+                for k in value.get("kept") or [] if isinstance(k, dict)]
+        return f"{text}; {_plain(extra)}", kept
+    return _plain(value), []
+
+
 def _coreml_items(details: dict) -> list[tuple[str, str]]:
     """Core ML read-back details, one short line each (long lists become counts)."""
     items = []
@@ -384,7 +399,10 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
     if r.layers:
         out += [f"{h}# Layers", ""] + _md_table(_LAYER_HEADER, _layer_rows(r.layers)) + [""]
     if r.pipeline:
-        out += [f"{h}# Pipeline", ""] + [f"- {k}: {_plain(v)}" for k, v in r.pipeline.items()]
+        out += [f"{h}# Pipeline", ""]
+        for k, v in r.pipeline.items():
+            text, subs = _pipeline_item(k, v)
+            out += [f"- {k}: {text}"] + [f"  - {sub}" for sub in subs]
         out += [""]
     if r.notes:
         out += [f"{h}# Notes", ""] + [f"- {n}" for n in r.notes] + [""]
@@ -762,9 +780,12 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
         parts.append(svg_sparsity(r))
         parts.append(_html_table(_LAYER_HEADER, _layer_rows(r.layers)))
     if r.pipeline:
-        parts.append(f"<{sub}>Pipeline</{sub}><ul>"
-                     + "".join(f"<li>{_e(k)}: <code>{_e(_plain(v))}</code></li>"
-                               for k, v in r.pipeline.items()) + "</ul>")
+        items = []
+        for k, v in r.pipeline.items():
+            text, subs = _pipeline_item(k, v)
+            inner = "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in subs) + "</ul>" if subs else ""
+            items.append(f"<li>{_e(k)}: <code>{_e(text)}</code>{inner}</li>")
+        parts.append(f"<{sub}>Pipeline</{sub}><ul>" + "".join(items) + "</ul>")
     if r.notes:
         parts.append(f"<{sub}>Notes</{sub}><ul>"
                      + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")

@@ -108,7 +108,7 @@ class CompactionResult:
     def channels_line(self) -> str:
         """``removed 1,024 of 1,536 masked channels; kept 512 in 'encoder.layer.0.attention' (reason)``."""
         head = f"removed {self.removed_channels:,} of {self.masked_channels:,} masked channels"
-        if not self.compacted:
+        if not self.compacted and not self.kept:  # otherwise the kept channels' reason says it
             head = f"compaction abandoned ({self.abandoned}); {head}"
         if len(self.kept) == 1:
             return f"{head}; {self.kept[0].describe()}"
@@ -276,8 +276,9 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     res = _result(CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
                                    params_before=params_before, params_after=_count(result_model), max_abs_error=err,
                                    output_scale=scale, seconds=time.perf_counter() - t0, timings=timings), acc)
-    for k in res.kept:
-        log.warning("finalize: %s", k.describe())
+    if res.kept:
+        log.warning("finalize: %s%s", res.channels_line().rstrip(":"),
+                    f" ({res.kept[0].describe()}; the others in CompactionResult.kept)" if len(res.kept) > 1 else "")
     if strict and res.kept:
         raise UnsupportedError(f"finalize (strict): {strict_message(res)}")
     log.info("finalize: %s", res.summary())
