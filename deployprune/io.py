@@ -9,7 +9,10 @@ The rules (see ``docs/cli.md``, "Loading models"):
   opts in (``allow_pickle=True`` / CLI ``--trust-pickle``), because unpickling runs code taken
   from the file.
 * ``.pt2`` programs are scanned for pickled payloads before ``torch.export.load`` sees them, and
-  loaded with ``torch.load`` forced to ``weights_only=True``.
+  loaded with ``torch.load`` forced to ``weights_only=True``. Their JSON is checked against a strict
+  allowlist first (:mod:`deployprune._pt2_schema`): torch evaluates size expressions, guard code
+  and names from it as Python, so only static-shape aten programs with plain names load unless
+  the caller opts in (``allow_pickle=True`` / ``--trust-pickle``).
 * A model factory named inside a *file* is only imported when it lives in the ``deployprune``
   package (the zoo is ``deployprune.zoo``; the old spelling ``models.<family>:...`` is read as the
   zoo) or when the user names the same factory with ``--model``.
@@ -172,13 +175,13 @@ def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{'x'.join(str(d) for d in t.shape) or 'scalar'} ({dtype_name(t.dtype)})" for t in inputs)
 
 
-def _bounded(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """The same size limit ``--input-shape`` applies, for shapes read from a file."""
+def _bounded(shape: tuple[int, ...], where: str, what: str = "'input_shapes' entry") -> tuple[int, ...]:
+    """The same size limit ``--input-shape`` applies, for shapes read from a file (checkpoints, .pt2)."""
     numel = 1
     for d in shape:
         numel *= d
     if numel > 2**31:
-        raise InputError(f"{where}: 'input_shapes' entry {list(shape)} has {numel} elements, too large for an "
+        raise InputError(f"{where}: {what} {list(shape)} has {numel} elements, too large for an "
                          "example input; pass --input-shape")
     return shape
 
@@ -483,9 +486,16 @@ _PT2_ALLOWED = [
 ]
 
 
-def _check_pt2_archive(path: Path, info: _ZipInfo) -> None:
-    """Reject .pt2 archives whose loading would unpickle arbitrary objects."""
+def _check_pt2_archive(path: Path, info: _ZipInfo, *, trusted: bool = False) -> None:
+    """Reject .pt2 archives whose loading would unpickle arbitrary objects or, unless ``trusted``,
+    whose program JSON holds anything torch turns into code (see :mod:`deployprune._pt2_schema`)."""
+    from ._pt2_schema import check_payload_config, check_program_json
+
     with zipfile.ZipFile(path) as zf:
+        sizes = {}
+        for zinfo in zf.infolist():
+            rel = zinfo.filename.split("/", 1)[1] if "/" in zinfo.filename else zinfo.filename
+            sizes[rel] = zinfo.file_size
         for name in info.names:
             rel = name.split("/", 1)[1] if "/" in name else name
             if name.endswith("/") or not rel:
@@ -496,7 +506,16 @@ def _check_pt2_archive(path: Path, info: _ZipInfo) -> None:
                     "(pickled objects, compiled code or a legacy layout); deployprune only "
                     "loads plain-tensor .pt2 programs: re-export with torch.export.save"
                 )
-            if rel.endswith("_config.json"):
+            if not trusted and rel.startswith("models/"):
+                check_program_json(zf.read(name), path=str(path), entry=rel)
+            elif not trusted and rel.endswith("_config.json"):
+                kind = rel.split("/")[1]  # data/weights/... or data/constants/...
+
+                def record_size(record: str, kind: str = kind) -> int | None:
+                    return sizes.get(f"data/{kind}/{record}")
+
+                check_payload_config(zf.read(name), path=str(path), entry=rel, kind=kind, record_size=record_size)
+            elif rel.endswith("_config.json"):
                 try:
                     config = json.loads(zf.read(name)).get("config", {})
                 except (ValueError, AttributeError) as exc:
@@ -534,8 +553,11 @@ def _weights_only_torch_load() -> Iterator[None]:
         torch.load = original  # type: ignore[assignment]
 
 
-def _load_pt2(path: Path, info: _ZipInfo) -> tuple[nn.Module, list[InputShape] | None, tuple[torch.Tensor, ...] | None]:
-    _check_pt2_archive(path, info)
+def _load_pt2(path: Path, info: _ZipInfo, *, trusted: bool = False
+              ) -> tuple[nn.Module, list[InputShape] | None, tuple[torch.Tensor, ...] | None]:
+    _check_pt2_archive(path, info, trusted=trusted)
+    if trusted:
+        log.warning("%s: loading the torch.export program without checking it for code (%s)", path, TRUST_FLAG)
     torch_export_logger = logging.getLogger("torch.export")
     previous = torch_export_logger.level
     torch_export_logger.setLevel(logging.ERROR)
@@ -549,7 +571,7 @@ def _load_pt2(path: Path, info: _ZipInfo) -> tuple[nn.Module, list[InputShape] |
         ) from None
     finally:
         torch_export_logger.setLevel(previous)
-    shapes = _program_input_shapes(program)
+    shapes = _program_input_shapes(program, str(path))
     stored: tuple[torch.Tensor, ...] | None = None
     example = getattr(program, "example_inputs", None)
     if example:
@@ -565,7 +587,8 @@ def _load_pt2(path: Path, info: _ZipInfo) -> tuple[nn.Module, list[InputShape] |
     return module, shapes, stored
 
 
-def _program_input_shapes(program: Any) -> list[InputShape] | None:
+def _program_input_shapes(program: Any, where: str) -> list[InputShape] | None:
+    """Static shapes of the program's tensor inputs, held to the checkpoint bound (None if dynamic)."""
     user_inputs = set(program.graph_signature.user_inputs)
     shapes = []
     for node in program.graph.nodes:
@@ -579,7 +602,7 @@ def _program_input_shapes(program: Any) -> list[InputShape] | None:
             if not isinstance(d, int):
                 return None  # dynamic dimension: the user must give --input-shape
             dims.append(int(d))
-        shapes.append(InputShape(tuple(dims), val.dtype))
+        shapes.append(InputShape(_bounded(tuple(dims), where, "program input shape"), val.dtype))
     return shapes or None
 
 
@@ -980,7 +1003,7 @@ def load_model(
 
     if _is_pt2(info):
         assert info is not None
-        model, shapes, stored_inputs = _load_pt2(path, info)
+        model, shapes, stored_inputs = _load_pt2(path, info, trusted=allow_pickle)
         kind = "export"
         if model_factory:
             log.warning("%s: --model is ignored for a torch.export program (it carries its own graph)", path)
