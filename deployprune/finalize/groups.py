@@ -83,19 +83,23 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
         if len(seen) > 1:
             chunked |= singles[key] | set(key)
     groups: list[ChannelGroup] = []
-    for root in primaries:
+    reaches = {root: _reach(root, a.size[root], maps) for root in primaries}
+    for roots in _merge_primaries(primaries, reaches):
+        root = roots[0]
         n = a.size[root]
-        reach = _reach(root, n, maps)  # root -> per-channel index arrays (None = identity)
+        reach: dict[int, list | None] = {}  # space -> per-channel index arrays (None = identity)
+        for r in roots:
+            reach.update(reaches[r])
         if not any(has_producer(r) for r in reach):
             continue
-        removable = ~z.keep_of(root)
-        unit = "channel" if has_producer(root) else kinds.get(root, "head")
+        removable = np.logical_and.reduce([~z.keep_of(r) for r in roots])
+        unit = "channel" if any(has_producer(r) for r in roots) else kinds.get(root, "head")
         if chunked & set(reach) or unit == "head_position":
             # positions inside a head: forward code usually derives q, k and v sizes from one head_dim
             removable = np.zeros(n, bool)
         divisions = 1
         for s, g in a.divisions.items():
-            if a.find(s) == root:
+            if a.find(s) in roots:
                 divisions = int(np.lcm(divisions, g))
         group = ChannelGroup(id=len(groups), size=n, prunable=bool(removable.any()),
                              reason=None if removable.any() else (
@@ -113,6 +117,41 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
                     group.members.append(GroupMember(module=mod_name, param=attr, dim=d, indices=idx, role=role))
         groups.append(group)
     return groups
+
+
+def _merge_primaries(primaries: list[int], reaches: dict[int, dict[int, list | None]]) -> list[list[int]]:
+    """Spaces whose channels reach the same positions of a shared space in the same way are one group.
+
+    GhostNet: each block of a stage concatenates its primary conv's channels with their depthwise
+    copies into the stage's residual stream, so channel k of every block's primary conv is positions
+    k and k + C/2 of the same stream: removing it in one block needs it removed in all. (Spaces that
+    reach a space with different maps, such as the heads and the head positions of a reshape, or the
+    parts of a concat, stay apart.)
+    """
+    parent = {r: r for r in primaries}
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    by_dst: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+    for r in primaries:
+        for dst, idx in reaches[r].items():
+            if dst != r and idx is not None:
+                by_dst.setdefault(dst, []).append((r, idx))
+    for entries in by_dst.values():
+        for i in range(1, len(entries)):
+            r1, m1 = entries[i]
+            for r2, m2 in entries[:i]:
+                if find(r1) != find(r2) and len(m1) == len(m2) and all(
+                        np.array_equal(x, y) for x, y in zip(m1, m2, strict=True)):
+                    parent[find(r1)] = find(r2)
+    clusters: dict[int, list[int]] = {}
+    for r in primaries:
+        clusters.setdefault(find(r), []).append(r)
+    return list(clusters.values())
 
 
 def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, list[np.ndarray]]]], set[int],
