@@ -94,7 +94,8 @@ def test_export_argument_errors(tmp_path: Path, lenet: nn.Module) -> None:
         dp.export(lenet, (x,), tmp_path / "a.onnx", target="onnnx")
     with pytest.raises(UsageError, match="unknown option 'opsett'"):
         dp.export(lenet, (x,), tmp_path / "a.onnx", opsett=17)
-    with pytest.raises(UsageError, match="example_inputs: expected a tensor, a tuple of tensors, a dict of keyword inputs or \\(tuple, dict\\), got str"):
+    with pytest.raises(UsageError, match=r"example_inputs: expected a tensor, a tuple of tensors, a dict of keyword "
+                                         r"inputs or \(tuple, dict\), got str"):
         dp.export(lenet, "x", tmp_path / "a.onnx")
     assert list(tmp_path.iterdir()) == []
 
