@@ -7,6 +7,8 @@ the error class (an input problem for models and data, a configuration problem f
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import DeployPruneError
@@ -39,24 +41,109 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
     return obj
 
 
-# Import paths a configuration *file* may name without an opt-in: a config or scenario written
-# elsewhere must not choose code to run (module-level code executes on import).
-TRUSTED_PREFIXES = ("torch", "numpy", "math", "deployprune")
+# --------------------------------------------------------------------------------------------
+# Callables a configuration or scenario *file* may name without an opt-in
+#
+# A file written elsewhere must not choose code to run: module-level code executes on import, and
+# a whole namespace holds callables that load pickles (``torch.load`` with ``weights_only: false``)
+# or compile and run source. So a file names callables from explicit lists, one per role, and its
+# keyword arguments are plain data matched against the callable's own parameters. Anything else
+# needs the command-line opt-in (``--trust-scenario``), or the callable passed from Python.
+
+_LOSSES = ("CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss", "BCELoss",
+           "BCEWithLogitsLoss", "KLDivLoss", "PoissonNLLLoss", "GaussianNLLLoss", "MultiMarginLoss",
+           "MultiLabelMarginLoss", "MultiLabelSoftMarginLoss", "SoftMarginLoss", "HingeEmbeddingLoss",
+           "CosineEmbeddingLoss", "MarginRankingLoss", "TripletMarginLoss", "CTCLoss")
+_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Rprop", "NAdam", "RAdam",
+               "ASGD")
+_SCHEDULERS = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
+               "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+
+#: role -> the import paths (``package.module.Name``) a file may name for it.
+FILE_CALLABLES: dict[str, frozenset[str]] = {
+    "criterion": frozenset(f"torch.nn.{n}" for n in _LOSSES),
+    "optimizer": frozenset(f"torch.optim.{n}" for n in _OPTIMIZERS),
+    "lr_scheduler": frozenset(f"torch.optim.lr_scheduler.{n}" for n in _SCHEDULERS),
+    "data": frozenset({"deployprune.data.digits"}),
+    # fn(step, target) -> sparsity; a real schedule function is passed from Python
+    "schedule function": frozenset(f"math.{n}" for n in ("fmod", "pow", "hypot", "copysign", "remainder",
+                                                          "atan2")),
+}
+#: The role whose allowed names are the registered models of the zoo (both spellings of the zoo).
+MODEL_FACTORY = "model factory"
+
+#: Keyword arguments a file never passes, whatever the callable: loading pickles, choosing files,
+#: modules or source code.
+DENIED_KWARGS = frozenset({
+    "weights_only", "pickle_module", "pickle_load_args", "pickle_protocol", "map_location", "mmap", "f", "file",
+    "filename", "path", "module", "source", "code", "globals", "locals", "builtins", "loader", "importer",
+})
 
 
-def is_trusted_path(path: str) -> bool:
-    module = path.replace(":", ".").split(".")[0]
-    return module in TRUSTED_PREFIXES
+def _dotted(path: str) -> str:
+    return path.strip().replace(":", ".")
 
 
-def check_trusted_path(path: Any, key: str, *, trusted: bool, flag: str) -> None:
-    """ConfigError unless ``path`` (read from a file) stays inside torch/numpy/math/deployprune."""
+def is_file_callable(path: Any, role: str) -> bool:
+    """Whether a file may name ``path`` (``pkg.mod.Name`` or ``pkg.mod:Name``) for ``role``."""
+    if not isinstance(path, str) or not path.strip():
+        return False
+    if role == MODEL_FACTORY:
+        from . import zoo
+
+        return zoo.spec_for_factory(zoo.canonical_factory_path(path.strip())) is not None
+    return _dotted(path) in FILE_CALLABLES[role]
+
+
+def check_file_callable(path: Any, key: str, role: str, *, trusted: bool, flag: str) -> None:
+    """ConfigError unless ``path`` (read from a file) is on the list for ``role``, or ``trusted``."""
     from .errors import ConfigError
 
-    if isinstance(path, str) and not trusted and not is_trusted_path(path):
-        raise ConfigError(f"{key}: import path {path!r} comes from a file and is outside "
-                          f"{', '.join(TRUSTED_PREFIXES)}; a file must not choose code to run: "
-                          f"pass {flag} if you trust it")
+    if trusted or not isinstance(path, str) or is_file_callable(path, role):
+        return
+    if role == MODEL_FACTORY:
+        shown = "the models of deployprune.zoo, e.g. deployprune.zoo.lenet:TorchModel"
+    else:
+        names = sorted(FILE_CALLABLES[role])
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    raise ConfigError(f"{key}: import path {path!r} comes from a file and is outside the {role} allowlist "
+                      f"({shown}); a file must not choose code to run: pass {flag} if you trust it")
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)) and depth < 4:
+        return all(_plain(v, depth + 1) for v in value)
+    return False
+
+
+def check_file_kwargs(target: Any, kwargs: Any, key: str, *, trusted: bool, flag: str) -> None:
+    """ConfigError unless the keyword arguments a file gives ``target`` (a callable) are plain data
+    (numbers, strings, booleans, null and lists of them) for parameters ``target`` declares by name,
+    none of them a denied one (``weights_only``, ``pickle_module``, ``map_location``, files, code)."""
+    from .errors import ConfigError
+
+    if trusted or kwargs is None:
+        return
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"{key}: expected an object of keyword arguments, got {type(kwargs).__name__}")
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        params = {}
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for name, value in kwargs.items():
+        if not isinstance(name, str) or name in DENIED_KWARGS or name.startswith("_"):
+            raise ConfigError(f"{key}: keyword argument {name!r} comes from a file and may load code or files; "
+                              f"pass {flag} if you trust it")
+        if name not in named:
+            known = ", ".join(sorted(n for n in named if n not in DENIED_KWARGS)) or "none"
+            raise ConfigError(f"{key}: {name!r} is not a parameter of {getattr(target, '__qualname__', target)} "
+                              f"(parameters: {known})")
+        if not _plain(value):
+            raise ConfigError(f"{key}.{name}: a file gives only plain values (numbers, strings, booleans, null, "
+                              f"lists), got {type(value).__name__}; pass {flag} if you trust it")
 
 
 def load_yaml(text: str) -> Any:

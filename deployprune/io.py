@@ -13,9 +13,9 @@ The rules (see ``docs/cli.md``, "Loading models"):
   allowlist first (:mod:`deployprune._pt2_schema`): torch evaluates size expressions, guard code
   and names from it as Python, so only static-shape aten programs with plain names load unless
   the caller opts in (``allow_pickle=True`` / ``--trust-pickle``).
-* A model factory named inside a *file* is only imported when it lives in the ``deployprune``
-  package (the zoo is ``deployprune.zoo``; the old spelling ``models.<family>:...`` is read as the
-  zoo) or when the user names the same factory with ``--model``.
+* A model factory named inside a *file* is only imported when it is a registered model of the zoo
+  (``deployprune.zoo``; the old spelling ``models.<family>:...`` is read as the zoo) or when the
+  user names the same factory with ``--model``.
 
 Every error is a one-line :class:`~deployprune.errors.InputError` (or subclass) naming the file.
 """
@@ -49,8 +49,6 @@ CHECKPOINT_FORMAT = "deployprune.checkpoint"
 CHECKPOINT_VERSION = 1
 #: Files bigger than this are rejected before they are read (override per call / --max-file-size).
 DEFAULT_MAX_FILE_BYTES = 16 * 1024**3
-#: Packages whose factories a file may name without the user repeating them with --model.
-TRUSTED_FACTORY_PACKAGES = ("deployprune",)
 #: Flag named in messages about pickled files.
 TRUST_FLAG = "--trust-pickle"
 
@@ -729,8 +727,11 @@ def canonical_factory(factory: str, *, from_file: bool) -> str:
 
 
 def _is_trusted_factory(factory: str) -> bool:
-    mod = factory.split(":", 1)[0]
-    return any(mod == p or mod.startswith(p + ".") for p in TRUSTED_FACTORY_PACKAGES)
+    """A factory a file may name: a registered model of the zoo (an allowlist of names, not a namespace:
+    a file naming ``deployprune.cli:main`` or ``deployprune.zoo.make_samples:main`` must not call it)."""
+    from ._imports import MODEL_FACTORY, is_file_callable
+
+    return is_file_callable(factory, MODEL_FACTORY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1169,8 +1170,8 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
     elif factory is not None:
         if not _is_trusted_factory(factory):
             raise UnsafeFileError(
-                f"{where}: names model factory {factory!r} "
-                "outside the deployprune package; "
+                f"{where}: names model factory {factory!r}, "
+                "which is not a model of the deployprune zoo; "
                 f"importing it would run code named by the file; if you trust it, pass "
                 f"--model {factory}"
             )

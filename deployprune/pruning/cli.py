@@ -75,8 +75,9 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
     r.add_argument("--force", action="store_true", default=None, help="overwrite existing outputs")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--trust-scenario", action="store_true",
-                   help="let the scenario import code outside torch/deployprune/models (factories, optimizers, data) "
-                        "and set trust_pickle; only for scenario files you trust")
+                   help="let the scenario name callables outside the allowlists (zoo factories, torch losses, "
+                        "optimizers and schedulers), give them any keyword arguments, and set trust_pickle; "
+                        "only for scenario files you trust")
     r.set_defaults(func=cmd_run)
 
 

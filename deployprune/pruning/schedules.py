@@ -312,12 +312,13 @@ class CallableScheduler(Schedule):
 
 
 def _import_callable(path: str) -> Callable[..., Any]:
-    from .._imports import check_trusted_path
+    from .._imports import check_file_callable
 
     if ":" not in path:
         raise ConfigError(f"schedule.function: {path!r} is not an import path 'package.module:function'")
     # a config may come from a file: it must not import arbitrary code (pass the callable from Python)
-    check_trusted_path(path, "schedule.function", trusted=False, flag="the callable itself from Python")
+    check_file_callable(path, "schedule.function", "schedule function", trusted=False,
+                        flag="the callable itself from Python")
     mod_name, _, attr = path.partition(":")
     try:
         obj: Any = importlib.import_module(mod_name)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .._imports import check_trusted_path, load_yaml
+from .._imports import MODEL_FACTORY, check_file_callable, check_file_kwargs, load_yaml
 from ..errors import ConfigError, InputError, UnsupportedError, UsageError
 from .loop import TrainResult, _build, evaluate, finetune, import_object
 
@@ -266,12 +266,23 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
     # a scenario file must not choose code to run or opt itself into unpickling (--trust-scenario)
     if isinstance(model_spec.get("factory"), str):  # the zoo's old spelling models.<family>:... is the zoo
         model_spec["factory"] = canonical_factory(model_spec["factory"], from_file=True)
+    # Callables come from per-role allowlists (never whole namespaces) and get plain-data keyword
+    # arguments for parameters they declare: torch.load with weights_only=false, or a torch internal
+    # that compiles source, must not be one scenario line away.
     flag = "--trust-scenario (run_scenario(trust=True))"
-    for key, value in (("model.factory", model_spec.get("factory")), ("data", sc.get("data")),
-                       ("finetuning.optimizer", ft.get("optimizer")), ("finetuning.criterion", ft.get("criterion")),
-                       ("finetuning.lr_scheduler", ft.get("lr_scheduler"))):
+    for key, value, role in (("model.factory", model_spec.get("factory"), MODEL_FACTORY),
+                             ("data", sc.get("data"), "data"),
+                             ("finetuning.optimizer", ft.get("optimizer"), "optimizer"),
+                             ("finetuning.criterion", ft.get("criterion"), "criterion"),
+                             ("finetuning.lr_scheduler", ft.get("lr_scheduler"), "lr_scheduler")):
         if key != "data" or (isinstance(value, str) and ":" in value):
-            check_trusted_path(value, f"{p}: {key}", trusted=trust, flag=flag)
+            check_file_callable(value, f"{p}: {key}", role, trusted=trust, flag=flag)
+    for key, default in (("optimizer", "torch.optim.Adam"), ("criterion", "torch.nn.CrossEntropyLoss"),
+                         ("lr_scheduler", None)):
+        target = ft.get(key, default)
+        if not trust and isinstance(target, str) and ft.get(f"{key}_kwargs") is not None:
+            check_file_kwargs(import_object(target, key), ft[f"{key}_kwargs"], f"{p}: finetuning.{key}_kwargs",
+                              trusted=trust, flag=flag)
     if model_spec.get("trust_pickle") and not trust:
         raise ConfigError(f"{p}: model.trust_pickle: a scenario file cannot opt itself into unpickling code; "
                           f"pass {flag} if you trust it")

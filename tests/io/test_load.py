@@ -312,8 +312,8 @@ def test_checkpoint_factory_trust(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFileError) as exc:
         load_model(path)
     assert one_line(exc) == (
-        f"{path}: names model factory 'tests.io.factories:tiny_conv' outside the deployprune "
-        "package; importing it would run code named by the file; if you trust it, pass "
+        f"{path}: names model factory 'tests.io.factories:tiny_conv', which is not a model of the "
+        "deployprune zoo; importing it would run code named by the file; if you trust it, pass "
         "--model tests.io.factories:tiny_conv"
     )
     loaded = load_model(path, model_factory="tests.io.factories:tiny_conv")
@@ -371,7 +371,7 @@ def test_legacy_spelling_never_imports_a_user_models_package(tmp_path: Path, use
     # a file naming a module the zoo never had is the user's code: refused, nothing imported
     foreign = save_checkpoint(tmp_path / "yolo.pt", nn.Linear(2, 2), factory="models.yolo:Model",
                               input_shapes=[InputShape((1, 2))])
-    with pytest.raises(UnsafeFileError, match="names model factory 'models.yolo:Model' outside the deployprune"):
+    with pytest.raises(UnsafeFileError, match="names model factory 'models.yolo:Model', which is not a model of the deployprune zoo"):
         load_model(foreign)
     assert not user_models_package.exists()
     # the user naming their own package with --model gets their package, not the zoo
