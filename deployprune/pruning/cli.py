@@ -72,7 +72,11 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
         description="A JSON (or YAML) scenario holds the whole run; see docs/training.md.",
     )
     r.add_argument("scenario", metavar="SCENARIO", help="scenario file (.json/.yaml)")
-    r.add_argument("--force", action="store_true", default=None, help="overwrite existing outputs")
+    r.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (the scenario's own 'force: true' is not enough)")
+    r.add_argument("--allow-outside", action="store_true",
+                   help="let the scenario write outputs (output, export.path, finetuning.checkpoint_dir) outside "
+                        "its own folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--trust-scenario", action="store_true",
                    help="let the scenario name callables outside the allowlists (zoo factories, torch losses, "
@@ -146,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..training import run_scenario
 
     outcome = run_scenario(args.scenario, progress=not args.no_progress, force=args.force,
-                           trust=args.trust_scenario)
+                           trust=args.trust_scenario, allow_outside=args.allow_outside)
     _print(outcome.lines)
     if outcome.exit_code:
         from ..errors import ValidationFailed

@@ -172,7 +172,7 @@ SCENARIO_KEYS = {
                   "lr_scheduler, lr_scheduler_kwargs, lr_scheduler_interval, seed, checkpoint_dir, resume}",
     "output": "path of the pruned deployprune checkpoint",
     "export": "{target, path, options, validate, thresholds, n_inputs, latency}",
-    "force": "overwrite existing outputs",
+    "force": "overwrite existing outputs (only together with --force on the command line)",
     "description": "free text",
 }
 MODEL_KEYS = ("path", "factory", "input_shapes", "trust_pickle")
@@ -235,9 +235,27 @@ def load_scenario(path: str | os.PathLike) -> dict[str, Any]:
     return sc
 
 
+def _check_inside(target: Path, folder: Path, key: str) -> None:
+    """ConfigError unless ``target`` (symlinks resolved) lies in ``folder`` or below it."""
+    try:
+        inside = target.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise ConfigError(f"{key}: {target} is outside the scenario's folder {folder.resolve()}; a scenario file "
+                          "writes only inside its own folder unless you pass --allow-outside "
+                          "(run_scenario(allow_outside=True))")
+
+
 def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None,
-                 trust: bool = False) -> ScenarioOutcome:
-    """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes."""
+                 trust: bool = False, allow_outside: bool = False) -> ScenarioOutcome:
+    """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes.
+
+    What the file may not decide alone (the caller's flags): replacing existing outputs (``force``,
+    CLI ``--force``; the file's own ``force: true`` is not enough), writing outside the scenario's
+    folder (``allow_outside``, CLI ``--allow-outside``), and naming callables off the allowlists or
+    unpickling its model (``trust``, CLI ``--trust-scenario``).
+    """
     from ..io import canonical_factory, load_model
 
     p = Path(path)
@@ -249,7 +267,10 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
             return str(base / value)
         return value
 
-    force = bool(sc.get("force", False)) if force is None else force
+    force = bool(force)
+    if sc.get("force") and not force:
+        log.info("%s: 'force: true' in the scenario file is not enough to replace existing outputs; "
+                    "pass --force on the command line (run_scenario(force=True))", p)
     model_spec = sc["model"]
     if isinstance(model_spec, str):
         model_spec = {"path": model_spec}
@@ -296,14 +317,24 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
 
         check_not_input(Path(rel(ckdir_value)) / CHECKPOINT_NAME, *inputs)
 
+    art: Path | None = None
     if exp is not None:  # fail before training if the artifact cannot be written
         from .. import converters
-        from ..fsutil import check_writable
         from ..pipeline import default_output, target_suffix
 
         converters.get(exp.get("target", "onnx"))
-        art = Path(rel(exp["path"])) if exp.get("path") else default_output(out, target_suffix(exp.get("target",
-                                                                                                        "onnx")))
+        art = (Path(rel(exp["path"])) if exp.get("path")
+               else default_output(out, target_suffix(exp.get("target", "onnx")), directory=out.parent))
+    # every output stays inside the scenario's folder unless the command line allows more
+    if not allow_outside:
+        written = [("output", out)] + ([("export.path", art)] if art is not None else [])
+        if ckdir_value:
+            written.append(("finetuning.checkpoint_dir", Path(rel(ckdir_value))))
+        for key, target in written:
+            _check_inside(target, base, f"{p}: {key}")
+    if art is not None:
+        from ..fsutil import check_writable
+
         check_not_input(art, *inputs, out)
         check_not_input(art.with_name(art.name + ".report.json"), *inputs, out)
         check_writable(art, force=force)
@@ -345,7 +376,7 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         if acc is not None:
             outcome.lines.append(f"accuracy:   {acc:.4f} after finalize (compact model, validation data)")
     thresholds = exp.get("thresholds")
-    res = run_export(pruned, exp.get("target", "onnx"), rel(exp["path"]) if exp.get("path") else None,
+    res = run_export(pruned, exp.get("target", "onnx"), art,
                      options=exp.get("options") or {}, force=force, validate=bool(exp.get("validate", True)),
                      thresholds=thresholds, n_inputs=int(exp.get("n_inputs", 8)),
                      latency=bool(exp.get("latency", True)))
