@@ -424,7 +424,8 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
     plan: dict[tuple[str, str], int] = {}
     pinned = False
     a.patches = []
-    for node, y, d, lit in a.literal_sizes:
+    entries = [(*e, False) for e in a.literal_sizes] + [(*e, True) for e in a.unread_sizes]
+    for node, y, d, lit, unread in entries:
         new = int(a.keep(y, d).sum())
         if new == lit:
             continue
@@ -434,7 +435,11 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
         module = a.modules.get(owner)
         cands = [k for k, v in _int_attrs(module).items() if v == lit] if module is not None else []
         reads = (a.traced.int_reads or {}).get(owner)
-        if reads is not None:
+        if unread:
+            cands = [k for k in cands if "group" in k.lower()]
+            if len(cands) != 1:
+                continue  # nothing names the group size: shapes carry it on every path
+        elif reads is not None:
             cands = [k for k in cands if k in reads]  # attributes the forward actually read
         if len(cands) > 1:
             pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]

@@ -108,6 +108,10 @@ class Analysis:
         self.rebuilders: dict[str, Callable[[], nn.Module | None]] = {}
         self.call_counts: dict[str, int] = {}
         self.literal_sizes: list[tuple[fx.Node, Var, int, int]] = []  # node, out var, dim, literal
+        # sizes an attribute must follow even on paths that did not read it: sdpa's enable_gqa infers the
+        # group size from shapes, while the masked-attention path of the same forward reads
+        # num_key_value_groups (node, var, dim, value)
+        self.unread_sizes: list[tuple[fx.Node, Var, int, int]] = []
         self.roles: dict[int, str] = {}  # slot -> "producer" | "consumer" (for pruners)
         self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
         self.patches: list[tuple[str, str, int, int]] = []

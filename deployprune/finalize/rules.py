@@ -1515,6 +1515,7 @@ def _sdpa(a: Analysis, node: fx.Node) -> None:
         a.same(q, hd, heads, 0)
         a.same(y, hd, heads, 0)
         couple_reshape(a, heads, groups)
+        a.unread_sizes.append((node, groups, 1, hq // hk))
         a.same(k, hd, groups, 0)
         a.same(v, hd, groups, 0)
         vc = np.repeat(a.cv(v, hd), hq // hk)
