@@ -319,12 +319,17 @@ class Compacted:
 
 
 @contextlib.contextmanager
-def _held_errors(name: str) -> Iterator[list[logging.LogRecord]]:
+def _held_finalize_log(name: str) -> Iterator[list[logging.LogRecord]]:
     """Hold back the ERROR records logger ``name`` emits inside; the caller shows them (``handle``)
-    or replaces them by its own one-line error."""
+    or replaces them by its own one-line error. Finalize's warning about kept masked channels is
+    dropped: the summary lists them."""
+    from .finalize import KEPT_RECORD
+
     held: list[logging.LogRecord] = []
 
     def hold(record: logging.LogRecord) -> bool:
+        if getattr(record, KEPT_RECORD, False):
+            return False
         if record.levelno >= logging.ERROR:
             held.append(record)
             return False
@@ -352,7 +357,7 @@ def compact_loaded(loaded: LoadedModel, *, strict: bool = False, allow_uncompact
     source = masked_copy(loaded.model, loaded.masks)
     comp = Compacted(source, source, [], 0.0, 0.0)
     if loaded.masks:
-        with _held_errors("deployprune.finalize") as held:
+        with _held_finalize_log("deployprune.finalize") as held:
             result = compact(loaded.model, loaded.example_inputs, loaded.masks, strict=strict)
         comp.model, comp.blocked = result.model, list(result.blocked)
         comp.compacted, comp.abandoned = result.compacted, result.abandoned

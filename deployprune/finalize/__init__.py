@@ -56,6 +56,7 @@ __all__ = [
     "compact",
     "CompactionResult",
     "KeptChannels",
+    "KEPT_RECORD",
     "Blocker",
     "register_module_rule",
     "register_function_rule",
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 MAX_REPAIRS = 200
+KEPT_RECORD = "deployprune_kept_channels"  # set on the log record that reports kept masked channels
 
 
 @dataclass
@@ -276,11 +278,12 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     res = _result(CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
                                    params_before=params_before, params_after=_count(result_model), max_abs_error=err,
                                    output_scale=scale, seconds=time.perf_counter() - t0, timings=timings), acc)
-    if res.kept:
-        log.warning("finalize: %s%s", res.channels_line().rstrip(":"),
-                    f" ({res.kept[0].describe()}; the others in CompactionResult.kept)" if len(res.kept) > 1 else "")
     if strict and res.kept:
         raise UnsupportedError(f"finalize (strict): {strict_message(res)}")
+    if res.kept:  # marked: callers that print the kept groups themselves (the CLI) leave it out
+        log.warning("finalize: %s%s", res.channels_line().rstrip(":"),
+                    f" ({res.kept[0].describe()}; the others in CompactionResult.kept)" if len(res.kept) > 1 else "",
+                    extra={KEPT_RECORD: True})
     log.info("finalize: %s", res.summary())
     return res
 

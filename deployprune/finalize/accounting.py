@@ -9,7 +9,9 @@ that is entirely zero in the masked model while its mask zeroes at least one ele
   tagged (an op without a rule uses it) counts its first two dimensions (one for 1-d tensors,
   the filters only for grouped convolutions, the columns for embeddings);
 * biases are not channels (a masked bias entry under an unmasked weight row is a live channel);
-* a slice that was zero before masking (a zero-initialised layer) is not a masked channel.
+* a slice that was zero before masking (a zero-initialised layer) is not a masked channel;
+* a weight masked whole along one dimension (every row of a Linear) is zero along the others
+  too; it counts along that dimension only.
 
 A unit masked in ``gate_proj``, ``up_proj`` and ``down_proj`` therefore counts three times
 (two rows and a column), once per slice that finalize has to remove.
@@ -26,7 +28,8 @@ channel of a space), in this order:
    that a padded convolution or a norm cannot fold) or its live value; for a coupling
    (reshape/view product, concat, chunk, grouped convolution) the coupled channel that is kept,
    found by re-running the constraint with that channel removed, explained the same way;
-4. a dimension never shrinks to zero: when every channel was masked, one stays.
+4. a dimension never shrinks to zero: when none of its channels is needed (all masked, or the
+   layer's output is unused), one stays.
 """
 
 from __future__ import annotations
@@ -128,12 +131,17 @@ def masked_slices(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]],
             dims, v = channel_dims(a, module, t)
             nonzero = t.detach().ne(0)
             masked_el = torch.as_tensor(mask).to(device=t.device).eq(0)
+            found: list[tuple[int, np.ndarray]] = []
             for d in dims:
                 n = t.shape[d]
                 live = nonzero.movedim(d, 0).reshape(n, -1).any(1)
                 touched = masked_el.movedim(d, 0).reshape(n, -1).any(1)
-                idx = torch.nonzero(~live & touched).flatten().cpu().numpy()
-                if idx.size:
+                found.append((d, torch.nonzero(~live & touched).flatten().cpu().numpy()))
+            # a weight masked whole along one dimension is zero along the others too: that is one mask,
+            # counted along the first such dimension only (a fully masked layer counts its outputs)
+            whole = next((d for d, idx in found if idx.size == t.shape[d]), None)
+            for d, idx in found:
+                if idx.size and (whole is None or d == whole):
                     out.append(MaskedSlices(mod_name, pname, d, idx, v))
     return out
 
@@ -247,7 +255,7 @@ class _Explainer:
                         "kept by the analysis without a recorded cause (please report this model)")
         kind = a.causes[cause]
         if kind[0] == "rescue":
-            return _Why(f"every dimension keeps at least one channel; all {a.size[root]} were masked")
+            return _Why(f"a dimension keeps at least one channel; none of its {a.size[root]} is needed")
         if kind[0] == "rule":
             node = self.nodes.get(kind[1])
             return _Why("demanded by the rule of this op", kind[1], self._op(node))
@@ -403,9 +411,10 @@ class _Explainer:
         chosen = targeted or needed
         whole = tuple(self._pin(s).reason for s, _ in chosen if s in self.pins)
         free = [(s, k) for s, k in chosen if s not in self.pins]
-        if not free:
-            return _Why("", plain.node, plain.op, next((self._pin(s).blocker for s, _ in chosen), None),
-                        via=where, whole=whole, via_node=plain.via_node)
+        if not free:  # named by the op that keeps the first of them whole
+            first = self._pin(chosen[0][0])
+            return _Why("", first.node or plain.node, first.op or plain.op, first.blocker, via=where, whole=whole,
+                        via_node=plain.via_node)
         s, k = free[0]
         if (s, k) in seen or depth >= MAX_DEPTH or k is None:
             return _Why(self._describe_space(s), plain.node, plain.op, via=where, whole=whole,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from deployprune import cli, zoo
 from deployprune.pipeline import masked_copy
+from tests.faults import swap_output_channels
 from tests.io.conftest import SAMPLES, tree_digest
 from tests.io.factories import tiny_conv
 
@@ -25,10 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 LENET_SAMPLE = SAMPLES / "lenet.pt"
 
 
-def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
+        module: str = "deployprune") -> subprocess.CompletedProcess:
+    """``python -m deployprune ARGS``; ``module="tests.faulty_cli"`` runs it with a wrong ONNX export."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "deployprune", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -134,10 +138,14 @@ def test_finalize_validate_report_targets(tmp_path: Path) -> None:
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("PASS")
-    proc = run("validate", str(LENET_SAMPLE), "c.onnx", "--n-inputs", "2", "--no-latency", "--max-abs", "1e-12",
-               cwd=tmp_path)
-    assert proc.returncode == 4
-    assert proc.stderr.startswith("error: c.onnx: validation failed: ") and len(proc.stderr.splitlines()) == 1
+    # a real fault: two output channels of the last layer swapped in a copy of the artifact
+    shutil.copy(tmp_path / "c.onnx", tmp_path / "bad.onnx")
+    swap_output_channels(tmp_path / "bad.onnx")
+    proc = run("validate", str(LENET_SAMPLE), "bad.onnx", "--n-inputs", "2", "--no-latency", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.startswith("error: bad.onnx: validation failed: output 'output_0': ")
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stdout.startswith("FAIL")
 
     proc = run("report", "v.json", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("#")
@@ -265,9 +273,11 @@ def test_trust_pickle_loads_whole_module(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_validation_failure_exit_code(tmp_path: Path) -> None:
-    proc = run("export", str(LENET_SAMPLE), "--max-abs", "1e-12", "--n-inputs", "2", "--no-latency", cwd=tmp_path)
-    assert proc.returncode == 4
-    assert proc.stderr.startswith("error: lenet.onnx.report.json: validation failed: ")
+    # the export writes a wrong artifact (two output channels swapped after conversion)
+    proc = run("export", str(LENET_SAMPLE), "--n-inputs", "2", "--no-latency", cwd=tmp_path,
+               module="tests.faulty_cli")
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.startswith("error: lenet.onnx.report.json: validation failed: output 'output_0': ")
     assert len(proc.stderr.splitlines()) == 1
     assert "FAIL" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx.report.json"]  # no unverified artifact
@@ -327,3 +337,109 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, sig: int, code: int, 
     assert proc.returncode == code
     assert err.splitlines() == [message]
     assert list(work.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# masked channels finalize keeps or cannot remove: reported, --strict, abandoned compaction
+
+
+@pytest.fixture()
+def lenet_with_kept_channels(tmp_path: Path) -> Path:
+    """lenet weights and masks: conv1's filters 0-2 (removable) and fc3's outputs 0-1, which the final
+    log_softmax mixes (so they stay)."""
+    model = zoo.build("lenet")
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    conv = torch.ones_like(model.conv1.weight)
+    conv[0:3] = 0
+    fc = torch.ones_like(model.fc3.weight)
+    fc[0:2] = 0
+    torch.save({"conv1": {"weight": conv}, "fc3": {"weight": fc}}, tmp_path / "masks.pt")
+    return tmp_path
+
+
+def test_kept_masked_channels_are_reported_and_strict_fails(lenet_with_kept_channels: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    monkeypatch.chdir(lenet_with_kept_channels)
+    load = ["weights.pth", "--model", LENET, "--masks", "masks.pt"]
+    reason = "mixed by log_softmax: F.log_softmax (node log_softmax)"
+    kept_line = f"removed 3 of 5 masked channels; kept 2 in 'fc3' ({reason})"
+    assert cli.main(["export", *load, "-o", "k.onnx", "--n-inputs", "2", "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert f"compaction: {kept_line}" in out.splitlines()
+    finalize = json.loads(Path("k.onnx.report.json").read_text())["pipeline"]["finalize"]
+    assert finalize["compacted"] is True and finalize["abandoned"] is None
+    assert (finalize["masked_channels"], finalize["removed_channels"], finalize["kept_channels"]) == (5, 3, 2)
+    assert finalize["kept"] == [{"module": "fc3", "count": 2, "reason": reason, "node": "log_softmax",
+                                 "op": "F.log_softmax"}]
+    assert cli.main(["finalize", *load, "-o", "k.pt2"]) == 0
+    assert f"compaction:    {kept_line}" in capsys.readouterr().out.splitlines()
+
+    before = sorted(p.name for p in Path(".").iterdir())
+    for command in (["export", *load, "-o", "s.onnx", "--strict"], ["finalize", *load, "-o", "s.pt2", "--strict"]):
+        assert cli.main(command) == 5
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: finalize (strict): 2 of 5 masked channels stay: "), err
+        assert f"kept 2 in 'fc3' ({reason})" in err[0]
+    assert sorted(p.name for p in Path(".").iterdir()) == before  # nothing written
+
+
+def _swap_first_two_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real fault: the Conv2d rebuilder swaps the first two filters of every conv it shrinks, so the
+    compacted model is wrong and finalize's self-check must catch it."""
+    from torch import nn
+
+    from deployprune.finalize import rule_registry
+
+    original = rule_registry._MODULE_RULES[nn.Conv2d]
+
+    def faulty(a, node, module) -> None:
+        original(a, node, module)
+        rebuild = a.rebuilders[str(node.target)]
+
+        def swapped():
+            new = rebuild()
+            if new is not None and new.out_channels > 1:
+                with torch.no_grad():
+                    new.weight[[0, 1]] = new.weight[[1, 0]].clone()
+                    new.bias[[0, 1]] = new.bias[[1, 0]].clone()
+            return new
+
+        a.rebuilders[str(node.target)] = swapped
+
+    monkeypatch.setitem(rule_registry._MODULE_RULES, nn.Conv2d, faulty)
+
+
+def test_abandoned_compaction_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    _swap_first_two_filters(monkeypatch)
+    sample = str(LENET_SAMPLE)
+    for command in (["export", sample, "--n-inputs", "2", "--no-latency"], ["finalize", sample]):
+        assert cli.main(command) == 4  # ParityError: the code of a wrong answer
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith(f"error: {sample}: compaction abandoned (self-check failed: max abs error "), err
+        assert "nothing was written" in err[0] and "please report this model" in err[0]
+        assert "--allow-uncompacted" in err[0]
+        assert list(tmp_path.iterdir()) == []
+
+    # opted in: the masked model goes on at full size, and the summary and the report say so
+    assert cli.main(["export", sample, "--n-inputs", "2", "--no-latency", "--allow-uncompacted"]) == 0
+    captured = capsys.readouterr()
+    line = next(x for x in captured.out.splitlines() if x.startswith("compaction: "))
+    assert line.startswith("compaction: removed 0 of 3 masked channels; kept 3 in 'conv1' (compaction abandoned: "
+                           "self-check failed (max abs error "), line
+    assert "please report this model" in captured.err
+    report = json.loads((tmp_path / "lenet.onnx.report.json").read_text())
+    finalize = report["pipeline"]["finalize"]
+    assert finalize["compacted"] is False and finalize["abandoned"].startswith("self-check failed")
+    assert (finalize["masked_channels"], finalize["removed_channels"]) == (3, 0)
+    assert report["pipeline"]["params"]["compact"] == report["pipeline"]["params"]["source"]
+    assert any(n.startswith("finalize abandoned compaction") for n in report["notes"])
+    assert cli.main(["finalize", sample, "--allow-uncompacted"]) == 0
+    assert "compaction:    removed 0 of 3 masked channels" in capsys.readouterr().out

@@ -4,8 +4,12 @@ Each example draws a network (conv / batch norm / ReLU / residual add / concat, 
 global mean into a stack of Linear layers), a set of NaN-free binary masks (whole output channels
 or single elements) and export options, then:
 
-1. ``deployprune.compact(model, inputs, masks)``: the compact model must compute what the masked
-   model computes (max abs error <= 1e-5 of the output's scale) on the example and a fresh batch;
+1. ``deployprune.compact(model, inputs, masks)``: compaction must happen (``compacted``: an
+   abandoned compaction fails the test), every masked channel must be accounted for (removed, or
+   kept with a reason), and the compact model must compute what the masked model computes (max
+   abs error <= 1e-5 of the output's scale) on the example and a fresh batch. A third mask
+   strategy draws the masks a pruner makes from ``channel_groups`` (every producer slice of
+   removable channels zeroed): there removal is exact, so every masked channel must be removed;
 2. ``converters.get("onnx").convert(...)`` of the compact model (the converter's own check turned
    off, so this test is the judge), then onnxruntime: max abs error <= 1e-4 of the output scale.
 
@@ -44,7 +48,9 @@ from torch import nn
 import deployprune as dp
 from deployprune import converters
 from deployprune.errors import DeployPruneError, ParityError, ValidationFailed
+from deployprune.finalize import channel_groups
 from deployprune.pipeline import masked_copy
+from tests.finalize.helpers import group_masks
 
 COMPACT_RTOL = 1e-5
 ONNX_RTOL = 1e-4
@@ -233,8 +239,31 @@ def output_scale(outputs: list[torch.Tensor]) -> float:
     return max(max(float(o.abs().max()) for o in outputs), 1e-3)
 
 
-def check_example(spec: NetSpec, masks: dict, data: st.DataObject) -> str:
-    """Compact + export ``spec`` with ``masks``; returns the outcome (for hypothesis' statistics)."""
+def group_consistent_masks(model: FuzzNet, data: st.DataObject) -> dict:
+    """Masks as a pruner makes them from the coupled groups: removing them is exact."""
+    g = torch.Generator().manual_seed(model.spec.seed)
+    example = torch.randn(1, model.spec.channels, model.spec.side, model.spec.side, generator=g)
+    groups = channel_groups(model, (example,))
+    ratio = data.draw(st.sampled_from([0.25, 0.5, 0.75]), label="group ratio")  # 1.0: a layer keeps one
+    masks, _ = group_masks(model, groups, seed=data.draw(st.integers(0, 2**16), label="group seed"), ratio=ratio)
+    return masks
+
+
+def check_accounting(result: dp.CompactionResult, exact: bool) -> None:
+    """Compaction happened, and every masked channel is removed or kept with a reason."""
+    assert result.compacted, f"compaction abandoned: {result.abandoned}"
+    assert result.masked_channels == result.removed_channels + result.kept_channels, result.summary()
+    for k in result.kept:
+        assert k.count > 0 and k.reason and "\n" not in k.reason, k
+    if exact:  # every masked channel goes, but a dimension none of whose channels is needed keeps one
+        rescued = sum(k.count for k in result.kept if k.reason.startswith("a dimension keeps at least one"))
+        assert result.removed_channels + rescued == result.masked_channels, result.summary()
+
+
+def check_example(spec: NetSpec, masks: dict, data: st.DataObject, *, exact: bool = False) -> str:
+    """Compact + export ``spec`` with ``masks``; returns the outcome (for hypothesis' statistics).
+
+    ``exact``: the masks allow removing every masked channel exactly, so all of them must go."""
     model = FuzzNet(spec)
     g = torch.Generator().manual_seed(spec.seed)
     example = torch.randn(1, spec.channels, spec.side, spec.side, generator=g)
@@ -252,6 +281,7 @@ def check_example(spec: NetSpec, masks: dict, data: st.DataObject) -> str:
         return f"compact refused: {type(exc).__name__}"
     # the user's model is never modified
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+    check_accounting(result, exact)
     compact = result.model.eval()
     with torch.no_grad():
         refs = {id(x): reference(x) for x in (example, fresh, batch)}
@@ -300,6 +330,13 @@ def test_fuzz_element_masks(spec: NetSpec, data: st.DataObject) -> None:
     event(check_example(spec, element_masks(FuzzNet(spec), data), data))
 
 
+@pytest.mark.filterwarnings("ignore")
+@PROFILE
+@given(spec=net_specs(), data=st.data())
+def test_fuzz_group_masks(spec: NetSpec, data: st.DataObject) -> None:
+    event(check_example(spec, group_consistent_masks(FuzzNet(spec), data), data, exact=True))
+
+
 # --------------------------------------------------------------------------------------------
 # The generator itself covers what it claims
 
@@ -324,7 +361,7 @@ def test_hand_written_spec_compacts_and_exports() -> None:
     masks = {"blocks.0": {"weight": keep.view(4, 1, 1, 1).expand(4, 3, 3, 3).clone(), "bias": keep.clone()},
              "blocks.1": {"weight": keep.clone(), "bias": keep.clone()},
              "blocks.3": {"weight": keep.view(4, 1, 1, 1).expand(4, 4, 1, 1).clone(), "bias": keep.clone()}}
-    assert check_example(spec, masks, _Options()) == "parity"
+    assert check_example(spec, masks, _Options(), exact=True) == "parity"
     result = dp.compact(model, (torch.randn(1, 3, 4, 4),), masks)
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in result.model.parameters())
@@ -426,6 +463,7 @@ def test_fuzz_hostile_masks_api(data: st.DataObject) -> None:
     finally:
         assert all(torch.equal(original[k], v) for k, v in model.state_dict().items()), "the model was modified"
     event("accepted")
+    check_accounting(result, exact=False)
     # accepted masks must have been valid 0/1 masks: the compact model computes the masked model
     reference = masked_copy(model, masks)
     with torch.no_grad():
