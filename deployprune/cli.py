@@ -92,7 +92,8 @@ def _load_parent() -> argparse.ArgumentParser:
         "model_path",
         metavar="MODEL",
         help="deployprune checkpoint, state_dict (.pt/.pth, needs --model), "
-        "torch.export program (.pt2) or pickled module (needs --trust-pickle)",
+        "torch.export program (.pt2), pickled module (needs --trust-pickle) or a Hugging Face "
+        "model directory (save_pretrained: config.json + safetensors)",
     )
     g.add_argument(
         "--model",
@@ -112,6 +113,14 @@ def _load_parent() -> argparse.ArgumentParser:
         metavar="SHAPE",
         help="example input shape, e.g. 1,3,224,224 or 1,128:int64[:HIGH]; "
         "repeat for several inputs (default: from the model registry/file)",
+    )
+    g.add_argument(
+        "--input",
+        dest="keyword_inputs",
+        action="append",
+        metavar="NAME=SHAPE",
+        help="keyword example input of a Hugging Face model directory, e.g. input_ids=1,128 "
+        "(SHAPE as --input-shape); repeat for several (default: the model's main input)",
     )
     g.add_argument(
         "--trust-pickle",
@@ -277,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="OUT",
-        help="output path ending in .pt2 or .pt (default: ./<model stem>.compact.pt2)",
+        help="output path ending in .pt2 or .pt (default: ./<model stem>.compact.pt2); for a Hugging Face "
+        "model directory, an output directory (default: ./<name>.compact) unless it ends in .pt2",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--strict", action="store_true", help="fail (exit 5) when finalize keeps any masked channel")
@@ -403,6 +413,12 @@ def load_from_args(args: argparse.Namespace):
     from .io import DEFAULT_MAX_FILE_BYTES, load_model, parse_input_shape, parse_size
 
     max_bytes = parse_size(args.max_file_size) if getattr(args, "max_file_size", None) else DEFAULT_MAX_FILE_BYTES
+    keyword_inputs = getattr(args, "keyword_inputs", None) or []
+    if _is_hf_directory(args.model_path):
+        return _load_hf_directory(args, keyword_inputs, max_bytes)
+    if keyword_inputs:
+        raise UsageError(f"--input {keyword_inputs[0]}: keyword inputs are for Hugging Face model directories; "
+                         f"{args.model_path} takes positional inputs: pass --input-shape")
     shapes = [parse_input_shape(s) for s in (args.input_shapes or [])]
     return load_model(
         args.model_path,
@@ -412,6 +428,26 @@ def load_from_args(args: argparse.Namespace):
         masks=args.masks,
         max_file_bytes=max_bytes,
     )
+
+
+def _is_hf_directory(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _load_hf_directory(args: argparse.Namespace, keyword_inputs: list[str], max_bytes: int):
+    """A ``save_pretrained`` directory (deployprune.hf): keyword inputs, no code from the directory."""
+    from .hf import load_directory
+
+    for flag, given in (("--model", args.factory), ("--input-shape", args.input_shapes),
+                        ("--trust-pickle", args.trust_pickle)):
+        if given:
+            hint = "; pass keyword inputs with --input NAME=SHAPE" if flag == "--input-shape" else ""
+            raise UsageError(f"{flag} does not apply to a Hugging Face model directory ({args.model_path}): its "
+                             f"architecture comes from config.json and its weights from safetensors{hint}")
+    return load_directory(args.model_path, inputs=keyword_inputs or None, masks=args.masks,
+                          max_file_bytes=max_bytes)
 
 
 def _thresholds(args: argparse.Namespace) -> dict[str, float] | None:
@@ -437,6 +473,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = converters.parse_option_strings(args.target, args.opt) if args.opt else {}
     thresholds = _thresholds(args)
     loaded = load_from_args(args)
+    names = getattr(loaded.model, "input_names", None)  # keyword inputs: the graph inputs keep their names
+    if names and "input_names" in getattr(converters.get(args.target), "OPTIONS", {}):
+        options.setdefault("input_names", list(names))
     outcome = run_export(
         loaded,
         args.target,
@@ -464,6 +503,13 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from .pipeline import run_finalize
 
     loaded = load_from_args(args)
+    if loaded.kind == "hf" and not str(args.output or "").endswith((".pt2", ".pt", ".pth")):
+        from .hf import finalize_directory  # a Hugging Face directory in, a Hugging Face directory out
+
+        outcome = finalize_directory(loaded, args.output, force=args.force, strict=args.strict,
+                                     allow_uncompacted=args.allow_uncompacted)
+        _print_lines(outcome.summary_lines())
+        return EXIT_OK
     outcome = run_finalize(loaded, args.output, force=args.force, strict=args.strict,
                            allow_uncompacted=args.allow_uncompacted)
     _print_lines(outcome.summary_lines())

@@ -138,6 +138,11 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _short(exc: BaseException, limit: int = 140) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def is_model_directory(path: str | os.PathLike) -> bool:
     """A directory holding ``config.json``: what ``save_pretrained`` writes."""
     p = Path(path)
@@ -171,7 +176,7 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({' '.join(str(exc).split())[:100]})") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({_short(exc, 100)})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
 
@@ -237,7 +242,7 @@ def read_directory(path: str | os.PathLike, *, max_file_bytes: int = DEFAULT_MAX
             config = config_class.from_dict(copy.deepcopy(config_dict))
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects
         raise InputError(f"{where}: transformers rejects the config ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:140]})") from None
+                         f"{_short(exc)})") from None
     widths = None
     if (directory / WIDTHS_FILE).exists():
         widths = _read_widths(directory / WIDTHS_FILE, archs[0])
@@ -289,7 +294,7 @@ def read_weights(source: HFSource) -> dict[str, torch.Tensor]:
         try:
             part = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())[:120]}); "
+            raise InputError(f"{path}: not a readable safetensors file ({_short(exc, 120)}); "
                              "re-save or re-copy it") from None
         for key in part:
             if key in out:
@@ -309,7 +314,7 @@ def _build(source: HFSource) -> nn.Module:
             model = source.model_class(copy.deepcopy(source.config))
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{source.directory}: building {source.architecture} from its config failed "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:140]})") from None
+                         f"({type(exc).__name__}: {_short(exc)})") from None
     return model
 
 
@@ -609,7 +614,8 @@ def parse_keyword_input(text: str) -> tuple[str, InputShape]:
     try:
         shape = parse_input_shape(rest)
     except UsageError as exc:
-        raise UsageError(str(exc).replace("--input-shape", f"--input {name}=", 1)) from None
+        msg = str(exc).replace(f"--input-shape {rest!r}", f"--input {text!r}", 1)
+        raise UsageError(msg.replace("--input-shape", "--input", 1)) from None
     if ":" not in rest:
         shape = InputShape(shape.shape, torch.int64 if _is_integer_input(name) else torch.float32)
     return name, shape
@@ -800,8 +806,7 @@ def load_directory(
         except Exception as exc:  # noqa: BLE001 - reported as one line
             desc = ", ".join(f"{k}={'x'.join(map(str, t.shape))} ({dtype_name(t.dtype)})" for k, t in example.items())
             raise InputError(f"{source.directory}: {source.architecture} fails on inputs {desc} ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:140]}); pass the inputs it expects with --input "
-                             "NAME=SHAPE") from None
+                             f"{_short(exc)}); pass the inputs it expects with --input NAME=SHAPE") from None
     return loaded
 
 
@@ -912,7 +917,7 @@ def _save_pretrained_layout(compact: nn.Module, config: Any, updates: dict[str, 
                                               output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         log.info("from_pretrained cannot load the compacted model with the updated config (%s); "
-                 "writing per-layer widths instead", " ".join(str(exc).split())[:160])
+                 "writing per-layer widths instead", _short(exc, 160))
         return None
     problems = {k: v for k, v in info.items() if v}
     if problems:
