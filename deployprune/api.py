@@ -106,7 +106,12 @@ def export(
 
 
 def load(path: str | os.PathLike, **kwargs: Any):
-    """:func:`deployprune.io.load_model` (model, example inputs and masks from a file)."""
+    """:func:`deployprune.io.load_model` (model, example inputs and masks from a file), or for a Hugging
+    Face model directory :func:`deployprune.hf.load_directory` (keyword ``inputs=["input_ids=1,128"]``)."""
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file():
+        from .hf import load_directory
+
+        return load_directory(path, **kwargs)
     from .io import load_model
 
     return load_model(path, **kwargs)

@@ -982,6 +982,9 @@ def load_model(
     (override any shape known from the registry or the file). ``masks``: path of an NNI-layout
     masks file; replaces masks stored in the model file.
     """
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file():
+        raise UsageError(f"{path}: is a Hugging Face model directory; load it with deployprune.hf.load_directory "
+                         "(dp.load and the command line do)")
     path = check_input_file(path, max_bytes=max_file_bytes)
     if path.suffix.lower() in (".onnx", ".mlpackage", ".mlmodel", ".tflite"):
         raise InputError(
