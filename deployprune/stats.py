@@ -87,8 +87,9 @@ def _unique_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
             if not isinstance(t, torch.Tensor):
                 continue
             owner = t
-            if _is_parametrized(module, pname):
-                owner = module.parametrizations[pname].original
+            if _is_parametrized(module, pname):  # `original`, or `original0`... (weight_norm)
+                plist = module.parametrizations[pname]
+                owner = next((getattr(plist, n) for n in ("original", "original0") if hasattr(plist, n)), t)
             if id(owner) in seen:
                 continue
             seen.add(id(owner))

@@ -107,3 +107,13 @@ def test_strip_bakes_weight_norm_whether_or_not_masks_are_left() -> None:
     assert type(kept[0]) is nn.Conv1d and isinstance(kept[0].weight, nn.Parameter)
     assert torch.allclose(kept[0].weight, normed, rtol=0, atol=1e-7)
     assert set(dict(kept[0].named_parameters())) == {"weight", "bias"}
+
+
+def test_model_statistics_count_a_weight_normed_weight_once() -> None:
+    """validate's model statistics read parametrized weights too (they crashed on ``.original``)."""
+    from deployprune.stats import count_nonzero_params, count_params
+
+    net = _net()
+    want = 8 * 4 * 3 + 8 + 5 * 8 * 3 + 5  # the computed weight, not magnitude + direction
+    assert count_params(net) == want
+    assert count_nonzero_params(net) == want
