@@ -125,8 +125,9 @@ def _load_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow loading a whole pickled nn.Module; UNSAFE: unpickling runs code "
-        "from the file, use only for files you trust",
+        help="allow loading a whole pickled nn.Module, or a .pt2 program the safety check refuses (dynamic "
+        "shapes, guards); UNSAFE: unpickling and torch's .pt2 loader run code from the file, use only for "
+        "files you trust",
     )
     g.add_argument(
         "--max-file-size",
