@@ -8,12 +8,12 @@ listed in ``model.safetensors.index.json``) is read like this (:func:`read_direc
 * The architecture is ``config["architectures"][0]``, looked up *only* among transformers' own
   classes (``getattr(transformers, name)``, a subclass of ``PreTrainedModel`` whose config class
   has the directory's ``model_type``). The model is built from the config.
-* Weights come from the safetensors files only (``safetensors.torch.load_file``); a directory with
-  only ``pytorch_model.bin`` (a pickle) is refused. Keys must fit the model exactly (tied weights,
-  such as an LM head sharing the embedding, may be absent and are tied again).
-* Masks come from ``--masks`` (NNI layout), or from masks saved with the weights
-  (``parametrizations.weight.original`` / ``...0.mask`` keys of a model saved with a pruner
-  attached). Zero rows of the weights are never guessed to be masks.
+* Weights come from the safetensors files only (``safetensors.torch.load_file``, size-checked, shard
+  names plain files inside the directory); a directory with only ``pytorch_model.bin`` (a pickle) is
+  refused. transformers' own loading then gets the parsed config and those tensors (so the
+  architecture's checkpoint key conversions and weight tying apply); every key must fit.
+* Masks come from ``--masks`` (NNI layout, module names of the library model). Zero rows of the
+  weights are never guessed to be masks: a zero row is not a request to remove a unit.
 
 Example inputs are keyword inputs (:func:`parse_keyword_input`: ``input_ids=1,128``), checked
 against the forward signature, or defaults for the model's main input (:func:`default_inputs`).
@@ -57,7 +57,6 @@ from .io import (
     check_input_file,
     dtype_name,
     parse_input_shape,
-    split_pruned_state_dict,
     torch_load,
 )
 from .masks import Masks, normalize_masks
@@ -330,33 +329,56 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     unexpected = [k for k in state if k not in own]
     untied = [k for k in missing if k not in _tied_keys(model)]
 
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
     if untied or unexpected:
-        parts = ([f"missing {few(untied)}"] if untied else []) + ([f"unexpected {few(unexpected)}"] if unexpected
-                                                                   else [])
+        parts = ([f"missing {_few(untied)}"] if untied else []) + ([f"unexpected {_few(unexpected)}"] if unexpected
+                                                                    else [])
         raise InputError(f"{where}: the weights do not fit the architecture: {'; '.join(parts)}")
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
            if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         hint = (" (a compacted model with per-layer widths needs its deployprune_widths.json)"
                 if not (Path(where).parent / WIDTHS_FILE).exists() else "")
-        raise InputError(f"{where}: the weights do not fit the architecture: shape mismatch for {few(bad)} "
+        raise InputError(f"{where}: the weights do not fit the architecture: shape mismatch for {_few(bad)} "
                          f"(file vs model){hint}")
     model.load_state_dict(dict(state), strict=False)
     if missing:
         model.tie_weights()
 
 
-def build_model(source: HFSource, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """The model of ``source``: built from the config, shrunk to ``deployprune_widths.json`` when the
-    directory has one, weights loaded from the safetensors files; in eval mode."""
-    model = _build(source)
+def build_model(source: HFSource) -> nn.Module:
+    """The model of ``source`` in float32 and eval mode, its weights read from the safetensors files.
+
+    A plain directory goes through transformers' own loading (``from_pretrained`` given the parsed
+    config and the tensors read here, so it applies the architecture's checkpoint key conversions and
+    ties shared weights); every key must fit. A directory with ``deployprune_widths.json`` is built
+    from its config, each listed module shrunk to the recorded sizes, and loaded key for key.
+    """
+    state = read_weights(source)
+    where = str(source.weight_files[0])
     if source.widths is not None:
+        model = _build(source)
         apply_widths_(model, source.widths, str(source.directory / WIDTHS_FILE))
-    load_weights(model, read_weights(source) if state is None else state, str(source.weight_files[0]))
+        load_weights(model, state, where)
+        return model.eval()
+    dtypes = sorted({dtype_name(t.dtype) for t in state.values() if t.is_floating_point()})
+    if dtypes and dtypes != ["float32"]:
+        log.info("%s: weights in %s are loaded as float32", source.directory, ", ".join(dtypes))
+    try:
+        with quiet_transformers():
+            model, info = source.model_class.from_pretrained(
+                None, config=copy.deepcopy(source.config), state_dict=state, dtype=torch.float32,
+                output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a size mismatch
+        raise InputError(f"{where}: the weights do not fit {source.architecture} ({type(exc).__name__}: "
+                         f"{_short(exc)})") from None
+    problems = [f"{what.replace('_', ' ')} {_few(sorted(map(str, keys)))}" for what, keys in info.items() if keys]
+    if problems:
+        raise InputError(f"{where}: the weights do not fit {source.architecture}: {'; '.join(problems)}")
     return model.eval()
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
 def load_compacted(directory: str | os.PathLike, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> nn.Module:
@@ -763,13 +785,11 @@ def load_directory(
     """A ``save_pretrained`` directory as a :class:`~deployprune.io.LoadedModel` for the pipeline.
 
     ``inputs``: ``"input_ids=1,128"`` strings or ``(name, InputShape)`` (default: :func:`default_inputs`).
-    ``masks``: an NNI-layout masks file (or dict) named after the library model's modules; replaces
-    masks stored with the weights.
+    ``masks``: an NNI-layout masks file (or dict) named after the library model's modules (masks are
+    never guessed from zeros in the weights).
     """
     source = read_directory(path, max_file_bytes=max_file_bytes)
-    state = read_weights(source)
-    plain, stored = split_pruned_state_dict(state, str(source.weight_files[0]))
-    model = build_model(source, plain)
+    model = build_model(source)
     if inputs:
         specs = [parse_keyword_input(s) if isinstance(s, str) else s for s in inputs]
     else:
@@ -782,9 +802,7 @@ def load_directory(
         where = str(masks)
         mask_files.append(Path(masks))
     else:
-        raw, where = (masks or stored), "masks" if masks else f"{source.weight_files[0]} (stored masks)"
-        if masks and stored:
-            log.info("%s: the masks given replace the masks stored with the weights", source.directory)
+        raw, where = (masks or {}), "masks"
     final_masks = _prefixed_masks(view, raw, where) if raw else {}
     loaded = HFLoaded(
         model=view,
@@ -936,8 +954,11 @@ def _save_widths_layout(compact: nn.Module, tmp: Path, checks: list[dict[str, to
     cls = type(compact)
     reference = _meta_reference(cls, compact.config)
     spec = widths_spec(reference, compact, cls.__name__)
+    config = copy.deepcopy(compact.config)
+    config.architectures = [cls.__name__]
     with quiet_transformers():
-        compact.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+    save_state(compact, tmp / WEIGHTS_FILE)
     (tmp / WIDTHS_FILE).write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     try:
         again = load_compacted(tmp)
@@ -949,6 +970,28 @@ def _save_widths_layout(compact: nn.Module, tmp: Path, checks: list[dict[str, to
         raise UnsupportedError(f"the model rebuilt from the widths spec reproduces the compact model only to "
                                f"{rel:.3g} (relative); write a .pt2 program instead")
     return SavedDirectory(tmp, "widths", widths_modules=len(spec["modules"]), reload_rel=rel)
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    """``model``'s state dict as one safetensors file, keys as the model names them (the layout
+    :func:`load_compacted` reads). A tied weight that shares its tensor is left out (tied again on
+    load); other tensors sharing storage are stored as copies."""
+    from safetensors.torch import save_file
+
+    tied = _tied_keys(model)
+    seen: set[tuple] = set()
+    storages: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        ident = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen and key in tied:
+            continue
+        shared = ptr in storages
+        seen.add(ident)
+        storages.add(ptr)
+        out[key] = t.detach().clone().contiguous() if shared else t.detach().contiguous()
+    save_file(out, str(path), metadata={"format": "pt", "layout": "state_dict"})
 
 
 def _meta_reference(cls: type, config: Any) -> nn.Module:
