@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from deployprune import cli
 from deployprune.io import load_model
 from deployprune.validate import load_report
 from tests.cli.test_cli import LENET_SAMPLE, assert_one_line_error, run
+from tests.faults import perturb_initializer
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +66,16 @@ def test_validate_latency_flags_json_and_html(artifacts: Path) -> None:
 
 
 def test_validate_html_written_when_validation_fails(artifacts: Path) -> None:
-    proc = run("validate", str(LENET_SAMPLE), "c.onnx", "--n-inputs", "2", "--no-latency", "--max-abs", "1e-12",
+    # a real fault: one weight of a copy of the artifact moved by half the weight's range
+    shutil.copy(artifacts / "c.onnx", artifacts / "perturbed.onnx")
+    perturb_initializer(artifacts / "perturbed.onnx")
+    proc = run("validate", str(LENET_SAMPLE), "perturbed.onnx", "--n-inputs", "2", "--no-latency",
                "--html", "fail.html", cwd=artifacts)
-    assert_one_line_error(proc, 4, "c.onnx: validation failed: ...")
+    assert_one_line_error(proc, 4, "perturbed.onnx: validation failed: output 'output_0': ...")
     html = (artifacts / "fail.html").read_text()
-    assert "FAIL" in html and "max abs error" in html
+    assert "FAIL" in html and "output &#x27;output_0&#x27;: max rel error" in html
+    # the perturbed layer is the one named (the dynamo export's nodes carry module scopes)
+    assert "first diverging layer: fc3" in html
 
 
 INTS = "expected positive integers separated by commas, e.g. 1,8"

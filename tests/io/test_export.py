@@ -21,6 +21,7 @@ from deployprune.errors import EXIT_VALIDATION, OutputError, UnsupportedError, U
 from deployprune.io import load_model
 from deployprune.pipeline import masked_copy, run_export, run_finalize
 from deployprune.validate import load_report
+from tests.faults import faulty_onnx_target
 from tests.io.conftest import SAMPLES, tree_digest
 
 
@@ -139,15 +140,18 @@ def test_run_export_dense_reference_is_timed(tmp_path: Path) -> None:
 def test_validation_failure_removes_artifact(tmp_path: Path) -> None:
     loaded = load_model(SAMPLES / "lenet.pt")
     out = tmp_path / "strict.onnx"
-    outcome = run_export(loaded, "onnx", out, n_inputs=2, latency=False, thresholds={"max_abs": 1e-12})
+    with faulty_onnx_target() as target:  # the export is wrong: two output channels swapped
+        outcome = run_export(loaded, "onnx", out, n_inputs=2, latency=False)
+    assert target.swapped  # the fault was really injected
     assert outcome.passed is False and outcome.exit_code == EXIT_VALIDATION
+    assert any(f.startswith("output 'output_0': ") for f in outcome.validation.failures)
     assert outcome.artifact is None and not out.exists()
     data = json.loads(outcome.report_path.read_text())
     assert data["passed"] is False and data["artifact"]["path"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["strict.onnx.report.json"]
 
-    kept = run_export(loaded, "onnx", out, n_inputs=2, latency=False, thresholds={"max_abs": 1e-12},
-                      keep_failed=True, force=True)
+    with faulty_onnx_target():
+        kept = run_export(loaded, "onnx", out, n_inputs=2, latency=False, keep_failed=True, force=True)
     assert kept.passed is False and kept.artifact == out and out.is_file()
 
 
