@@ -2,7 +2,8 @@
 
 Pipeline (everything before the rename works on a temporary sibling of the output)::
 
-    torch.onnx.export (torchscript exporter, opset 17, by default)  -> ModelProto in memory
+    torch.onnx.export (dynamo exporter, opset 18, by default)       -> ModelProto in memory
+        (dynamo's nodes renamed /module/path/Op; TorchScript exporter as option or noted fallback)
     onnxsim.simplify(check_n=...)          kept only if it succeeds and its own check passes
     sparse weight encoding                 only with sparse_initializers=True
     metadata_props                         source model, deployprune version, layer sparsity, opset
@@ -55,18 +56,23 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 #: Name of the sparse weight encoding written in metadata (see encode_sparse_initializers).
 SPARSE_ENCODING = "deployprune.bitmask-gather.v1"
 
-#: Opset used when none is given: the torchscript exporter writes opset 17 exactly; the dynamo
-#: exporter implements opset 18 and only down-converts (which fails for e.g. ReduceMean with
-#: dynamic axes, leaving 18), so 18 is its honest default.
-DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+#: Opset used when none is given, whichever exporter writes the model: the dynamo exporter's own
+#: implementations start at 18 (asked for less it down-converts, which fails for e.g. ReduceMean
+#: with dynamic axes and leaves 18), and the torchscript exporter writes 18 exactly, so a fallback
+#: export has the same opset as a dynamo one.
+DEFAULT_OPSET = 18
+
+#: Node metadata the dynamo exporter writes that carries the user's source: file paths and code
+#: lines (stack traces) and the FX node text. An artifact is shipped, so these are dropped.
+_SOURCE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
     **COMMON_OPTIONS,
-    "exporter": (Choice("torchscript", "dynamo"), "torchscript",
-                 "torch.onnx exporter: 'torchscript' (dynamo=False, one self-contained file) or "
-                 "'dynamo' (torch.export based)"),
-    "opset": (int, None, "ONNX opset of the default domain (default 17 with the torchscript "
-                         "exporter, 18 with dynamo, whose own implementations start at 18)"),
+    "exporter": (Choice("dynamo", "torchscript"), "dynamo",
+                 "torch.onnx exporter: 'dynamo' (torch.export based; if it fails and the option was "
+                 "not given, the torchscript exporter is used and the result says so) or "
+                 "'torchscript' (dynamo=False, the deprecated tracer)"),
+    "opset": (int, None, f"ONNX opset of the default domain (default {DEFAULT_OPSET})"),
     "input_names": (list, None, "graph input names (default input_0, input_1, ...)"),
     "output_names": (list, None, "graph output names (default output_0, output_1, ...)"),
     "dynamic_batch": (bool, False, "make axis 0 of every input and output dynamic"),
@@ -92,8 +98,10 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     """Export ``model`` to ONNX at ``path`` (see module docstring and docs/converters.md)."""
     opts = resolve_options(TARGET, OPTIONS, options)
     if opts["opset"] is None:
-        opts["opset"] = DEFAULT_OPSET[opts["exporter"]]
+        opts["opset"] = DEFAULT_OPSET
     _check_compatible(opts, given=set(options))
+    # The default exporter may fall back to the torchscript one; a chosen exporter never does.
+    fallback = "exporter" not in options and _in_range("torchscript", opts["opset"])
     inputs = check_model_and_inputs(model, example_inputs, TARGET)
     path = check_writable(path, force=opts["force"])
     side = Path(str(path) + EXTERNAL_SUFFIX)
@@ -108,10 +116,14 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
     with eval_mode(model):
         reference = run_torch(model, inputs)
         in_names, out_names = io_names(opts, len(inputs), len(reference), TARGET)
-        proto = _export(model, inputs, in_names, out_names, opts, scratch_parent=path.parent)
+        proto, exporter, fallback_reason = _export_with_fallback(
+            model, inputs, in_names, out_names, opts, scratch_parent=path.parent, fallback=fallback)
+    if fallback_reason:
+        warnings.append(f"exported with the torchscript exporter, not the default dynamo one: "
+                        f"{fallback_reason} (choose one with --opt exporter=dynamo|torchscript)")
     opset = _default_opset(proto)
     if opset != opts["opset"]:
-        warnings.append(f"the {opts['exporter']} exporter produced opset {opset}, not the requested "
+        warnings.append(f"the {exporter} exporter produced opset {opset}, not the requested "
                         f"{opts['opset']}; use exporter='torchscript' for an exact opset")
     feeds = {name: t.numpy() for name, t in zip(in_names, inputs, strict=True)}
 
@@ -128,7 +140,7 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         sparse_stats["encoded_initializer_bytes"] = _tensor_bytes(proto)
 
     external = bool(opts["external_data"]) or _tensor_bytes(proto) > PROTOBUF_LIMIT
-    target_meta = {"opset": opset, "exporter": opts["exporter"], "simplified": simplified,
+    target_meta = {"opset": opset, "exporter": exporter, "simplified": simplified,
                    "dynamic_batch": opts["dynamic_batch"]}
     if sparse_stats.get("encoded"):
         target_meta["sparse_encoding"] = SPARSE_ENCODING
@@ -155,7 +167,8 @@ def convert(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: st
         log.warning("%s: %s", path, w)
     metadata = {
         "opset": opset,
-        "exporter": opts["exporter"],
+        "exporter": exporter,
+        **({"exporter_fallback": fallback_reason} if fallback_reason else {}),
         "simplified": simplified,
         "external_data": external,
         "external_data_path": str(side) if external else None,
@@ -178,6 +191,11 @@ def _opset_range(exporter: str) -> tuple[int, int]:
     high = getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20) if exporter == "torchscript" \
         else getattr(c, "ONNX_MAX_OPSET", 23)
     return low, high
+
+
+def _in_range(exporter: str, opset: int) -> bool:
+    low, high = _opset_range(exporter)
+    return low <= opset <= high
 
 
 def _check_compatible(opts: dict[str, Any], given: set[str]) -> None:
@@ -208,6 +226,7 @@ def _check_compatible(opts: dict[str, Any], given: set[str]) -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WRAPPER = re.compile(r"This is step \d/\d|^Failed to (export|convert|decompose|translate)")
 _OP_PATTERNS = (
     re.compile(r"operator '([^']+)'"),  # torchscript exporter: UnsupportedOperatorError
     re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),  # dynamo exporter
@@ -236,16 +255,22 @@ def unsupported_op(message: str) -> str | None:
 def _export_error(model: nn.Module, exporter: str, opset: int, exc: BaseException) -> UnsupportedError:
     text = f"{exc}"
     cause = exc.__cause__
+    deepest: BaseException = exc
     while cause is not None:
         text += f"\n{cause}"
+        deepest = cause
         cause = cause.__cause__
+    # torch.onnx's dynamo errors wrap the real one in "Failed to export the model with
+    # torch.export. This is step 1/3 ...": name the error underneath.
+    summary = str(deepest) if _WRAPPER.search(_ANSI.sub("", text.split("\n", 1)[0])) else text
     op = unsupported_op(text)
     name = type(model).__name__
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
     if op:
         return UnsupportedError(
             f"onnx: the {exporter} exporter cannot export op {op!r} of {name} at opset {opset}; "
-            f"replace the op in the model, try exporter='dynamo'/another opset, or use another target")
-    return UnsupportedError(f"onnx: the {exporter} exporter failed on {name}: {_one_line(text)}")
+            f"replace the op in the model, try exporter='{other}'/another opset, or use another target")
+    return UnsupportedError(f"onnx: the {exporter} exporter failed on {name}: {_one_line(summary)}")
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -259,7 +284,10 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
 
     exporter, opset = opts["exporter"], opts["opset"]
     try:
-        with slow_path_tracing(model), contextlib.redirect_stdout(io.StringIO()) as chatter:
+        with slow_path_tracing(model), contextlib.redirect_stdout(io.StringIO()) as chatter, \
+                contextlib.redirect_stderr(chatter), _quiet_torch_loggers():
+            # torch.export prints the graph it failed on to stderr and logs its guards' warnings;
+            # the failure itself is reported (one line), the rest goes to the debug log.
             if exporter == "torchscript":
                 proto = _export_torchscript(model, inputs, in_names, out_names, opts, scratch_parent)
             else:
@@ -273,6 +301,59 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
     if not isinstance(proto, onnx.ModelProto):  # pragma: no cover - defensive
         raise UnsupportedError(f"onnx: the {exporter} exporter returned no model for {type(model).__name__}")
     return proto
+
+
+@contextlib.contextmanager
+def _quiet_torch_loggers():
+    """torch's own loggers (torch.export, symbolic shapes ...) at ERROR inside, unless debugging."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [lg for name, lg in list(logging.Logger.manager.loggerDict.items())
+               if isinstance(lg, logging.Logger) and (name == "torch" or name.startswith("torch."))]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _export_with_fallback(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
+                          out_names: list[str], opts: dict[str, Any], scratch_parent: Path,
+                          fallback: bool) -> tuple[Any, str, str | None]:
+    """(model proto, exporter that wrote it, why not dynamo when the torchscript exporter took over).
+
+    With ``fallback`` the torchscript exporter takes over when the dynamo exporter fails, and when
+    it cannot write the requested opset (it only down-converts from 18, which can fail and leave
+    18); if the torchscript exporter fails at that as well, the dynamo model is kept (the caller
+    warns about its opset).
+    """
+    if not fallback or opts["exporter"] != "dynamo":
+        return _export(model, inputs, in_names, out_names, opts, scratch_parent), opts["exporter"], None
+    torchscript = {**opts, "exporter": "torchscript"}
+    try:
+        proto = _export(model, inputs, in_names, out_names, opts, scratch_parent)
+    except UnsupportedError as first:
+        reason = str(first).removeprefix("onnx: ")
+        log.info("%s; trying the torchscript exporter", reason)
+        try:
+            proto = _export(model, inputs, in_names, out_names, torchscript, scratch_parent)
+        except UnsupportedError as second:
+            raise UnsupportedError(f"{first} (the torchscript exporter failed too: "
+                                   f"{str(second).removeprefix('onnx: ')})") from second
+        return proto, "torchscript", reason
+    written = _default_opset(proto)
+    if written == opts["opset"]:
+        return proto, "dynamo", None
+    try:
+        exact = _export(model, inputs, in_names, out_names, torchscript, scratch_parent)
+    except UnsupportedError as exc:
+        log.info("the torchscript exporter cannot write opset %d either: %s", opts["opset"], exc)
+        return proto, "dynamo", None
+    return exact, "torchscript", f"it wrote opset {written}, not the requested {opts['opset']}"
 
 
 def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
@@ -317,10 +398,62 @@ def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names:
     program = torch.onnx.export(
         model, trace_inputs, None, dynamo=True, opset_version=opts["opset"], input_names=in_names,
         output_names=out_names, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
+        external_data=False,
     )
     # The program lives in memory; the dynamo exporter's own '.onnx.data' file is never written:
     # external data is decided and written by _save below like for the other exporter.
-    return program.model_proto
+    proto = program.model_proto
+    name_nodes_by_scope(proto)
+    return proto
+
+
+def name_nodes_by_scope(proto: Any) -> int:
+    """Name the dynamo exporter's nodes ``/module/path/Op`` as the torchscript exporter does.
+
+    Validation's layer localization and the report's per-layer table read the torch module of a
+    node from its name (:func:`deployprune.stats.module_name_from_scope`); the dynamo exporter
+    names nodes ``node_conv2d`` and keeps the module path in the node's
+    ``pkg.torch.onnx.name_scopes`` metadata, which onnxsim drops. Each scope step is written by
+    its short name (``layer1.0.conv1`` -> ``conv1``); repeated names get ``_1``, ``_2`` on the op.
+    A Conv into which the exporter's optimizer fused a BatchNorm carries the BatchNorm's scope; it
+    is named after the module owning its weight instead (``layer1.0.conv1``), where the
+    torchscript exporter puts it too. Metadata carrying source code and file paths is dropped.
+    Returns the number of nodes renamed.
+    """
+    import ast
+
+    from deployprune.stats import _unqualified
+
+    wanted: dict[int, str] = {}
+    for i, node in enumerate(proto.graph.node):
+        meta = {p.key: p.value for p in node.metadata_props}
+        kept = [p for p in node.metadata_props if p.key not in _SOURCE_METADATA]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "None"))
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(scopes, list) or not all(isinstance(q, str) for q in scopes):
+            continue
+        modules = [q for q in scopes[1:-1] if q]
+        rules = [r.strip() for r in meta.get("pkg.onnxscript.rewriter.rule_name", "").split(",")]
+        if "FuseBatchNormIntoConv" in rules and len(node.input) > 1 and node.input[1].endswith(".weight"):
+            owner = node.input[1].removesuffix(".weight")
+            while modules and not owner.startswith(modules[-1] + "."):
+                modules.pop()
+            modules.append(owner)
+        wanted[i] = "/" + "".join(_unqualified(q) + "/" for q in modules) + node.op_type
+    taken = {n.name for i, n in enumerate(proto.graph.node) if i not in wanted}
+    for i, base in wanted.items():
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        proto.graph.node[i].name = name
+    return len(wanted)
 
 
 def _default_opset(proto: Any) -> int:

@@ -42,17 +42,18 @@ def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.max(np.abs(ref - got)) / max(np.max(np.abs(ref)), 1e-6))
 
 
-def test_default_export_is_one_opset17_file(tmp_path: Path, convbn, image) -> None:
+def test_default_export_is_one_opset18_dynamo_file(tmp_path: Path, convbn, image) -> None:
     path = tmp_path / "m.onnx"
     result = converters.get("onnx").convert(convbn, image, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no .data, no temp files
     model = onnx.load(str(path))
-    assert [(i.domain, i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")] == [("", 17)]
+    assert [(i.domain, i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")] == [("", 18)]
     assert [i.name for i in model.graph.input] == ["input_0"]
     assert [o.name for o in model.graph.output] == ["output_0"]
     onnx.checker.check_model(model, full_check=True)
     assert rel_err(torch_out(convbn, *image), run(path, *image)[0]) <= 1e-5
-    assert result.metadata["opset"] == 17 and result.metadata["exporter"] == "torchscript"
+    assert result.metadata["opset"] == 18 and result.metadata["exporter"] == "dynamo"
+    assert "exporter_fallback" not in result.metadata
     assert result.metadata["simplified"] is True and result.metadata["external_data"] is False
     assert result.metadata["ort_relative_error"] <= 1e-5
     assert result.size_bytes == path.stat().st_size
@@ -67,8 +68,8 @@ def test_metadata_props(tmp_path: Path, convbn, image) -> None:
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert props["deployprune.model_name"] == "tiny"
     assert props["deployprune.source_model"] == "tests.converters.conftest.ConvBNNet"
-    assert props["deployprune.opset"] == "17"
-    assert props["deployprune.exporter"] == "torchscript"
+    assert props["deployprune.opset"] == "18"
+    assert props["deployprune.exporter"] == "dynamo"
     import deployprune
 
     assert props["deployprune.version"] == deployprune.__version__
@@ -137,9 +138,91 @@ def test_opset_the_exporter_cannot_keep_is_a_warning(tmp_path: Path, convbn, ima
 
 
 def test_other_opset(tmp_path: Path, convbn, image) -> None:
+    # the dynamo exporter only writes 18 (down-conversion to 13 fails); with the default exporter
+    # the torchscript one writes the requested opset exactly, and the result says so
     path = tmp_path / "m.onnx"
-    converters.get("onnx").convert(convbn, image, path, opset=13)
+    result = converters.get("onnx").convert(convbn, image, path, opset=13)
     assert [i.version for i in onnx.load(str(path)).opset_import if i.domain == ""] == [13]
+    assert result.metadata["exporter"] == "torchscript"
+    assert result.metadata["exporter_fallback"] == "it wrote opset 18, not the requested 13"
+    assert result.warnings == ["exported with the torchscript exporter, not the default dynamo one: it wrote "
+                               "opset 18, not the requested 13 (choose one with --opt exporter=dynamo|torchscript)"]
+
+
+@pytest.mark.parametrize("opset", [None, 17])
+def test_torchscript_exporter_option(tmp_path: Path, convbn, image, opset: int | None) -> None:
+    path = tmp_path / "m.onnx"
+    options = {} if opset is None else {"opset": opset}
+    result = converters.get("onnx").convert(convbn, image, path, exporter="torchscript", **options)
+    written = [i.version for i in onnx.load(str(path)).opset_import if i.domain == ""]
+    assert written == [opset or 18] and result.metadata["opset"] == (opset or 18)
+    assert result.metadata["exporter"] == "torchscript" and result.warnings == []
+    assert onnx.load(str(path)).metadata_props  # deployprune's metadata as with the default exporter
+    assert rel_err(torch_out(convbn, *image), run(path, *image)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("simplify", [True, False])
+def test_dynamo_nodes_are_named_by_module_scope(tmp_path: Path, convbn, image, simplify: bool) -> None:
+    from deployprune.stats import module_name_from_scope, onnx_layers
+
+    path = tmp_path / "m.onnx"
+    converters.get("onnx").convert(convbn, image, path, simplify=simplify)
+    model = onnx.load(str(path))
+    modules = [n for n, _ in convbn.named_modules()]
+    compute = {n.name: module_name_from_scope(n.name, modules)
+               for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    # the BatchNorms are fused into the convolutions, which keep the convolution's scope
+    assert compute == {"/conv1/Conv": "conv1", "/conv2/Conv": "conv2", "/fc/Gemm": "fc"}
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
+    assert set(onnx_layers(path, modules)) == {"conv1", "conv2", "fc"}
+    # the exporter's stack traces (the user's file paths and source lines) are not shipped
+    keys = {p.key for n in model.graph.node for p in n.metadata_props}
+    assert not keys & {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
+    assert str(Path(__file__).parent) not in path.read_bytes().decode("latin-1")
+
+
+class DataDependentBranch(torch.nn.Module):
+    """torch.export refuses a Python branch on a tensor's value; the tracer records one side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if y.sum() > 0:
+            return y * 2
+        return y - 1
+
+
+def test_default_exporter_falls_back_to_torchscript_and_says_why(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DataDependentBranch().eval()
+    x = (torch.randn(2, 4, generator=torch.Generator().manual_seed(1)),)
+    path = tmp_path / "m.onnx"
+    result = converters.get("onnx").convert(model, x, path)
+    assert result.metadata["exporter"] == "torchscript"
+    assert props_of(path)["deployprune.exporter"] == "torchscript"
+    reason = result.metadata["exporter_fallback"]
+    assert reason.startswith("the dynamo exporter failed on DataDependentBranch: Could not guard on "
+                             "data-dependent expression")
+    assert result.warnings == [f"exported with the torchscript exporter, not the default dynamo one: {reason} "
+                               "(choose one with --opt exporter=dynamo|torchscript)"]
+    assert "\n" not in result.warnings[0]
+
+
+def test_chosen_dynamo_exporter_never_falls_back(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError) as exc:
+        converters.get("onnx").convert(DataDependentBranch().eval(), (torch.randn(2, 4),), tmp_path / "m.onnx",
+                                       exporter="dynamo")
+    assert str(exc.value).startswith("onnx: the dynamo exporter failed on DataDependentBranch: Could not guard "
+                                     "on data-dependent expression")
+    assert "\n" not in str(exc.value) and exc.value.exit_code == EXIT_UNSUPPORTED
+    assert list(tmp_path.iterdir()) == []
+
+
+def props_of(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
 # --------------------------------------------------------------------------- onnxsim fallback
@@ -230,7 +313,7 @@ def test_large_model_goes_through_a_file_export(tmp_path: Path, convbn, image, m
     # above the limit the torchscript exporter writes to a scratch file (external data) first
     monkeypatch.setattr(onnx_target, "PROTOBUF_LIMIT", 1_000)
     path = tmp_path / "big.onnx"
-    converters.get("onnx").convert(convbn, image, path, simplify=False)
+    converters.get("onnx").convert(convbn, image, path, simplify=False, exporter="torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     assert rel_err(torch_out(convbn, *image), run(path, *image)[0]) <= 1e-5
 
@@ -332,8 +415,10 @@ def test_sparse_options_need_sparse_initializers(tmp_path: Path, convbn, image) 
         ({"simplify": False, "simplify_check_n": 5},
          "onnx options 'simplify_check_n' and 'simplify': the check belongs to the simplification, which "
          "simplify=False turns off"),
-        ({"opset": 99}, "onnx option 'opset': 99 is outside 7..20 supported by the torchscript exporter"),
-        ({"exporter": "tflite"}, "onnx option 'exporter': 'tflite' is not one of torchscript, dynamo"),
+        ({"opset": 99}, "onnx option 'opset': 99 is outside 7..23 supported by the dynamo exporter"),
+        ({"opset": 21, "exporter": "torchscript"},
+         "onnx option 'opset': 21 is outside 7..20 supported by the torchscript exporter"),
+        ({"exporter": "tflite"}, "onnx option 'exporter': 'tflite' is not one of dynamo, torchscript"),
         ({"sparse_initializers": True, "sparse_min_sparsity": 1.5},
          "onnx option 'sparse_min_sparsity' must be between 0 and 1, got 1.5"),
         ({"dynamic_shapes": True}, "onnx: unknown option 'dynamic_shapes'"),
@@ -347,14 +432,18 @@ def test_incompatible_or_bad_options(tmp_path: Path, convbn, image, options: dic
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_unsupported_op_is_named(tmp_path: Path, exporter: str) -> None:
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", None])
+def test_unsupported_op_is_named(tmp_path: Path, exporter: str | None) -> None:
+    options = {} if exporter is None else {"exporter": exporter}
     with pytest.raises(UnsupportedError) as exc:
-        converters.get("onnx").convert(ZetaNet(), (torch.randn(2, 4),), tmp_path / "z.onnx", exporter=exporter)
+        converters.get("onnx").convert(ZetaNet(), (torch.randn(2, 4),), tmp_path / "z.onnx", **options)
     msg = str(exc.value)
     assert "zeta" in msg and "ZetaNet" in msg and "\n" not in msg
     expected = "'aten::special_zeta'" if exporter == "torchscript" else "'prims.zeta'"
     assert f"cannot export op {expected} of ZetaNet" in msg
+    if exporter is None:  # the default tried both exporters and names both failures
+        assert "(the torchscript exporter failed too: the torchscript exporter cannot export op " \
+               "'aten::special_zeta' of ZetaNet" in msg
     assert exc.value.exit_code == EXIT_UNSUPPORTED
     assert list(tmp_path.iterdir()) == []
 

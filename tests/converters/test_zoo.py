@@ -69,12 +69,13 @@ def assert_onnx_matches(path: Path, model: torch.nn.Module, name: str) -> None:
 def test_onnx_dense_and_compacted(tmp_path: Path, name: str) -> None:
     dense_model = zoo.build(name)
     dense = converters.get("onnx").convert(dense_model, zoo.example_inputs(name), tmp_path / "dense.onnx")
-    assert dense.warnings == [] and dense.metadata["opset"] == 17
+    # the default dynamo exporter handles every zoo model (no torchscript fallback, no warning)
+    assert dense.warnings == [] and dense.metadata["opset"] == 18 and dense.metadata["exporter"] == "dynamo"
     assert_onnx_matches(dense.path, dense_model, name)
 
     compact_model = compacted(name)
     compact = converters.get("onnx").convert(compact_model, zoo.example_inputs(name), tmp_path / "compact.onnx")
-    assert compact.warnings == []
+    assert compact.warnings == [] and compact.metadata["exporter"] == "dynamo"
     assert_onnx_matches(compact.path, compact_model, name)
     assert compact.size_bytes < dense.size_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.onnx", "dense.onnx"]
