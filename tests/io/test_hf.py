@@ -194,12 +194,14 @@ UNIFORM = {  # MLP units and heads removed alike in every layer: save_pretrained
 def test_uniform_widths_come_back_through_from_pretrained(tmp_path: Path, kind: str) -> None:
     mlp_drop, heads, config_fields = UNIFORM[kind]
     directory, masks = saved(tmp_path, kind, mlp_drop, heads)
+    (directory / "vocab.txt").write_text("[PAD]\n[UNK]\n")  # tokenizer files travel with the model
     proc = run("finalize", directory.name, "--masks", masks.name, "-o", "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "from_pretrained loads it" in proc.stdout
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name != "generation_config.json") == [
-        "config.json", "model.safetensors"]
+        "config.json", "model.safetensors", "vocab.txt"]
+    assert (out / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
     config = json.loads((out / "config.json").read_text())
     for key, value in config_fields.items():
         assert config[key] == value, (key, config[key])
@@ -244,6 +246,10 @@ def test_per_layer_widths_come_back_through_load_compacted(tmp_path: Path, kind:
     cls = getattr(T, json.loads((out / "config.json").read_text())["architectures"][0])
     with pytest.raises(RuntimeError, match="mismatch"):  # never a silently re-initialized layer
         cls.from_pretrained(out, local_files_only=True)
+    if kind == "bert":  # the written directory is a model directory for export too
+        proc = run("export", "out", "--no-latency", "--n-inputs", "3", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "PASS" in proc.stdout
 
 
 def test_finalize_output_is_atomic_and_never_replaced_without_force(tmp_path: Path, capsys) -> None:
