@@ -371,7 +371,8 @@ def test_legacy_spelling_never_imports_a_user_models_package(tmp_path: Path, use
     # a file naming a module the zoo never had is the user's code: refused, nothing imported
     foreign = save_checkpoint(tmp_path / "yolo.pt", nn.Linear(2, 2), factory="models.yolo:Model",
                               input_shapes=[InputShape((1, 2))])
-    with pytest.raises(UnsafeFileError, match="names model factory 'models.yolo:Model', which is not a model of the deployprune zoo"):
+    with pytest.raises(UnsafeFileError,
+                       match="names model factory 'models.yolo:Model', which is not a model of the deployprune zoo"):
         load_model(foreign)
     assert not user_models_package.exists()
     # the user naming their own package with --model gets their package, not the zoo
