@@ -134,9 +134,10 @@ def masked_slices(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]],
             found: list[tuple[int, np.ndarray]] = []
             for d in dims:
                 n = t.shape[d]
-                live = nonzero.movedim(d, 0).reshape(n, -1).any(1)
-                touched = masked_el.movedim(d, 0).reshape(n, -1).any(1)
-                found.append((d, torch.nonzero(~live & touched).flatten().cpu().numpy()))
+                # the mask zeroes the whole slice: a weight that is merely zero where the mask keeps it
+                # (Swin's zero-initialized relative position table) is not a masked channel
+                covered = masked_el.movedim(d, 0).reshape(n, -1).all(1)
+                found.append((d, torch.nonzero(covered).flatten().cpu().numpy()))
             # a weight masked whole along one dimension is zero along the others too: that is one mask,
             # counted along the first such dimension only (a fully masked layer counts its outputs)
             whole = next((d for d, idx in found if idx.size == t.shape[d]), None)
@@ -177,12 +178,15 @@ def account(a: Analysis, slices: list[MaskedSlices]) -> Accounting:
         kept_idx = s.indices[keep[s.indices]]
         acc.removed += int(s.indices.size - kept_idx.size)
         root = a.find(s.var.slots[s.dim])
-        for i in kept_idx:
-            e = ex.explain(root, int(i), s.module)
+        if kept_idx.size and root in ex.pins:  # a pin keeps the whole dimension: one reason for all
+            whys = [(ex.explain(root, int(kept_idx[0]), s.module), int(kept_idx.size))]
+        else:
+            whys = [(ex.explain(root, int(i), s.module), 1) for i in kept_idx]
+        for e, n in whys:
             key = (s.module, e.reason, e.node, e.op)
-            groups[key] = groups.get(key, 0) + 1
+            groups[key] = groups.get(key, 0) + n
             if e.blocker is not None:
-                acc.by_blocker[e.blocker] = acc.by_blocker.get(e.blocker, 0) + 1
+                acc.by_blocker[e.blocker] = acc.by_blocker.get(e.blocker, 0) + n
     acc.kept = [KeptChannels(m, c, r, n, o) for (m, r, n, o), c in groups.items()]
     acc.kept.sort(key=lambda k: -k.count)
     return acc
