@@ -1024,8 +1024,10 @@ def finalize_directory(
         raise UsageError("finalize_directory: expected a model directory loaded by deployprune.hf.load_directory")
     out_path = Path(out) if out is not None else Path(f"{loaded.source.name}.compact")
     check_not_input(out_path, *loaded.files)
-    if out_path.resolve() in loaded.source.resolve().parents:
-        raise UsageError(f"{out_path}: the output would replace a directory holding the input; choose another -o path")
+    for f in loaded.files:
+        if out_path.resolve() in f.resolve().parents:
+            raise UsageError(f"{out_path}: the output would replace a directory holding the input {f}; "
+                             "choose another -o path")
     remove_stale(out_path)
     check_writable(out_path, force=force)
     comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
