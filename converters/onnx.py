@@ -427,10 +427,6 @@ def name_nodes_by_scope(proto: Any) -> int:
     wanted: dict[int, str] = {}
     for i, node in enumerate(proto.graph.node):
         meta = {p.key: p.value for p in node.metadata_props}
-        kept = [p for p in node.metadata_props if p.key not in _SOURCE_METADATA]
-        if len(kept) != len(node.metadata_props):
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
         try:
             scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "None"))
         except (ValueError, SyntaxError):
@@ -453,7 +449,27 @@ def name_nodes_by_scope(proto: Any) -> int:
             name = f"{base}_{k}"
         taken.add(name)
         proto.graph.node[i].name = name
+    _strip_source_metadata(proto.graph.node)
+    for function in proto.functions:
+        _strip_source_metadata(function.node)
     return len(wanted)
+
+
+def _strip_source_metadata(nodes: Any) -> None:
+    """Drop the stack-trace metadata of ``nodes`` and of the nodes of their subgraphs."""
+    from onnx import AttributeProto
+
+    for node in nodes:
+        kept = [p for p in node.metadata_props if p.key not in _SOURCE_METADATA]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                _strip_source_metadata(attr.g.node)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _strip_source_metadata(g.node)
 
 
 def _default_opset(proto: Any) -> int:

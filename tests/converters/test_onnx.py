@@ -221,6 +221,31 @@ def test_chosen_dynamo_exporter_never_falls_back(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+class CondBranch(torch.nn.Module):
+    """The same branch written with torch.cond: the dynamo exporter keeps both sides (an ONNX If)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda t: self.fc(t) * 2, lambda t: self.fc(t) - 1, (x,))
+
+
+def test_dynamo_keeps_both_sides_of_torch_cond_and_no_source_in_subgraphs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CondBranch().eval()
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "m.onnx"
+    result = converters.get("onnx").convert(model, (x,), path, simplify=False)
+    assert result.metadata["exporter"] == "dynamo" and result.warnings == []
+    assert "If" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    for sign in (1.0, -1.0):  # both branches, not the one the example took
+        probe = sign * x.abs()
+        assert rel_err(torch_out(model, probe), run(path, probe)[0]) <= 1e-5
+    assert b"pkg.torch.onnx.stack_trace" not in path.read_bytes()
+
+
 def props_of(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
