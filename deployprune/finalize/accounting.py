@@ -1,7 +1,7 @@
 """Exact accounting of masked channels: how many finalize removed, and why each other one stayed.
 
 A **masked channel** is one slice of a masked parameter along one of its channel dimensions
-that is entirely zero in the masked model while its mask zeroes at least one element of it:
+whose mask is zero everywhere (the masks remove the whole slice):
 
 * the channel dimensions of a parameter are those the rules tag as producer or consumer
   (a Linear's rows and columns, a convolution's filters and, for ``groups == 1``, its input
@@ -9,7 +9,8 @@ that is entirely zero in the masked model while its mask zeroes at least one ele
   tagged (an op without a rule uses it) counts its first two dimensions (one for 1-d tensors,
   the filters only for grouped convolutions, the columns for embeddings);
 * biases are not channels (a masked bias entry under an unmasked weight row is a live channel);
-* a slice that was zero before masking (a zero-initialised layer) is not a masked channel;
+* a slice that is zero only partly by its mask (the rest zero-initialised, as Swin's relative
+  position table) or not masked at all (a zero-initialised layer) is not a masked channel;
 * a weight masked whole along one dimension (every row of a Linear) is zero along the others
   too; it counts along that dimension only.
 
@@ -129,14 +130,14 @@ def masked_slices(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]],
             if t is None or _is_bias(pname) or t.dim() == 0:
                 continue
             dims, v = channel_dims(a, module, t)
-            nonzero = t.detach().ne(0)
-            masked_el = torch.as_tensor(mask).to(device=t.device).eq(0)
+            mask = torch.as_tensor(mask).to(device=t.device)
             found: list[tuple[int, np.ndarray]] = []
             for d in dims:
-                n = t.shape[d]
+                others = tuple(x for x in range(t.dim()) if x != d)
                 # the mask zeroes the whole slice: a weight that is merely zero where the mask keeps it
-                # (Swin's zero-initialized relative position table) is not a masked channel
-                covered = masked_el.movedim(d, 0).reshape(n, -1).all(1)
+                # (Swin's zero-initialized relative position table) is not a masked channel. One pass
+                # over the mask per dimension, without boolean copies
+                covered = (torch.count_nonzero(mask, dim=others) == 0) if others else mask == 0
                 found.append((d, torch.nonzero(covered).flatten().cpu().numpy()))
             # a weight masked whole along one dimension is zero along the others too: that is one mask,
             # counted along the first such dimension only (a fully masked layer counts its outputs)
