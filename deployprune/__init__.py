@@ -30,6 +30,7 @@ from .errors import (
 
 __all__ = [
     "__version__",
+    "apply_masks",
     "finalize",
     "compact",
     "export",
@@ -55,13 +56,14 @@ from .finalize import compact, finalize  # noqa: E402
 from .validate import validate  # noqa: E402
 
 _LAZY = {
+    "apply_masks": ("deployprune.api", "apply_masks"),
     "export": ("deployprune.api", "export"),
     "load": ("deployprune.api", "load"),
     "Pruner": ("deployprune.pruning", "Pruner"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import export
+    from .api import apply_masks, export
     from .pruning import Pruner
 
 

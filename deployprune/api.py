@@ -18,7 +18,7 @@ from .masks import extract_attached_masks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "load"]
+__all__ = ["apply_masks", "export", "load"]
 
 
 def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -103,6 +103,30 @@ def export(
         if work is model:
             model.train(was_training)
     return dest
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]] | None = None) -> nn.Module:
+    """The masked model: a copy of ``model`` with ``masks`` multiplied into its parameters.
+
+    This is what ``dp.finalize`` keeps equal and what an exported artifact is validated against
+    (``dp.validate(dp.apply_masks(model, masks), "out.onnx", inputs)``). ``masks``: NNI layout,
+    checked like everywhere else (one-line ``MaskError``), replacing attached ones as in ``dp.export``;
+    ``None`` bakes the masks a pruner attached as parametrizations (or ``torch.nn.utils.prune`` left
+    as hooks). The result is a
+    plain module without parametrizations or hooks; ``model`` is not modified.
+    """
+    from .io import remove_parametrizations_
+    from .masks import apply_masks_, copy_model, detach_prune_hooks_, normalize_masks
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    attached = extract_attached_masks(model)
+    work = copy_model(model)
+    remove_parametrizations_(work, leave_parametrized=False)  # dense weights; the masks are in `attached`
+    for mod_name, per in detach_prune_hooks_(work).items():
+        attached.setdefault(mod_name, {}).update(per)
+    apply_masks_(work, normalize_masks(work, attached if masks is None else masks))
+    return work
 
 
 def load(path: str | os.PathLike, **kwargs: Any):
