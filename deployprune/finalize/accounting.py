@@ -131,13 +131,15 @@ def masked_slices(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]],
                 continue
             dims, v = channel_dims(a, module, t)
             mask = torch.as_tensor(mask).to(device=t.device)
+            if mask.dtype == torch.bool:  # attached masks may be boolean; amax wants numbers
+                mask = mask.to(torch.uint8)
             found: list[tuple[int, np.ndarray]] = []
             for d in dims:
                 others = tuple(x for x in range(t.dim()) if x != d)
                 # the mask zeroes the whole slice: a weight that is merely zero where the mask keeps it
-                # (Swin's zero-initialized relative position table) is not a masked channel. One pass
-                # over the mask per dimension, without boolean copies
-                covered = (torch.count_nonzero(mask, dim=others) == 0) if others else mask == 0
+                # (Swin's zero-initialized relative position table) is not a masked channel. Masks hold
+                # 0 and 1: one max-reduction over the mask per dimension, no boolean copy
+                covered = (mask.amax(dim=others) == 0) if others else mask == 0
                 found.append((d, torch.nonzero(covered).flatten().cpu().numpy()))
             # a weight masked whole along one dimension is zero along the others too: that is one mask,
             # counted along the first such dimension only (a fully masked layer counts its outputs)
