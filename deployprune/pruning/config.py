@@ -380,10 +380,16 @@ class PrunerConfig:
         if self.score_normalization not in ("mean", "max", "none"):
             raise ConfigError(f"score_normalization: expected one of mean, max, none; "
                               f"got {self.score_normalization!r}")
+
+    def check_selects_something(self) -> PrunerConfig:
+        """ConfigError when no layer config is set at all. Checked when a config is used (``coerce``,
+        the Pruner), not when it is built: coremltools-style code starts from ``PrunerConfig(schedule=...)``
+        and adds ``set_module_type(...)`` afterwards."""
         if (self.global_config is None and not self.module_type_configs and not self.module_name_configs
                 and not self.config_list):
             raise ConfigError("config: nothing to prune; set global_config, module_type_configs, "
                               "module_name_configs or config_list (e.g. {\"target_sparsity\": 0.5})")
+        return self
 
     # -- construction --------------------------------------------------------------------------
 
@@ -443,15 +449,15 @@ class PrunerConfig:
     def coerce(cls, config: Any) -> PrunerConfig:
         """Accept a PrunerConfig, a dict, an NNI list, or a path to a JSON/YAML file."""
         if isinstance(config, PrunerConfig):
-            return config
+            return config.check_selects_something()
         if isinstance(config, ModuleConfig):
             return cls(global_config=config)
         if isinstance(config, (str, os.PathLike)):
-            return cls.load(config)
+            return cls.load(config)  # coerces what the file holds
         if isinstance(config, Mapping):
-            return cls.from_dict(config)
+            return cls.from_dict(config).check_selects_something()
         if isinstance(config, Sequence):
-            return cls.from_nni(config)
+            return cls.from_nni(config).check_selects_something()
         raise ConfigError(f"config: expected a dict, an NNI config_list, a PrunerConfig or a .json/.yaml path, "
                           f"got {type(config).__name__}")
 

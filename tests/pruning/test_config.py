@@ -34,6 +34,18 @@ def test_builder_methods_like_coremltools(cnn) -> None:
     assert got == {"conv1.weight": ("element", 0.7), "conv2.weight": ("element", 0.7)}
 
 
+def test_builder_starts_from_a_schedule_alone(cnn) -> None:
+    """docs/pruning.md's coremltools-style recipe: PrunerConfig(schedule=...) first, layers added after
+    (the empty config was refused with 'nothing to prune' before set_module_type could run)."""
+    config = (PrunerConfig(schedule=PolynomialDecayScheduler(update_steps=list(range(0, 900, 100))))
+              .set_module_type(torch.nn.Conv2d, ModuleConfig(target_sparsity=0.7))
+              .set_module_type(torch.nn.Linear, ModuleConfig(target_sparsity=0.8)))
+    got = targets_of(dp.Pruner(cnn, config))
+    assert got == {"conv1.weight": ("element", 0.7), "conv2.weight": ("element", 0.7), "fc.weight": ("element", 0.8)}
+    with pytest.raises(ConfigError, match="config: nothing to prune"):  # still refused when it is used
+        dp.Pruner(cnn, PrunerConfig(schedule=PolynomialDecayScheduler(update_steps=[0, 100])))
+
+
 def test_precedence_name_over_type_over_global(cnn) -> None:
     config = {
         "global_config": {"target_sparsity": 0.2},
