@@ -33,6 +33,19 @@ def hf_bert(directory: str = "my-bert", masks_path: str = "masks.pt") -> None:
     torch.save(masks, masks_path)
 
 
+def tiny_llama() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 2-layer Llama (grouped-query attention) from a config, random weights, and a prompt."""
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 100, (1, 6))
+
+
 FIXTURES = {"hf-bert": hf_bert}
 
 
