@@ -13,8 +13,10 @@ raised. Every classification model of torchvision and timm builds and runs after
 detection operators themselves (``nms``, ``roi_align``, ``deform_conv2d`` ...) stay unavailable.
 Any other registration, and any other error, behaves exactly as before.
 
-The test suite applies it in ``tests/conftest.py``. deployprune itself never calls it: patching
-torch is the caller's decision.
+The test suite applies it in ``tests/conftest.py``. In the library only :mod:`deployprune.hf` calls
+it, before importing transformers (which imports torchvision when it is installed), so that reading a
+Hugging Face model directory does not fail on a torchvision built for another torch; nothing else in
+deployprune patches torch.
 """
 
 from __future__ import annotations
