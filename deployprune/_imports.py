@@ -6,9 +6,12 @@ the error class (an input problem for models and data, a configuration problem f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .errors import DeployPruneError
@@ -39,6 +42,28 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
     if not callable(obj):
         raise error(f"{label}: {attr!r} is a {type(obj).__name__}, not a class or function")
     return obj
+
+
+@contextlib.contextmanager
+def cwd_importable() -> Iterator[None]:
+    """The working directory first on ``sys.path`` while inside (``python -m`` has it there for a
+    whole run; the ``deployprune`` script has its own ``bin`` directory instead).
+
+    The command line resolves the import paths the user typed (``--model mymodel:build``,
+    ``--optimizer``, ``--data`` ...) inside this, so ``mymodel.py`` next to the user imports, and
+    its own imports at module level with it. Nothing else runs with the directory on the path.
+    """
+    cwd = os.getcwd()
+    added = not sys.path or os.path.abspath(sys.path[0] or os.curdir) != cwd
+    if added:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
 
 
 # --------------------------------------------------------------------------------------------

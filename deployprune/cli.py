@@ -421,9 +421,17 @@ def load_from_args(args: argparse.Namespace):
         raise UsageError(f"--input {keyword_inputs[0]}: keyword inputs are for Hugging Face model directories; "
                          f"{args.model_path} takes positional inputs: pass --input-shape")
     shapes = [parse_input_shape(s) for s in (args.input_shapes or [])]
+    factory = args.factory
+    if factory:
+        from ._imports import cwd_importable
+        from .io import canonical_factory, resolve_factory
+
+        with cwd_importable():  # --model mymodel:build imports ./mymodel.py, as `python -m` would
+            factory = canonical_factory(factory, from_file=False)
+            resolve_factory(factory)
     return load_model(
         args.model_path,
-        model_factory=args.factory,
+        model_factory=factory,
         allow_pickle=args.trust_pickle,
         input_shapes=shapes or None,
         masks=args.masks,

@@ -65,11 +65,13 @@ def digits(batch_size: int = 32, seed: int = 0, val_fraction: float = 0.2) -> tu
     return train, val
 
 
-def _resolve(spec: str) -> Callable[..., Any]:
+def resolve_entry_point(spec: str) -> Callable[..., Any]:
+    """The function ``package.module:function`` names; a path that does not import is a usage error
+    (exit 2, as for ``--model`` and ``--optimizer``), a function that fails when called is an input one."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"--data {spec!r}: expected 'digits' or an entry point package.module:function")
-    return import_callable(module_name, attr, label=f"data entry point {spec!r}", error=InputError)
+    return import_callable(module_name, attr, label=f"data entry point {spec!r}", error=UsageError)
 
 
 def _call(fn: Callable[..., Any], spec: str, batch_size: int, seed: int) -> Any:
@@ -100,7 +102,7 @@ def load_data(spec: str, *, batch_size: int = 32, seed: int = 0) -> tuple[Any, A
     if ":" not in spec:
         raise UsageError(f"--data {spec!r}: unknown dataset; use one of {', '.join(BUILTIN)} or an entry point "
                          "package.module:function returning (train_loader, val_loader)")
-    result = _call(_resolve(spec), spec, batch_size, seed)
+    result = _call(resolve_entry_point(spec), spec, batch_size, seed)
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise InputError(f"data entry point {spec!r}: returned {type(result).__name__}; "
                          "it must return (train_loader, val_loader)")

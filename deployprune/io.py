@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._imports import import_callable
-from .errors import InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
+from .errors import DeployPruneError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
 from .masks import Masks, normalize_masks
 
 log = logging.getLogger(__name__)
@@ -673,8 +673,12 @@ def _expect_module(obj: Any, what: str, where: str) -> nn.Module:
     return obj
 
 
-def resolve_factory(factory: str, *, where: str = "--model") -> Any:
-    """Import ``package.module:callable`` (``callable`` may be dotted: ``mod:Class.build``)."""
+def resolve_factory(factory: str, *, where: str = "--model", error: type[DeployPruneError] = UsageError) -> Any:
+    """Import ``package.module:callable`` (``callable`` may be dotted: ``mod:Class.build``).
+
+    A path that does not import is ``error``: a usage error (exit 2) for one the user gave, as for
+    ``--optimizer``; the loader passes ``InputError`` for a factory named by a file.
+    """
     if not isinstance(factory, str) or factory.count(":") != 1:
         raise UsageError(f"{where} {factory!r}: expected package.module:factory "
                          "(e.g. deployprune.zoo.lenet:TorchModel)")
@@ -684,11 +688,12 @@ def resolve_factory(factory: str, *, where: str = "--model") -> Any:
     ):
         raise UsageError(f"{where} {factory!r}: expected package.module:factory "
                          "(e.g. deployprune.zoo.lenet:TorchModel)")
-    return import_callable(mod_name, attr, label=f"{where} {factory!r}", error=InputError)
+    return import_callable(mod_name, attr, label=f"{where} {factory!r}", error=error)
 
 
-def build_from_factory(factory: str, *, where: str = "--model") -> nn.Module:
-    fn = resolve_factory(factory, where=where)
+def build_from_factory(factory: str, *, where: str = "--model",
+                       error: type[DeployPruneError] = UsageError) -> nn.Module:
+    fn = resolve_factory(factory, where=where, error=error)
     try:
         model = fn()
     except Exception as exc:  # noqa: BLE001
@@ -1178,7 +1183,7 @@ def _from_checkpoint(obj: Mapping, path: Path, user_factory: str | None):
                 f"importing it would run code named by the file; if you trust it, pass "
                 f"--model {factory}"
             )
-        model = build_from_factory(factory, where=f"{where}: factory")
+        model = build_from_factory(factory, where=f"{where}: factory", error=InputError)
         spec = spec_for_factory(factory)
         arch_used = None
         what = f"factory {factory}"

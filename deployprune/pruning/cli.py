@@ -91,6 +91,23 @@ def _print(lines: list[str]) -> None:
     sys.stdout.flush()
 
 
+def _import_command_line_paths(args: argparse.Namespace) -> None:
+    """Import what --optimizer, --criterion, --lr-scheduler and --data name, with the working directory
+    importable as ``python -m`` has it (``--optimizer myopt:Lion`` finds ./myopt.py); a path that does
+    not import is exit 2 before any work. The training loop then finds the modules already imported."""
+    from .._imports import cwd_importable
+    from ..data import BUILTIN, resolve_entry_point
+    from ..training import import_object
+
+    with cwd_importable():
+        import_object(args.optimizer, "optimizer")
+        import_object(args.criterion, "criterion")
+        if args.lr_scheduler:
+            import_object(args.lr_scheduler, "lr_scheduler")
+        if args.data and args.data.strip() not in BUILTIN and ":" in args.data:
+            resolve_entry_point(args.data.strip())
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -119,6 +136,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError(f"{config}: pruning config not found (--config)")
+    _import_command_line_paths(args)
     loaded = load_from_args(args)
     outcome = prune_loaded(
         loaded,

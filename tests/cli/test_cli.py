@@ -246,7 +246,7 @@ BAD_INPUTS = [
      "unknown target 'tflite'..."),
     ("unknown converter option", ["export", "{d}/lenet_sd.pt", "--opt", "opsett=17"], 2,
      "onnx: unknown option 'opsett' (did you mean 'opset'?)..."),
-    ("untrusted factory via flag typo", ["export", "{d}/lenet_sd.pt", "--model", "deployprune.zoo.lenet:Nope"], 3,
+    ("untrusted factory via flag typo", ["export", "{d}/lenet_sd.pt", "--model", "deployprune.zoo.lenet:Nope"], 2,
      "--model 'deployprune.zoo.lenet:Nope': module 'deployprune.zoo.lenet' has no attribute 'Nope'; "
      "check the spelling"),
     ("unknown flag", ["export", "{d}/lenet_sd.pt", "--frobnicate"], 2,

@@ -154,8 +154,8 @@ def test_state_dict_shape_mismatch(tmp_path: Path) -> None:
     ("factory", "error", "message"),
     [
         ("nomodule", UsageError, "expected package.module:factory"),
-        ("no_such_pkg.mod:fn", InputError, "cannot import module 'no_such_pkg.mod'"),
-        ("tests.io.factories:missing", InputError, "module 'tests.io.factories' has no attribute 'missing'"),
+        ("no_such_pkg.mod:fn", UsageError, "cannot import module 'no_such_pkg.mod'"),  # as for --optimizer
+        ("tests.io.factories:missing", UsageError, "module 'tests.io.factories' has no attribute 'missing'"),
         ("tests.io.factories:not_a_module", InputError, "returned dict, not a torch.nn.Module"),
     ],
 )

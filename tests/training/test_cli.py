@@ -81,7 +81,7 @@ ERRORS = {
     "data-returns-int": (["--data", "baddata:single"], 3,
                          "error: data entry point 'baddata:single': returned int; it must return (train_loader, "
                          "val_loader)"),
-    "data-missing": (["--data", "nosuchmod:fn"], 3,
+    "data-missing": (["--data", "nosuchmod:fn"], 2,
                      "error: data entry point 'nosuchmod:fn': cannot import module 'nosuchmod'"),
     "data-unknown": (["--data", "imagenet"], 2, "error: --data 'imagenet': unknown dataset; use one of digits"),
     "epochs-no-data": (["--epochs", "2"], 2, "error: --epochs 2 needs --data"),

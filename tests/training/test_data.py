@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deployprune.data import digits, load_data
-from deployprune.errors import InputError, UnsupportedError, UsageError
+from deployprune.errors import UnsupportedError, UsageError
 
 
 def test_digits_loaders_are_real_stratified_and_reproducible():
@@ -39,7 +39,7 @@ def test_entry_point_gets_batch_size_and_seed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_data("mydata:loaders", batch_size=7, seed=3) == ([("b", 7, 3)], None)
     assert load_data("mydata:plain") == ([1], [2])
-    with pytest.raises(InputError, match="'mydata:nope': module 'mydata' has no attribute 'nope'"):
+    with pytest.raises(UsageError, match="'mydata:nope': module 'mydata' has no attribute 'nope'"):  # like --model
         load_data("mydata:nope")
     with pytest.raises(UsageError, match="expected 'digits' or an entry point"):
         load_data("mydata:")
