@@ -38,6 +38,36 @@ class PruneOutcome:
         return self.train.final_val_accuracy if self.train is not None else None
 
 
+def _shapes(tensors: Sequence[Any]) -> str:
+    return ", ".join("x".join(str(d) for d in t.shape) + f" ({str(t.dtype).removeprefix('torch.')})"
+                     for t in tensors)
+
+
+def check_data_fits(model: nn.Module, loader: Any, what: str, example_inputs: Sequence[Any]) -> None:
+    """InputError (one line, both shapes) when the first batch of ``loader`` does not run through
+    ``model``. The model ran on ``example_inputs`` when it was loaded, so a failure here is data that
+    does not fit it (``--data digits``, 1x8x8 images, on a 3-channel CNN), not a deployprune bug."""
+    import torch
+
+    from .loop import _split_batch
+
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise InputError(f"{what}: holds no batches")
+    inputs, _ = _split_batch(batch, what)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:240]
+        raise InputError(f"{what}: the model does not take this data: its batches are {_shapes(inputs)}, the model "
+                         f"takes {_shapes(example_inputs)} ({reason}); pass data shaped for the model") from None
+    finally:
+        model.train(was_training)
+
+
 def _is_main_process() -> bool:
     import torch.distributed as dist
 
@@ -110,6 +140,10 @@ def prune_loaded(
         raise UsageError(f"--epochs {epochs} needs training data: pass --data digits or --data package.module:fn")
 
     model = loaded.model
+    label = f"--data {data}" if isinstance(data, str) else "data"
+    for loader, role in ((train_loader, "training"), (val_loader, "validation")):
+        if loader is not None:
+            check_data_fits(model, loader, f"{label} ({role} data)", loaded.example_inputs)
     lines: list[str] = []
     acc_before = None
     if val_loader is not None:
