@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -163,12 +164,13 @@ def parse(doc: Path) -> tuple[list[Block], list[int]]:
 
 
 def console_commands(code: str) -> str:
-    """The commands of a ``console`` block (``$ `` lines and their backslash continuations)."""
+    """The commands of a ``console`` block: ``$ `` lines and their backslash continuations (whose
+    ``> `` continuation prompt is dropped); everything else is output."""
     out: list[str] = []
     continuing = False
     for line in code.splitlines():
         if continuing or line.startswith("$ "):
-            text = line if continuing else line[2:]
+            text = (line[2:] if line.startswith("> ") else line) if continuing else line[2:]
             out.append(text)
             continuing = text.rstrip().endswith("\\")
     return "\n".join(out) + "\n"
@@ -278,6 +280,12 @@ class DocumentRun:
                    "line": block.line}
         worker.stdin.write(json.dumps(request) + "\n")
         worker.stdin.flush()
+        ready, _, _ = select.select([worker.stdout], [], [], BLOCK_TIMEOUT_S)
+        if not ready:
+            worker.kill()
+            worker.wait()
+            self._worker = None
+            raise subprocess.TimeoutExpired(str(WORKER), BLOCK_TIMEOUT_S)
         reply = worker.stdout.readline()
         with self._worker_log.open() as f:
             f.seek(offset)
