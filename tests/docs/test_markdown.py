@@ -8,6 +8,7 @@ single block's test runs the blocks before it first. How to mark blocks: docs/do
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,45 @@ def test_block(doc: Path, index: int, doc_runs: dict[Path, DocumentRun],
         failure = str(exc)
     if failure is not None:
         pytest.fail(failure, pytrace=False)
+
+
+_COMMAND = re.compile(r"(?:^|[\s;&|(])deployprune\s+([a-z][a-z-]*)(.*)")
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _command_lines(code: str) -> list[str]:
+    """Lines of ``code`` with their continuations joined: a trailing backslash, or (in a synopsis)
+    an indented line after a ``deployprune`` line."""
+    out: list[str] = []
+    for line in code.splitlines():
+        if out and (out[-1].endswith("\\") or (line[:1].isspace() and "deployprune" in out[-1])):
+            out[-1] = out[-1].rstrip("\\") + " " + line.strip()
+        else:
+            out.append(line.rstrip())
+    return out
+
+
+def test_documented_flags_exist() -> None:
+    """Every ``--flag`` a block (command, synopsis or output) gives a ``deployprune`` command is one
+    that command takes: a synopsis is text, not run, so this is what keeps it from drifting
+    (docs/validate.md listed ``--data FILE.pt``, which validate never had)."""
+    import argparse
+
+    from deployprune.cli import build_parser
+
+    parser = build_parser()
+    global_opts = {o for a in parser._actions for o in a.option_strings}
+    commands = {name: {o for a in sub._actions for o in a.option_strings} | global_opts
+                for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                for name, sub in action.choices.items()}
+    unknown = []
+    for blocks in BLOCKS.values():
+        for block in blocks:
+            for line in _command_lines(block.code):
+                m = _COMMAND.search(line)
+                if not m or m.group(1) not in commands:
+                    continue
+                text = m.group(2).split(" # ")[0]
+                unknown += [f"{block.where}: deployprune {m.group(1)} {flag}" for flag in _FLAG.findall(text)
+                            if flag not in commands[m.group(1)]]
+    assert not unknown, "flags the commands do not take:\n" + "\n".join(unknown)
