@@ -416,6 +416,8 @@ class _Explainer:
             if cover.any() and not (cover & ~masked).any():
                 targeted.append((s, k))
         chosen = targeted or needed
+        if not chosen:  # every space it reads matters only together (no single one stops the demand)
+            return plain
         whole = tuple(self._pin(s).reason for s, _ in chosen if s in self.pins)
         free = [(s, k) for s, k in chosen if s not in self.pins]
         if not free:  # named by the op that keeps the first of them whole
