@@ -149,18 +149,29 @@ class LatencyReport:
 
 
 def random_inputs_like(example_inputs: Sequence[torch.Tensor], generator: torch.Generator, *,
-                       batch_size: int | None = None) -> tuple[torch.Tensor, ...]:
+                       batch_size: int | None = None,
+                       names: Sequence[str | None] | None = None) -> tuple[torch.Tensor, ...]:
     """Seeded random tensors with the shapes and dtypes of ``example_inputs``.
 
     Floating inputs are standard normal; integer inputs are drawn uniformly from
     ``[0, max(example) + 1)`` (token ids, class indices); booleans are fair coin flips.
+    An input whose name (``names``, e.g. the keyword names of a Hugging Face model) contains
+    ``mask`` is a padding mask when its example holds only 0 and 1: each row keeps its first
+    ``L`` positions (``L`` drawn from 1 to the length, the first row full), as a tokenizer pads.
+    Random bits would leave rows with every key masked, whose outputs are undefined and differ
+    between runtimes. Other masks (additive float masks) keep the example's values.
     ``batch_size`` replaces the first dimension of every input that has one.
     """
+    names = list(names or [])
     out = []
-    for ex in example_inputs:
+    for i, ex in enumerate(example_inputs):
         shape = list(ex.shape)
         if batch_size is not None and shape:
             shape[0] = batch_size
+        name = (names[i] if i < len(names) else None) or ""
+        if "mask" in name.lower():
+            out.append(_mask_like(ex, shape, generator))
+            continue
         if ex.dtype.is_floating_point or ex.dtype.is_complex:
             t = torch.randn(shape, generator=generator, dtype=torch.float32).to(ex.dtype)
         elif ex.dtype == torch.bool:
@@ -171,6 +182,22 @@ def random_inputs_like(example_inputs: Sequence[torch.Tensor], generator: torch.
             t = t.to(ex.dtype)
         out.append(t)
     return tuple(out)
+
+
+def _mask_like(ex: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    """A right-padded 0/1 mask of ``shape`` (last dimension the sequence) when ``ex`` is one, else
+    ``ex``'s values (repeated along the first dimension when the batch changes)."""
+    binary = ex.numel() > 0 and not ex.is_complex() and bool(((ex == 0) | (ex == 1)).all())
+    if not binary or ex.dim() < 1:
+        if list(ex.shape) == shape:
+            return ex.clone()
+        return ex[torch.arange(shape[0]) % ex.shape[0]].clone()
+    length = shape[-1]
+    rows = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
+    keep = torch.randint(1, length + 1, (rows,), generator=generator)
+    keep[0] = length
+    mask = torch.arange(length).unsqueeze(0) < keep.unsqueeze(1)
+    return mask.reshape(shape).to(ex.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,11 +402,13 @@ def machine_info(config: LatencyConfig) -> dict[str, Any]:
 
 
 def measure(runners: Sequence[Runner], example_inputs: Sequence[torch.Tensor],
-            config: LatencyConfig | None = None, *, seed: int = 0) -> LatencyReport:
+            config: LatencyConfig | None = None, *, seed: int = 0,
+            names: Sequence[str | None] | None = None) -> LatencyReport:
     """Time ``runners`` interleaved at every batch size of ``config``.
 
     At the example inputs' own batch size the example inputs are used; other batch sizes get
-    seeded random inputs of the same kind (:func:`random_inputs_like`). A runner that cannot
+    seeded random inputs of the same kind (:func:`random_inputs_like`; ``names`` are the inputs'
+    names, which mark attention masks). A runner that cannot
     take a batch size is left out at that size and a note says why.
     """
     config = config or LatencyConfig()
@@ -396,7 +425,7 @@ def measure(runners: Sequence[Runner], example_inputs: Sequence[torch.Tensor],
                 if own_batch is None:
                     report.notes.append(f"batch {batch}: inputs have no batch dimension; skipped")
                     continue
-                inputs = random_inputs_like(example, gen, batch_size=batch)
+                inputs = random_inputs_like(example, gen, batch_size=batch, names=names)
             calls: list[tuple[Runner, Callable[[], Any]]] = []
             for runner in runners:
                 reason = runner.accepts(batch, inputs)

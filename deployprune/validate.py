@@ -1049,9 +1049,11 @@ def validate(
         raise InputError(f"{dense_path}: dense artifact not found; check the path")
 
     # Inputs
+    names = _input_names(source, kind, path, len(example))
     if data is None:
         gen = torch.Generator().manual_seed(seed)
-        input_sets = [example] + [random_inputs_like(example, gen) for _ in range(n_inputs - 1)]
+        input_sets = [example] + [random_inputs_like(example, gen, names=names)
+                                  for _ in range(n_inputs - 1)]
         origin = "random"
     else:
         input_sets = []
@@ -1076,7 +1078,7 @@ def validate(
     try:
         return _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
                          dense_path, ort_providers, name, localize, source_path, layers, seed,
-                         probes)
+                         probes, names)
     finally:
         for m, was in {**modes, **art_modes}.items():
             m.training = was
@@ -1087,7 +1089,7 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
               th: Thresholds, lat_cfg: LatencyConfig | None, dense_path: Path | None,
               providers: list[str], name: str | None, localize: bool | None,
               source_path: str | Path | None, want_layers: bool, seed: int,
-              probes: bool = True) -> ValidationReport:
+              probes: bool = True, names: list[str | None] | None = None) -> ValidationReport:
     example = input_sets[0]
     notes: list[str] = []
     failures: list[str] = []
@@ -1189,7 +1191,7 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
     # Latency
     lat = None
     if lat_cfg is not None:
-        lat = _time(source, artifact, kind, path, dense_path, example, lat_cfg, seed, notes)
+        lat = _time(source, artifact, kind, path, dense_path, example, lat_cfg, seed, notes, names)
 
     report = ValidationReport(
         name=name or (path.stem if path is not None else type(artifact).__name__),
@@ -1219,6 +1221,27 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
     return report
 
 
+def _input_names(source: nn.Module, kind: str, path: Path | None, count: int) -> list[str | None]:
+    """The inputs' names where they are known: the keyword names of a model called with keyword
+    inputs, else the ONNX artifact's graph inputs. Random inputs use them to spot attention masks."""
+    from .adapt import KeywordModel
+
+    if isinstance(source, KeywordModel):
+        return list(source.input_names)
+    if kind == "onnx" and path is not None:
+        try:
+            import onnx
+
+            graph = onnx.load(str(path), load_external_data=False).graph
+            inits = {i.name for i in graph.initializer}
+            names = [i.name for i in graph.input if i.name not in inits]
+            if len(names) == count:
+                return list(names)
+        except Exception:  # noqa: BLE001 - names are a hint; a bad file fails with its own message later
+            pass
+    return [None] * count
+
+
 def _tool_version() -> str:
     from ._version import __version__
 
@@ -1227,7 +1250,7 @@ def _tool_version() -> str:
 
 def _time(source: nn.Module, artifact: Any, kind: str, path: Path | None,
           dense_path: Path | None, example: tuple[torch.Tensor, ...], cfg: LatencyConfig,
-          seed: int, notes: list[str]) -> LatencyReport | None:
+          seed: int, notes: list[str], names: list[str | None] | None = None) -> LatencyReport | None:
     runners: list[Runner] = []
     if dense_path is not None:
         runners.append(OrtRunner(dense_path, cfg, role="dense", label="dense export (onnxruntime)"))
@@ -1246,7 +1269,7 @@ def _time(source: nn.Module, artifact: Any, kind: str, path: Path | None,
         runners.insert(0, TorchRunner(source, role="source", label="source (torch eager)"))
     if not runners:
         return None
-    report = measure(runners, example, cfg, seed=seed)
+    report = measure(runners, example, cfg, seed=seed, names=names)
     fixed = [n for n in report.notes if "fixed batch size" in n]
     if fixed:
         notes.append("batch sweep limited: " + fixed[0].split(": ", 1)[1])
