@@ -8,25 +8,19 @@ Public API (stable names; see README "Python API")::
     path = dp.export(model, example_inputs, "out.onnx", target="onnx")
     report = dp.validate(source_model, "out.onnx", example_inputs)
     pruner = dp.Pruner(model, config, example_inputs)
+
+Importing the package is cheap: every public name is resolved on first use (PEP 562), so
+``deployprune --version``, ``--help`` and argument errors never import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import (
-    ConfigError,
-    DeployPruneError,
-    InputError,
-    MaskError,
-    OutputError,
-    ParityError,
-    UnsafeFileError,
-    UnsupportedError,
-    UsageError,
-    ValidationFailed,
-)
 
 __all__ = [
     "__version__",
@@ -49,32 +43,77 @@ __all__ = [
     "ParityError",
 ]
 
-# ``finalize`` and ``validate`` are both submodules and the public functions. Importing them here
-# binds the package attributes to the functions once and for all (a later
-# ``import deployprune.finalize`` finds the submodule in sys.modules and leaves the attribute alone).
-from .finalize import compact, finalize  # noqa: E402
-from .validate import validate  # noqa: E402
-
-_LAZY = {
-    "apply_masks": ("deployprune.api", "apply_masks"),
-    "export": ("deployprune.api", "export"),
-    "load": ("deployprune.api", "load"),
-    "Pruner": ("deployprune.pruning", "Pruner"),
+# public name -> the module that defines it (imported on first access)
+_EXPORTS: dict[str, str] = {
+    "apply_masks": "deployprune.api",
+    "export": "deployprune.api",
+    "load": "deployprune.api",
+    "finalize": "deployprune.finalize",
+    "compact": "deployprune.finalize",
+    "validate": "deployprune.validate",
+    "Pruner": "deployprune.pruning",
+    **{
+        name: "deployprune.errors"
+        for name in (
+            "DeployPruneError",
+            "UsageError",
+            "ConfigError",
+            "InputError",
+            "UnsafeFileError",
+            "MaskError",
+            "OutputError",
+            "UnsupportedError",
+            "ValidationFailed",
+            "ParityError",
+        )
+    },
 }
 
+# Submodules named like the public function they define: ``dp.finalize`` and ``dp.validate`` are
+# the functions, whichever of ``import deployprune.finalize`` / ``dp.finalize(...)`` comes first.
+_SHADOWED = frozenset({"finalize", "validate"})
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import apply_masks, export
+    from .api import apply_masks, export, load
+    from .errors import (
+        ConfigError,
+        DeployPruneError,
+        InputError,
+        MaskError,
+        OutputError,
+        ParityError,
+        UnsafeFileError,
+        UnsupportedError,
+        UsageError,
+        ValidationFailed,
+    )
+    from .finalize import compact, finalize
     from .pruning import Pruner
+    from .validate import validate
 
 
 def __getattr__(name: str) -> Any:
-    # torch and onnx are heavy: import them only when an API function is first used, so
-    # `deployprune --help` and error paths stay fast.
-    if name in _LAZY:
-        import importlib
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deployprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses are plain attribute lookups
+    return value
 
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'deployprune' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module: the import system's binding of a submodule to its package attribute
+    (done the first time the submodule is imported) must not replace a public function of the
+    same name; the submodule stays reachable through ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.machinery
+import importlib.util
 import logging
 import signal
 import sys
@@ -358,7 +360,7 @@ def _register_plugins(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> 
     for name in PLUGIN_MODULES:
         command = name.rsplit(".", 2)[-2]  # deployprune.pruning.cli -> "pruning"
         try:
-            module = importlib.import_module(name)
+            module = _import_plugin(name)
         except ModuleNotFoundError as exc:
             if exc.name and name.startswith(exc.name):
                 _placeholder(
@@ -383,6 +385,40 @@ def _register_plugins(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> 
         register = getattr(module, "register", None)
         if callable(register):
             register(sub, parents)
+
+
+def _import_plugin(name: str) -> Any:
+    """The plug-in module ``name``, without running the ``__init__`` of a package not imported yet.
+
+    ``deployprune.pruning.cli`` keeps its heavy imports inside its handlers, but its package's
+    ``__init__`` imports torch (~1.5 s): while that package is not imported, the plug-in file is run
+    on its own (not entered in ``sys.modules``) to build its sub-parsers, and :func:`_handler`
+    swaps its handler for the one of the real module when the command runs.
+    """
+    parent = name.rpartition(".")[0]
+    if not parent or parent in sys.modules or name in sys.modules:
+        return importlib.import_module(name)
+    parent_spec = importlib.util.find_spec(parent)  # imports the grandparents, not ``parent`` itself
+    locations = parent_spec.submodule_search_locations if parent_spec else None
+    spec = importlib.machinery.PathFinder.find_spec(name, locations) if locations else None
+    if spec is None or spec.loader is None:
+        return importlib.import_module(name)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__[_DETACHED] = True
+    spec.loader.exec_module(module)
+    return module
+
+
+_DETACHED = "__deployprune_detached_plugin__"
+
+
+def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func``, or the same function of the real plug-in module when ``func`` comes from a copy
+    :func:`_import_plugin` ran on its own (so the command runs the module everyone else imports)."""
+    if not getattr(func, "__globals__", {}).get(_DETACHED):
+        return func
+    real = getattr(importlib.import_module(func.__module__), func.__name__, None)
+    return real if callable(real) and getattr(real, "__qualname__", None) == func.__qualname__ else func
 
 
 def _placeholder(sub: Any, command: str, why: str) -> None:
@@ -765,7 +801,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if func is None:
                 parser.print_help(sys.stderr)
                 return EXIT_USAGE
-            return int(func(args) or 0)
+            return int(_handler(func)(args) or 0)
         except DeployPruneError as exc:
             if debug:
                 traceback.print_exc()
