@@ -451,6 +451,11 @@ def _int_attrs(module: nn.Module) -> dict[str, int]:
 
 
 _PREFERRED = ("head", "dim", "size", "channel", "feature", "width", "hidden", "group")
+_REPLICATING = ("expand", "repeat", "repeat_interleave")
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 def _plan_patches(a: Analysis, work: nn.Module) -> bool:
@@ -480,7 +485,12 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
             cands = [k for k in cands if k in reads]  # attributes the forward actually read
         if len(cands) > 1:
             pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
-            cands = pref if len(pref) == 1 else cands
+            cands = pref if len(pref) == 1 else (pref or cands)
+        if len(cands) > 1 and _target_name(node) in _REPLICATING:
+            # repeat_kv's expand replicates each KV head num_key_value_groups times; an equal
+            # num_key_value_heads (Phi-3 reads both) is not the replication count
+            rep = [k for k in cands if "group" in k.lower() or "rep" in k.lower()]
+            cands = rep if len(rep) == 1 else cands
         key = (owner, cands[0]) if len(cands) == 1 else None
         if key is None and a.traced.recorded:
             # a recorded size is usually computed from a tensor's shape, which the eager re-run
@@ -497,7 +507,92 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
             pinned = True
             continue
         plan[key] = new
-    a.patches = [(o, k, _int_attrs(a.modules[o])[k], v) for (o, k), v in plan.items()]
+    pinned = _plan_slice_bounds(a, plan) or pinned
+    a.patches = [(o, k, _attr_value(a.modules[o], k), v) for (o, k), v in plan.items()]
+    return pinned
+
+
+def _attr_value(module: nn.Module, key: str) -> int:
+    """An int attribute of ``module``, or ``config.<field>`` of its config object."""
+    if key.startswith("config."):
+        return getattr(vars(module)["config"], key[len("config."):])
+    return _int_attrs(module)[key]
+
+
+def _read_ints(a: Analysis, owner: str) -> dict[str, int]:
+    """The int attributes and config fields the forward of ``owner`` read, with their values."""
+    module = a.modules.get(owner)
+    reads = (a.traced.int_reads or {}).get(owner) or set()
+    if module is None:
+        return {}
+    out = {k: v for k, v in _int_attrs(module).items() if k in reads}
+    cfg = vars(module).get("config")
+    for k in reads:
+        if k.startswith("config.") and cfg is not None:
+            v = getattr(cfg, k[len("config."):], None)
+            if type(v) is int:
+                out[k] = v
+    return out
+
+
+def _explain(length: int, new: int, ints: dict[str, int], plan: dict[tuple[str, str], int],
+             owner: str) -> tuple[str, int] | None:
+    """The one attribute patch that turns a slice segment of ``length`` into one of ``new``: an attribute
+    equal to the length, or a factor of a product of two the forward read (``num_heads * head_dim``, the
+    other factor unchanged). Names with ``heads`` win a tie; None when nothing, or more than one, fits."""
+    def current(k: str) -> int:
+        return plan.get((owner, k), ints[k])
+
+    options: set[tuple[str, int]] = set()
+    for k, v in ints.items():
+        if v == length and current(k) == v:
+            options.add((k, new))
+        for k2 in ints:
+            if k2 != k and current(k) == v and v * current(k2) == length and current(k2) > 0 \
+                    and new % current(k2) == 0 and new // current(k2) > 0:
+                options.add((k, new // current(k2)))
+    options = {(k, v) for k, v in options if plan.get((owner, k), v) == v}
+    if len(options) > 1:
+        heads = {o for o in options if "heads" in o[0].lower()}
+        options = heads or options
+    return next(iter(options)) if len(options) == 1 else None
+
+
+def _plan_slice_bounds(a: Analysis, plan: dict[tuple[str, str], int]) -> bool:
+    """Patches for the slice bounds of ``a.slice_bounds`` whose kept channels moved them; pins the slices
+    whose bounds no attribute explains. Returns True when something was pinned."""
+    groups: dict[tuple[str, int], list[tuple]] = {}
+    for node, x, xd, start, stop in a.slice_bounds:
+        groups.setdefault((node.meta.get("owner", "") or "", a.find(x.slots[xd])), []).append(
+            (node, x, xd, start, stop))
+    pinned = False
+    for (owner, _root), entries in groups.items():
+        _node, x, xd, _s, _e = entries[0]
+        keep = a.keep(x, xd)
+        bounds = sorted({b for _n, _x, _d, s, e in entries for b in (s, e) if b})
+        moved = {b: int(keep[:b].sum()) for b in bounds}
+        if all(moved[b] == b for b in bounds):
+            continue
+        ints = _read_ints(a, owner)
+        local: dict[tuple[str, int], int] = {}
+        why = ""
+        prev, prev_new = 0, 0
+        for b in bounds:
+            length, new = b - prev, moved[b] - prev_new
+            if length != new:
+                choice = _explain(length, new, ints, {**plan, **local}, owner)
+                if choice is None:
+                    why = (f"sliced at position {b}, computed in the forward code; no attribute or config field "
+                           f"of {owner or 'the model'!r} it read gives the new position {moved[b]}")
+                    break
+                local[(owner, choice[0])] = choice[1]
+            prev, prev_new = b, moved[b]
+        if why:
+            for n, *_rest in entries:
+                _pin_node(a, n, why)
+            pinned = True
+            continue
+        plan.update(local)
     return pinned
 
 
@@ -559,8 +654,16 @@ def _build(a: Analysis, work: nn.Module) -> tuple[nn.Module, list, list[LayerCha
         changes.append(LayerChange(f"{mod_name}.{attr}" if mod_name else attr, "Parameter",
                                    {attr: tuple(old.shape)}, {attr: tuple(t.shape)}))
     patched = []
+    own_config: set[str] = set()
     for owner, attr, old, new in getattr(a, "patches", []):
-        setattr(modules[owner], attr, new)
+        if attr.startswith("config."):
+            # a config object is shared by every layer: the patched module gets its own copy
+            if owner not in own_config:
+                modules[owner].config = copy.copy(modules[owner].config)
+                own_config.add(owner)
+            setattr(modules[owner].config, attr[len("config."):], new)
+        else:
+            setattr(modules[owner], attr, new)
         patched.append((owner, attr, old, new))
     # calls whose forward code fixes sizes: re-emit them as GraphModules with the new sizes
     for owner in sorted(a.rewrite_owners, key=lambda o: o.count(".")):

@@ -241,6 +241,40 @@ def _tracking_class(cls: type, reads: set[str]) -> type | None:
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
+def _track_configs(model: nn.Module, rec: _Recorder) -> list[tuple[Any, type]]:
+    """Note the int fields forward code reads from a module's ``config`` object
+    (``self.config.num_attention_heads`` in Phi-3's attention), as ``config.<field>`` reads of the module
+    whose call is running: a slice bound computed from them can then be patched like an attribute.
+    Returns ``(object, original class)`` pairs to restore."""
+    swapped: list[tuple[Any, type]] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        cfg = vars(m).get("config")
+        if cfg is None or id(cfg) in seen or isinstance(cfg, (nn.Module, torch.Tensor, int, float, str, bool,
+                                                                dict, list, tuple)):
+            continue
+        seen.add(id(cfg))
+        cls = type(cfg)
+        if not hasattr(cfg, "__dict__") or "__slots__" in vars(cls) or getattr(cls, "_deployprune_tracking", False):
+            continue
+        base_get = cls.__getattribute__
+
+        def __getattribute__(self, name, _get=base_get):  # noqa: N807
+            value = _get(self, name)
+            if type(value) is int and not name.startswith("_"):
+                rec.int_reads.setdefault(rec.scope[-1], set()).add(f"config.{name}")
+            return value
+
+        tracked = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "_deployprune_tracking": True,
+                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        try:
+            cfg.__class__ = tracked
+        except TypeError:
+            continue
+        swapped.append((cfg, cls))
+    return swapped
+
+
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -339,6 +373,7 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
         return rec.call_module(module, original_call, a, kw)
 
     nn.Module.__call__ = patched
+    configs = _track_configs(model, rec)
     try:
         with torch.no_grad(), _Mode(rec):
             out = model(*args, **kwargs)
@@ -346,6 +381,8 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
         raise CaptureError(rec.failed_index, rec.graph, rec.values, exc) from exc
     finally:
         nn.Module.__call__ = original_call
+        for obj, cls in configs:
+            obj.__class__ = cls
     outputs = tuple(rec.tensor_arg(t) if id(t) in rec.node_of else rec.tensor_arg(t) for t in flat_tensors(out))
     out_node = rec.graph.create_node("output", "output", (outputs,), {})
     out_node.meta["owner"] = ""

@@ -115,6 +115,9 @@ class Analysis:
         self.roles: dict[int, str] = {}  # slot -> "producer" | "consumer" (for pruners)
         self.divisions: dict[int, int] = {}  # slot -> groups of a grouped conv reading/writing it
         self.patches: list[tuple[str, str, int, int]] = []
+        # partial slices of a channel dim at bounds forward code computed (node, x, dim, start, stop or None
+        # for the end): the bounds must follow the kept channels, through patched attributes
+        self.slice_bounds: list[tuple[fx.Node, Var, int, int, int | None]] = []
         self.rewrite_owners: set[str] = set()  # module calls re-emitted as GraphModules
         # index relations between spaces, for pruner groups: ("cat", out_slot, [(in_slot, offset)])
         # and ("reshape", single_slot, [multi_slots], [sizes]) for one dim split into / merged from several

@@ -1423,7 +1423,7 @@ def _index_tensor(a: Analysis, node: fx.Node, x: Var, idx: Any) -> None:
                 a.same(x, xd, y, od)
                 if xd in x.cval:
                     y.cval[od] = x.cval[xd]
-            else:
+            elif not _segment(a, node, x, xd, y, od, i):
                 b = a.block(node, "sliced at fixed positions in the forward code")
                 a.pin(x, xd, "sliced at fixed positions", b)
                 a.pin(y, od, "sliced at fixed positions", b)
@@ -1886,6 +1886,42 @@ def _gather_index(a: Analysis, node: fx.Node, x: Var, y: Var, items: list[Any]) 
         a.same(x, d, y, od)
         if d in x.cval:
             y.cval[od] = x.cval[d]
+    return True
+
+
+def _segment(a: Analysis, node: fx.Node, x: Var, xd: int, y: Var, od: int, s: slice) -> bool:
+    """``y = x[..., start:stop]`` on one dim with bounds the forward code computed (Phi-3's
+    ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``):
+    position ``j`` of ``y`` is position ``start + j`` of ``x``, both kept together. The compacted model
+    needs the bounds at their new values: ``_plan_patches`` finds the attributes (or config fields)
+    they are computed from and patches them, or pins the slice. Recorded graphs only, only a computed
+    tensor (never a buffer, parameter or input), and only when ``stop - start`` is ``y``'s size (a
+    plain, in-range, step-1 slice)."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not a.traced.recorded or s.step not in (None, 1):
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op in ("get_attr", "placeholder"):
+        # a buffer or an input sliced to the sequence length (BERT's position_ids[:, :seq]): the
+        # positions past the bound are read by longer inputs, though not by this one
+        return False
+    n = x.shape[xd]
+    start = 0 if s.start is None else s.start
+    stop = n if s.stop is None else s.stop
+    if not (is_int(start) and is_int(stop) and 0 <= start < stop <= n and stop - start == y.shape[od]):
+        return False
+    a.slice_bounds.append((node, x, xd, int(start), None if s.stop is None or stop == n else int(stop)))
+
+    def coupled() -> bool:
+        both = a.keep(x, xd)[start:stop] | a.keep(y, od)
+        full = np.zeros(n, dtype=bool)
+        full[start:stop] = both
+        return a.demand(x, xd, full) | a.demand(y, od, both)
+
+    a.constraint(coupled)
+    a.set_cv(y, od, a.cv(x, xd)[start:stop])
     return True
 
 

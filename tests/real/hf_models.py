@@ -393,14 +393,6 @@ _LN_COUPLED = ("the stem's channels are normalized together by a LayerNorm over 
                "still counts in its mean and variance, so removing it changes every other channel")
 
 
-# Known limitation, kept and listed: Phi3Attention slices its fused qkv_proj output at
-# config.num_attention_heads * head_dim and num_key_value_heads * head_dim. Those offsets are products
-# of attributes (one config object shared by every layer), not sizes an eager re-run recomputes, so
-# the heads stay; the MLP (gate_up_proj.chunk(2)) is removed in full.
-_PHI3_FUSED = ("Phi-3 slices its fused qkv_proj at offsets computed from config.num_attention_heads, which all "
-               "layers share: the query/key/value heads stay, reported as sliced at fixed positions")
-
-
 def architectures() -> dict[str, Arch]:
     archs: list[Arch] = []
     archs.append(_bert_like("bert", T.BertModel, T.BertConfig))
@@ -431,7 +423,7 @@ def architectures() -> dict[str, Arch]:
         "mlp": mlp_gate_up(phi3_layers),
         "heads": heads_gqa(phi3_layers, variant="kv_group", fused=True),
         "heads_q_position": heads_gqa(phi3_layers, variant="q_position", fused=True),
-    }, kept_kinds={"heads": _PHI3_FUSED, "heads_q_position": _PHI3_FUSED}))
+    }))  # Phi3Attention slices qkv_proj at config.num_attention_heads * head_dim: patched per layer
 
     neox = T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=LAYERS,
                            num_attention_heads=HEADS, max_position_embeddings=64, bos_token_id=1, eos_token_id=1)

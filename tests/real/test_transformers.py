@@ -86,3 +86,46 @@ def test_compacted_decoder_generates_the_masked_models_tokens(name: str) -> None
     assert torch.equal(want, got), f"masked {want.tolist()} vs compacted {got.tolist()}"
     assert got.shape == (2, 18)
     assert len(set(got[0, 6:].tolist())) > 2  # a real sequence, not one repeated token
+
+
+def test_phi3_heads_differ_per_layer_with_their_own_config() -> None:
+    """Phi-3 slices its fused qkv_proj at ``config.num_attention_heads * head_dim``, a config object every layer
+    shares. Layer 0 loses one KV group (2 query heads, 1 kv head), layer 1 loses nothing: each patched attention
+    gets its own copy of the config with its own head count, and the caller's config is unchanged."""
+    arch = ARCHS["phi3"]
+    model = arch.build("eager")
+    units = arch.kinds["heads"](model)
+    cuts = [c for c in units[0]]  # layer 0's unit only
+    masks = masks_from(model, cuts)
+    res = dp.compact(model, arch.inputs(1, SEQ, 0), masks)
+    assert res.compacted and not res.kept, res.summary()
+    assert count_params(model) - count_params(res.model) == expected_removed(model, cuts)
+    a0, a1 = (res.model.layers[i].self_attn for i in range(2))
+    assert a0.config is not a1.config and a0.config is not res.model.config
+    assert (a0.config.num_attention_heads, a0.num_key_value_heads) == (2, 1)
+    assert (a1.config.num_attention_heads, a1.num_key_value_heads) == (4, 2)
+    assert model.config.num_attention_heads == 4 and model.layers[0].self_attn.config is model.config
+    reference = masked_copy(model, masks)
+    fresh = arch.inputs(2, 11, 5)  # batch 2, another length, a padded row
+    with torch.no_grad():
+        want, got = reference(**fresh).last_hidden_state, res.model(**fresh).last_hidden_state
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "whisper_encoder"])
+def test_compacted_model_runs_on_inputs_longer_than_the_example(name: str) -> None:
+    """Buffers and tables sliced to the example's length (BERT's ``position_ids[:, :seq]``, GPT-2's position
+    embedding rows, Whisper's ``embed_positions``) keep every position: a longer input still runs, and matches."""
+    arch = ARCHS[name]
+    model = arch.build("eager")
+    cuts = [c for u in arch.kinds["mlp"](model) for c in u]
+    masks = masks_from(model, cuts)
+    res = dp.compact(model, arch.inputs(1, SEQ, 0), masks)
+    assert res.compacted and not res.kept, res.summary()
+    before = {k: tuple(b.shape) for k, b in model.named_buffers()}
+    assert {k: tuple(b.shape) for k, b in res.model.named_buffers()} == before
+    reference = masked_copy(model, masks)
+    longer = arch.inputs(2, 3 * SEQ, 9)
+    with torch.no_grad():
+        want, got = reference(**longer).last_hidden_state, res.model(**longer).last_hidden_state
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
