@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,8 +83,8 @@ MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "hidden_dim", "en
 #: Config fields that count attention heads.
 HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "encoder_attention_heads",
              "decoder_attention_heads", "multi_query_group_num", "n_head_kv", "num_kv_heads")
-#: Fields whose ``None`` means a value derived from others; pinned before widths change, so that
-#: head_dim stays what it is when the head count drops.
+#: Fields whose ``None`` (or absence) means a value derived from others; pinned before widths change,
+#: so that head_dim stays what it is when the head count drops.
 _PINNED_DEFAULTS = {
     "head_dim": lambda c: c.hidden_size // c.num_attention_heads,
     "n_inner": lambda c: 4 * c.n_embd,
@@ -437,6 +438,9 @@ def widths_spec(reference: nn.Module, compact: nn.Module, architecture: str) -> 
             entry["tensors"] = tensors
         if attrs:
             entry["attributes"] = attrs
+        own = _own_config_fields(mod, compact)
+        if own:
+            entry["config"] = own
         if entry:
             modules[name] = entry
     missing = sorted(set(ref_modules) - {n for n, _ in compact.named_modules()})
@@ -451,6 +455,31 @@ def widths_spec(reference: nn.Module, compact: nn.Module, architecture: str) -> 
                  "rebuild it with deployprune.hf.load_compacted(directory)",
         "modules": modules,
     }
+
+
+def _own_config_fields(mod: nn.Module, model: nn.Module) -> dict[str, int]:
+    """Int fields in which a module's own copy of the config (finalize gives one to an attention whose
+    forward reads ``self.config.num_attention_heads``, Phi-3's) differs from the model's config."""
+    cfg, top = vars(mod).get("config"), getattr(model, "config", None)
+    if cfg is None or top is None or cfg is top or not hasattr(cfg, "to_dict"):
+        return {}
+    mine, theirs = cfg.to_dict(), top.to_dict()
+    return {k: v for k, v in mine.items() if _size_value(v) and isinstance(v, int) and theirs.get(k) != v}
+
+
+def _apply_config_fields(mod: nn.Module, model: nn.Module, name: str, fields: Any, where: str) -> None:
+    top = getattr(model, "config", None)
+    if vars(mod).get("config") is not top or not isinstance(fields, dict):
+        raise InputError(f"{where}: module {name!r} has no config of its own to set fields on")
+    own = copy.copy(top)
+    for key, value in fields.items():
+        current = getattr(top, key, None) if isinstance(key, str) and not key.startswith("_") else None
+        if not (_size_value(current) and isinstance(current, int) and isinstance(value, int)
+                and not isinstance(value, bool) and value > 0):
+            raise InputError(f"{where}: {name}: config field {key!r} is not a size of the config "
+                             f"(or {value!r} is not a positive integer)")
+        setattr(own, key, value)
+    mod.config = own
 
 
 def _read_widths(path: Path, architecture: str) -> dict[str, Any]:
@@ -497,6 +526,9 @@ def apply_widths_(model: nn.Module, spec: Mapping[str, Any], where: str) -> None
                 mod._buffers[pname] = torch.zeros(shape, dtype=old.dtype)
             else:
                 raise InputError(f"{where}: {name} has no tensor {pname!r}")
+        fields = entry.get("config") or {}
+        if fields:
+            _apply_config_fields(mod, model, name, fields, where)
         for attr, value in (entry.get("attributes") or {}).items():
             current = vars(mod).get(attr) if isinstance(attr, str) and not attr.startswith("_") else None
             new = tuple(value) if isinstance(value, list) else value
@@ -554,7 +586,7 @@ def config_for_widths(cls: type, config: Any, shapes: Mapping[str, tuple[int, ..
     if plain is None:
         return None
     for key, default in _PINNED_DEFAULTS.items():  # e.g. head_dim: kept when the head count changes
-        if hasattr(base_cfg, key) and getattr(base_cfg, key) is None:
+        if getattr(base_cfg, key, None) is None:  # None, or absent (Phi-3 reads getattr(config, "head_dim", ...))
             with contextlib.suppress(Exception):
                 trial = copy.deepcopy(base_cfg)
                 setattr(trial, key, int(default(trial)))
@@ -565,7 +597,11 @@ def config_for_widths(cls: type, config: Any, shapes: Mapping[str, tuple[int, ..
     diff = {k for k in plain if plain[k] != tuple(shapes[k])}
     if not diff:
         return base_cfg, {}
-    updates: dict[str, int] = {}
+    # every dimension is affine in the fields (head_dim pinned): measure each field's slope on each
+    # dimension, then solve for the fields' changes together (Phi-3's fused qkv_proj has
+    # num_attention_heads * head_dim + 2 * num_key_value_heads * head_dim rows)
+    keys: list[str] = []
+    slopes: list[dict[tuple[str, int], float]] = []
     for key in _config_keys(base_cfg, MLP_KEYS + HEAD_KEYS):
         value = getattr(base_cfg, key)
         probe_shapes, step = None, 0
@@ -578,19 +614,34 @@ def config_for_widths(cls: type, config: Any, shapes: Mapping[str, tuple[int, ..
             probe_shapes = None
         if probe_shapes is None:
             continue
-        implied: set[float] = set()
+        slope: dict[tuple[str, int], float] = {}
         for k, before in plain.items():
-            after, target = probe_shapes[k], tuple(shapes[k])
-            if len(after) != len(before) or len(target) != len(before):
-                implied.add(math.nan)
-                continue
-            for b, p, t in zip(before, after, target, strict=True):
+            after = probe_shapes[k]
+            if len(after) != len(before):
+                slope = {}
+                break
+            for i, (b, p) in enumerate(zip(before, after, strict=True)):
                 if b != p:
-                    implied.add(value + (t - b) * step / (p - b))
-        if len(implied) == 1:
-            new = implied.pop()
-            if new != value and new == int(new) and new >= 1:
-                updates[key] = int(new)
+                    slope[(k, i)] = (p - b) / step
+        if slope:
+            keys.append(key)
+            slopes.append(slope)
+    if not keys:
+        return None
+    dims = sorted({d for sl in slopes for d in sl} | {(k, i) for k in diff for i in range(len(plain[k]))})
+    for k in diff:
+        if len(shapes[k]) != len(plain[k]):
+            return None
+    matrix = np.array([[sl.get(d, 0.0) for sl in slopes] for d in dims])
+    target = np.array([shapes[k][i] - plain[k][i] for k, i in dims], dtype=float)
+    delta, *_ = np.linalg.lstsq(matrix, target, rcond=None)
+    if not np.allclose(matrix @ np.round(delta), target):
+        return None
+    updates: dict[str, int] = {}
+    for key, d in zip(keys, np.round(delta).astype(int), strict=True):
+        value = getattr(base_cfg, key)
+        if d != 0 and value + d >= 1:
+            updates[key] = int(value + d)
     if not updates:
         return None
     candidate = copy.deepcopy(base_cfg)
@@ -965,7 +1016,11 @@ def _save_widths_layout(compact: nn.Module, tmp: Path, checks: list[dict[str, to
     except DeployPruneError as exc:
         raise UnsupportedError(f"the compacted model does not load back from its widths spec ({exc}); "
                                "write a .pt2 program instead") from None
-    rel = _compare(compact, again, checks, constants)
+    try:
+        rel = _compare(compact, again, checks, constants)
+    except Exception as exc:  # noqa: BLE001 - a rebuilt model that does not even run is the same failure
+        raise UnsupportedError(f"the model rebuilt from the widths spec does not run ({_short(exc, 160)}); "
+                               "write a .pt2 program instead") from None
     if not rel <= tolerance:
         raise UnsupportedError(f"the model rebuilt from the widths spec reproduces the compact model only to "
                                f"{rel:.3g} (relative); write a .pt2 program instead")
@@ -1018,7 +1073,8 @@ def finalize_directory(
     ``strict`` and ``allow_uncompacted`` are those of :func:`deployprune.pipeline.compact_loaded`.
     """
     from .fsutil import check_writable, remove_stale
-    from .pipeline import check_not_input, compact_loaded, count_params, module_changes
+    from .pipeline import check_not_input, compact_loaded, module_changes
+    from .stats import count_params
 
     if not isinstance(loaded, HFLoaded) or loaded.hf is None:
         raise UsageError("finalize_directory: expected a model directory loaded by deployprune.hf.load_directory")

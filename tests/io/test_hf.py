@@ -61,7 +61,15 @@ def _llama() -> torch.nn.Module:
                                             num_key_value_heads=KV)).eval()
 
 
-BUILD = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
+def _phi3() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return T.Phi3ForCausalLM(T.Phi3Config(vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER,
+                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          num_key_value_heads=KV, pad_token_id=0, bos_token_id=0,
+                                          eos_token_id=0)).eval()
+
+
+BUILD = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "phi3": _phi3}
 
 
 def _keep(n: int, drop: range | slice | list[int]) -> torch.Tensor:
@@ -94,6 +102,13 @@ def masks_for(kind: str, mlp_drop: list[int], heads: list[list[int]]) -> dict:
             p = f"transformer.h.{i}"
             u = _keep(4 * H, units)  # Conv1D: weight (in, out), the units are columns
             masks[f"{p}.mlp.c_fc"] = {"weight": u[None, :].expand(H, 4 * H).clone(), "bias": u.clone()}
+        elif kind == "phi3":  # fused: gate_up_proj rows [gate | up], qkv_proj rows [q (4 x 16) | k (2 x 16) | v]
+            p = f"model.layers.{i}"
+            masks[f"{p}.mlp.gate_up_proj"] = _rows(torch.cat([_keep(INTER, units)] * 2), H, bias=False)
+            if heads[i]:
+                q_rows = [r for g in heads[i] for h in (2 * g, 2 * g + 1) for r in range(h * HD, (h + 1) * HD)]
+                rows = q_rows + [H + r for r in head_rows] + [H + KV * HD + r for r in head_rows]
+                masks[f"{p}.self_attn.qkv_proj"] = _rows(_keep(H + 2 * KV * HD, rows), H, bias=False)
         else:
             p = f"model.layers.{i}"
             for q in ("gate_proj", "up_proj"):
@@ -115,6 +130,8 @@ def removed_params(kind: str, mlp_drop: list[int], heads: list[list[int]]) -> in
             total += u * (H + 1) + u * H + n * (3 * HD * (H + 1) + HD * H)
         elif kind == "gpt2":
             total += u * (H + 1) + u * H
+        elif kind == "phi3":  # the same units as Llama's, in fused layers
+            total += 3 * u * H + n * (2 * HD * H + 2 * HD * H + 2 * HD * H)
         else:
             total += 3 * u * H + n * (2 * HD * H + 2 * HD * H + 2 * HD * H)  # 2 q heads + k + v, o columns
     return total
@@ -187,6 +204,10 @@ UNIFORM = {  # MLP units and heads removed alike in every layer: save_pretrained
     "gpt2": ([64, 64], [[], []], {"n_inner": 192}),
     "llama": ([32, 32], [[1], [1]], {"intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1,
                                      "head_dim": HD}),
+    # Phi3Config has no head_dim field (the attention reads getattr(config, "head_dim", hidden // heads)):
+    # it is written, so that two heads stay 16 wide
+    "phi3": ([32, 32], [[1], [1]], {"intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                    "head_dim": HD}),
 }
 
 
@@ -212,7 +233,7 @@ def test_uniform_widths_come_back_through_from_pretrained(tmp_path: Path, kind: 
     reference = masked_model(kind, masks_for(kind, mlp_drop, heads))
     assert n_params(reference) - n_params(again) == removed_params(kind, mlp_drop, heads)
     assert rel_error(reference, again.eval(), fresh_inputs(kind)) <= TOL
-    auto = T.AutoModelForCausalLM if kind in ("gpt2", "llama") else T.AutoModel
+    auto = T.AutoModelForCausalLM if kind in ("gpt2", "llama", "phi3") else T.AutoModel
     assert type(auto.from_pretrained(out, local_files_only=True)) is cls
 
 
@@ -220,6 +241,7 @@ NON_UNIFORM = {  # widths that differ per layer, or heads the config cannot expr
     "bert": ([32, 64], [[1], []]),  # a BERT head count below hidden_size / head_dim has no config field
     "gpt2": ([64, 32], [[], []]),  # with the LM head tied to the embedding
     "llama": ([32, 16], [[1], []]),  # a KV group in layer 0 only
+    "phi3": ([32, 16], [[1], []]),  # layer 0's attention gets its own config (num_attention_heads 2)
 }
 
 
@@ -236,8 +258,11 @@ def test_per_layer_widths_come_back_through_load_compacted(tmp_path: Path, kind:
     spec = json.loads((out / hf.WIDTHS_FILE).read_text())
     layer0, attr, width = {"bert": ("encoder.layer.0.intermediate.dense", "out_features", INTER),
                            "gpt2": ("transformer.h.0.mlp.c_fc", "nf", 4 * H),
-                           "llama": ("model.layers.0.mlp.up_proj", "out_features", INTER)}[kind]
-    assert spec["modules"][layer0]["attributes"][attr] == width - mlp_drop[0]
+                           "llama": ("model.layers.0.mlp.up_proj", "out_features", INTER),
+                           "phi3": ("model.layers.0.mlp.gate_up_proj", "out_features", 2 * INTER)}[kind]
+    assert spec["modules"][layer0]["attributes"][attr] == width - mlp_drop[0] * (2 if kind == "phi3" else 1)
+    if kind == "phi3":
+        assert spec["modules"]["model.layers.0.self_attn"]["config"] == {"num_attention_heads": 2}
 
     again = hf.load_compacted(out)
     reference = masked_model(kind, masks_for(kind, mlp_drop, heads))
