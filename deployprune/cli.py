@@ -34,6 +34,7 @@ from .errors import (
     DeployPruneError,
     UsageError,
     ValidationFailed,
+    one_line,
 )
 
 log = logging.getLogger("deployprune")
@@ -49,10 +50,6 @@ class Terminated(BaseException):
     """Raised by the SIGTERM handler so ``finally`` blocks clean up staged outputs."""
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -62,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2) instead of usage + message."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')")
+        raise UsageError(f"{self.prog}: {one_line(message)} (see '{self.prog} --help')")
 
 
 def _common_parent() -> argparse.ArgumentParser:
@@ -372,14 +369,14 @@ def _register_plugins(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> 
             _placeholder(
                 sub,
                 "prune" if command == "pruning" else command,
-                f"failed to load ({_one_line(exc)})",
+                f"failed to load ({one_line(exc)})",
             )
             continue
         except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the other commands
             _placeholder(
                 sub,
                 "prune" if command == "pruning" else command,
-                f"failed to load ({type(exc).__name__}: {_one_line(exc)})",
+                f"failed to load ({type(exc).__name__}: {one_line(exc)})",
             )
             continue
         register = getattr(module, "register", None)
@@ -751,7 +748,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 class _LowerLevel(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.levelname_lower = record.levelname.lower()
-        record.msg = _one_line(record.getMessage())
+        record.msg = one_line(record.getMessage())
         record.args = None
         return True
 
@@ -820,10 +817,10 @@ def _main(argv: Sequence[str] | None) -> int:
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if debug:
                 traceback.print_exc()
-                _error(f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); please report it")
+                _error(f"internal error ({type(exc).__name__}: {one_line(exc, 300)}); please report it")
             else:
                 _error(
-                    f"internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+                    f"internal error ({type(exc).__name__}: {one_line(exc, 300)}); "
                     "rerun with --debug for the traceback and please report it"
                 )
             return EXIT_INTERNAL
@@ -837,7 +834,7 @@ def _error(message: str) -> None:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001
         pass
-    print(f"error: {_one_line(message)}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     sys.stderr.flush()
 
 

@@ -20,15 +20,11 @@ from typing import Any
 import torch
 
 from ._imports import import_callable
-from .errors import InputError, UnsupportedError, UsageError
+from .errors import InputError, UnsupportedError, UsageError, one_line
 
 log = logging.getLogger("deployprune.data")
 
 BUILTIN = ("digits",)
-
-
-def _one_line(text: object, limit: int = 200) -> str:
-    return " ".join(str(text).split())[:limit]
 
 
 def digits_arrays(*, seed: int = 0, val_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor,
@@ -88,7 +84,7 @@ def _call(fn: Callable[..., Any], spec: str, batch_size: int, seed: int) -> Any:
     try:
         return fn(**kwargs)
     except Exception as exc:  # noqa: BLE001 - user code
-        raise InputError(f"data entry point {spec!r} failed ({type(exc).__name__}: {_one_line(exc)}); "
+        raise InputError(f"data entry point {spec!r} failed ({type(exc).__name__}: {one_line(exc, 200)}); "
                          "fix the function or run it alone to debug it") from None
 
 

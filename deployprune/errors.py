@@ -64,3 +64,13 @@ class ValidationFailed(DeployPruneError):
 
 class ParityError(ValidationFailed):
     """Finalize produced a model whose output differs from the masked model (a bug: please report)."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` (a message, an exception, a warning) as one line for an ``error: ...`` message:
+    every run of white space, newlines included, becomes one space; at most ``limit`` characters.
+
+    The one helper for this (the CLI, the pipeline and the data loaders each had their own).
+    """
+    line = " ".join(str(text).split())
+    return line if limit is None else line[:limit]

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeployPruneError, OutputError, ParityError, UnsupportedError, UsageError
+from .errors import DeployPruneError, OutputError, ParityError, UnsupportedError, UsageError, one_line
 from .fsutil import JOURNAL, PREVIOUS, backup_path, check_writable, journal, remove_stale, staging_prefix, undo
 from .fsutil import commit as fs_commit
 from .io import LoadedModel, describe_inputs
 from .masks import Masks, apply_masks_, mask_sparsity
+from .stats import count_params  # noqa: F401 - also imported from here (examples, benchmarks)
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,8 @@ def staging(dest: Path) -> Iterator[Staging]:
                 ) from None
             raise
         except OSError as exc:
-            raise OutputError(
-                f"{dest}: cannot write ({exc.strerror or _one_line(exc)}); check free space and permissions"
-            ) from None
+            why = exc.strerror or one_line(exc, 200) or type(exc).__name__
+            raise OutputError(f"{dest}: cannot write ({why}); check free space and permissions") from None
     except BaseException:  # error, Ctrl-C or SIGTERM: nothing of this run stays, what it replaced is back
         if stage.rollback():
             stage.cleanup()
@@ -216,7 +216,7 @@ def tracer_warnings() -> Iterator[list[str]]:
     others = []
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
-            first = _one_line(w.message).split(". ", 1)[0].rstrip(".")
+            first = one_line(w.message, 200).split(". ", 1)[0].rstrip(".")
             text = f"{first} ({Path(w.filename).name}:{w.lineno})"
             if text not in found:
                 found.append(text)
@@ -226,23 +226,9 @@ def tracer_warnings() -> Iterator[list[str]]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # Model helpers
 # --------------------------------------------------------------------------------------------
-
-
-def count_params(model: nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def masked_copy(model: nn.Module, masks: Masks) -> nn.Module:
