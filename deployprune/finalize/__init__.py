@@ -467,6 +467,14 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
     pinned = False
     a.patches = []
     entries = [(*e, False) for e in a.literal_sizes] + [(*e, True) for e in a.unread_sizes]
+    # sizes that stay claim their attribute too: Llama's hidden_shape = (*input_shape, -1, self.head_dim)
+    # views q, k and v alike, so v alone cannot lose head positions by patching head_dim
+    fixed: dict[tuple[str, str], int] = {}
+    for node, y, d, lit, unread in entries:
+        if not unread and int(a.keep(y, d).sum()) == lit and type(lit) is int:
+            key = _literal_key(a, node, lit, unread)
+            if key is not None:
+                fixed.setdefault(key, lit)
     for node, y, d, lit, unread in entries:
         new = int(a.keep(y, d).sum())
         if new == lit:
@@ -474,24 +482,9 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
         if a.traced.recorded and type(lit) is not int:
             continue  # read from a tensor's shape: the compacted model's forward recomputes it
         owner = node.meta.get("owner", "") or ""
-        module = a.modules.get(owner)
-        cands = [k for k, v in _int_attrs(module).items() if v == lit] if module is not None else []
-        reads = (a.traced.int_reads or {}).get(owner)
-        if unread:
-            cands = [k for k in cands if "group" in k.lower()]
-            if len(cands) != 1:
-                continue  # nothing names the group size: shapes carry it on every path
-        elif reads is not None:
-            cands = [k for k in cands if k in reads]  # attributes the forward actually read
-        if len(cands) > 1:
-            pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
-            cands = pref if len(pref) == 1 else (pref or cands)
-        if len(cands) > 1 and _target_name(node) in _REPLICATING:
-            # repeat_kv's expand replicates each KV head num_key_value_groups times; an equal
-            # num_key_value_heads (Phi-3 reads both) is not the replication count
-            rep = [k for k in cands if "group" in k.lower() or "rep" in k.lower()]
-            cands = rep if len(rep) == 1 else cands
-        key = (owner, cands[0]) if len(cands) == 1 else None
+        key = _literal_key(a, node, lit, unread)
+        if key is None and unread:
+            continue  # nothing names the group size: shapes carry it on every path
         if key is None and a.traced.recorded:
             # a recorded size is usually computed from a tensor's shape, which the eager re-run
             # recomputes; the shape check after rebuilding pins it if it was fixed after all
@@ -499,7 +492,7 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
         if key is None and _is_reshape(node) and can_rewrite(a, owner) and owner not in a.rewrite_failed:
             a.rewrite_owners.add(owner)  # the literal is rewritten in a re-emitted graph instead
             continue
-        if key is None or plan.get(key, new) != new:
+        if key is None or plan.get(key, new) != new or fixed.get(key, new) != new:
             why = (f"forward code passes the fixed size {lit} to {node.target}; no unique attribute of "
                    f"{owner or 'the model'!r} holds it" if key is None else
                    f"forward code uses attribute {key[1]!r} for sizes that would need different values")
@@ -507,9 +500,30 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
             pinned = True
             continue
         plan[key] = new
-    pinned = _plan_slice_bounds(a, plan) or pinned
+    pinned = _plan_slice_bounds(a, plan, fixed) or pinned
     a.patches = [(o, k, _attr_value(a.modules[o], k), v) for (o, k), v in plan.items()]
     return pinned
+
+
+def _literal_key(a: Analysis, node: fx.Node, lit: int, unread: bool) -> tuple[str, str] | None:
+    """The one attribute of the node's module that holds the literal size ``lit`` (None: none or several)."""
+    owner = node.meta.get("owner", "") or ""
+    module = a.modules.get(owner)
+    cands = [k for k, v in _int_attrs(module).items() if v == lit] if module is not None else []
+    reads = (a.traced.int_reads or {}).get(owner)
+    if unread:
+        cands = [k for k in cands if "group" in k.lower()]
+    elif reads is not None:
+        cands = [k for k in cands if k in reads]  # attributes the forward actually read
+    if len(cands) > 1:
+        pref = [k for k in cands if any(p in k.lower() for p in _PREFERRED)]
+        cands = pref if len(pref) == 1 else (pref or cands)
+    if len(cands) > 1 and _target_name(node) in _REPLICATING:
+        # repeat_kv's expand replicates each KV head num_key_value_groups times; an equal
+        # num_key_value_heads (Phi-3 reads both) is not the replication count
+        rep = [k for k in cands if "group" in k.lower() or "rep" in k.lower()]
+        cands = rep if len(rep) == 1 else cands
+    return (owner, cands[0]) if len(cands) == 1 else None
 
 
 def _attr_value(module: nn.Module, key: str) -> int:
@@ -558,7 +572,8 @@ def _explain(length: int, new: int, ints: dict[str, int], plan: dict[tuple[str, 
     return next(iter(options)) if len(options) == 1 else None
 
 
-def _plan_slice_bounds(a: Analysis, plan: dict[tuple[str, str], int]) -> bool:
+def _plan_slice_bounds(a: Analysis, plan: dict[tuple[str, str], int],
+                       fixed: dict[tuple[str, str], int] | None = None) -> bool:
     """Patches for the slice bounds of ``a.slice_bounds`` whose kept channels moved them; pins the slices
     whose bounds no attribute explains. Returns True when something was pinned."""
     groups: dict[tuple[str, int], list[tuple]] = {}
@@ -580,7 +595,7 @@ def _plan_slice_bounds(a: Analysis, plan: dict[tuple[str, str], int]) -> bool:
         for b in bounds:
             length, new = b - prev, moved[b] - prev_new
             if length != new:
-                choice = _explain(length, new, ints, {**plan, **local}, owner)
+                choice = _explain(length, new, ints, {**(fixed or {}), **plan, **local}, owner)
                 if choice is None:
                     why = (f"sliced at position {b}, computed in the forward code; no attribute or config field "
                            f"of {owner or 'the model'!r} it read gives the new position {moved[b]}")

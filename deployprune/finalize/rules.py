@@ -1639,6 +1639,31 @@ def _pad(a: Analysis, node: fx.Node) -> None:
             a.set_cv(y, d, c)
 
 
+@register_function_rule(torch.roll, "roll", torch.flip, "flip")
+def _roll(a: Analysis, node: fx.Node) -> None:
+    """``torch.roll(x, shifts, dims)`` (Swin's shifted windows) and ``torch.flip(x, dims)`` move positions
+    along ``dims`` only: those are pinned, every other dim passes through."""
+    x = a.var(node.args[0])
+    y = out_var(a, node)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dims = arg(node, 2, "dims") if name == "roll" else arg(node, 1, "dims")
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    if (x is None or y is None or x.ndim != y.ndim or not isinstance(dims, (tuple, list)) or not dims
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)):
+        opaque(a, node)  # roll over the flattened tensor, or dims the graph computes
+        return
+    moved = {norm_dim(d, x.ndim) for d in dims}
+    for d in range(x.ndim):
+        if d in moved:
+            a.pin(x, d, f"positions moved by {name}")
+            a.pin(y, d, f"positions moved by {name}")
+        else:
+            a.same(x, d, y, d)
+            if d in x.cval:
+                y.cval[d] = x.cval[d]
+
+
 @register_module_rule(nn.MultiheadAttention)
 def _multihead_attention(a: Analysis, node: fx.Node, module: nn.Module) -> None:
     """Whole heads whose value rows or output columns are zero are removed; embed_dim stays."""

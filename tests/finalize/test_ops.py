@@ -255,6 +255,26 @@ class Conv1dSequence(nn.Module):
         return self.fc(self.gap(self.pool(F.relu(self.c1(x)))).squeeze(-1))
 
 
+class RollFlip(nn.Module):
+    """Swin-style shifted windows: torch.roll over the spatial dims, then a flip; channels pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.roll(F.relu(self.c1(x)), shifts=(-2, 1), dims=(2, 3))
+        return self.c2(torch.flip(y, dims=[3]))
+
+
+class RollChannels(RollFlip):
+    """A roll along the channel dim moves channels to other positions: they stay."""
+
+    def forward(self, x):
+        return self.c2(torch.roll(F.relu(self.c1(x)), shifts=1, dims=1))
+
+
 @dataclass(frozen=True)
 class OpCase:
     cls: Callable[[], nn.Module]
@@ -289,6 +309,8 @@ CASES = {
     "grouped_conv": OpCase(GroupedConv, (1, 3, 6, 6), 4, {"g.weight": (8, 2, 3, 3)}),
     "conv1d_sequence": OpCase(Conv1dSequence, (1, 1, 64), 4, {"fc.weight": (4, 4)}),
     "stack_flatten_linear": OpCase(StackLinear, (1, 3, 6, 6), 4, {"fc.weight": (4, 8)}),
+    "roll_flip": OpCase(RollFlip, (1, 3, 6, 6), 4, {"c2.weight": (4, 4, 3, 3)}),
+    "roll_channels_keeps": OpCase(RollChannels, (1, 3, 6, 6), 8),
     "spatial_cat": OpCase(SpatialCat, (1, 3, 6, 6), 4, {"c1b.weight": (4, 3, 3, 3), "c2.weight": (4, 4, 3, 3)}),
 }
 

@@ -27,6 +27,7 @@ from .hf_models import (
     expected_removed,
     masked_copy,
     masks_from,
+    rows,
     run_case,
 )
 
@@ -129,3 +130,18 @@ def test_compacted_model_runs_on_inputs_longer_than_the_example(name: str) -> No
     with torch.no_grad():
         want, got = reference(**longer).last_hidden_state, res.model(**longer).last_hidden_state
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_value_head_positions_are_kept_and_named_not_abandoned(impl: str) -> None:
+    """Llama views q, k and v with one ``hidden_shape = (..., -1, self.head_dim)``: position 3 of every value head
+    cannot go alone (head_dim would have to be 15 for v and 16 for q and k). The compaction goes ahead with
+    those channels kept and names the attribute, instead of failing its self-check (an abandoned compaction is
+    an error on the command line)."""
+    arch = ARCHS["llama"]
+    model = arch.build(impl)
+    masks = masks_from(model, rows(model, "layers.0.self_attn.v_proj", [3, 19]))
+    res = dp.compact(model, arch.inputs(1, SEQ, 0), masks)
+    assert res.compacted, res.abandoned
+    assert [(k.module, k.count) for k in res.kept] == [("layers.0.self_attn.v_proj", 2)]
+    assert "head_dim" in res.kept[0].reason and "different values" in res.kept[0].reason, res.kept[0].reason
