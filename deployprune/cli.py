@@ -19,6 +19,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -44,6 +45,16 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 PLUGIN_MODULES = ("deployprune.pruning.cli",)
 GRAPH_OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
+
+
+# Library messages serve Python callers too; on the command line a converter option is given as
+# --opt KEY=VALUE, so its hint "pass precision='fp32'" reads "pass --opt precision=fp32".
+_OPTION_HINT = re.compile(r"\bpass ([a-z_][a-z0-9_]*)='([^'\s]*)'")
+
+
+def cli_wording(text: str) -> str:
+    """``text`` (an error, a summary line) worded for the command line: options as flags."""
+    return _OPTION_HINT.sub(r"pass --opt \1=\2", text)
 
 
 class Terminated(BaseException):
@@ -299,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         parents=[load, common],
         help="compare an artifact (.onnx / .mlpackage) with the (masked) source model",
+        description="Run ARTIFACT (.onnx file or .mlpackage) and MODEL (with --masks applied) on the example "
+        "input and seeded random ones (--n-inputs in all), compare their outputs against the thresholds and, "
+        "unless --no-latency, time both (interleaved, medians); print the summary, write the report with "
+        "--json / --html, and exit 4 when a threshold is not met.",
     )
     p.add_argument("artifact", metavar="ARTIFACT", help=".onnx file or .mlpackage directory")
     p.add_argument(
@@ -720,7 +735,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def _print_lines(lines: Sequence[str]) -> None:
     for line in lines:
-        print(line)
+        print(cli_wording(line))
     sys.stdout.flush()
 
 
@@ -834,7 +849,7 @@ def _error(message: str) -> None:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001
         pass
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    print(f"error: {cli_wording(one_line(message))}", file=sys.stderr)
     sys.stderr.flush()
 
 
