@@ -42,6 +42,7 @@ from ..masks import (
     normalize_masks,
     strip_parametrizations_,
 )
+from ..stats import count_params
 from .accounting import Accounting, KeptChannels, account, all_kept, masked_slices
 from .capture import CaptureError, flat_tensors, record
 from .graph import Analysis, Blocker, ChannelGroup, GroupMember, Var, flatten_vars
@@ -170,7 +171,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
     masks_n: Masks = normalize_masks(work, masks) if masks is not None else attached
     apply_masks_(work, masks_n)
     work.eval()
-    params_before = _count(work)
+    params_before = count_params(work)
 
     lap("copy and bake masks")
     traced, capture_error = _capture(work, inputs, kw)
@@ -280,7 +281,7 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         b.kept_zero_channels = acc.by_blocker.get(k, 0)
     blocked = [b for b in a.blockers if b.kept_zero_channels]
     res = _result(CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
-                                   params_before=params_before, params_after=_count(result_model), max_abs_error=err,
+                                   params_before=params_before, params_after=count_params(result_model), max_abs_error=err,
                                    output_scale=scale, seconds=time.perf_counter() - t0, timings=timings), acc)
     if strict and res.kept:
         raise UnsupportedError(f"finalize (strict): {strict_message(res)}")
@@ -411,16 +412,6 @@ def _run(model: nn.Module, inputs: tuple, what: str, kw: dict | None = None) -> 
         raise InputError(f"{what} fails on example inputs of shape {shapes}: {msg}") from None
 
 
-def _count(model: nn.Module) -> int:
-    seen: set[int] = set()
-    n = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
-
-
 _flat_outputs = flat_tensors
 
 
@@ -469,9 +460,13 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
     entries = [(*e, False) for e in a.literal_sizes] + [(*e, True) for e in a.unread_sizes]
     # sizes that stay claim their attribute too: Llama's hidden_shape = (*input_shape, -1, self.head_dim)
     # views q, k and v alike, so v alone cannot lose head positions by patching head_dim
+    # (a value that also changes in the same call is ambiguous: timm's reshape(B, N, 3, self.num_heads, ...)
+    # with 3 heads has a 3 that stays and a 3 that shrinks)
     fixed: dict[tuple[str, str], int] = {}
+    changing = {(node, lit) for node, y, d, lit, _u in entries if int(a.keep(y, d).sum()) != lit}
     for node, y, d, lit, unread in entries:
-        if not unread and int(a.keep(y, d).sum()) == lit and type(lit) is int:
+        if (not unread and int(a.keep(y, d).sum()) == lit and type(lit) is int
+                and (node, lit) not in changing):
             key = _literal_key(a, node, lit, unread)
             if key is not None:
                 fixed.setdefault(key, lit)
