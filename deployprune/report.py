@@ -36,6 +36,15 @@ FORMATS = ("html", "md", "json")
 # Number formatting
 
 
+def _fewer(before: float, after: float) -> str:
+    """``1.74× fewer``; ``unchanged`` where the ratio would print as 1.00×; ``1.20× more`` when it grew."""
+    if after == before or (after and 0.995 <= before / after < 1.005):
+        return "unchanged" if after == before else "about the same"
+    if after > before:
+        return f"{fmt_ratio(_ratio(after, before))} more"
+    return f"{fmt_ratio(_ratio(before, after))} fewer"
+
+
 def fmt_count(n: float | None) -> str:
     if n is None:
         return "–"
@@ -163,7 +172,8 @@ def summary_lines(r: ValidationReport) -> list[str]:
         top1 = [o.top1 for o in r.outputs if o.top1 is not None]
         parity = (f"max abs {fmt_err(r.max_abs_error)}, max rel {fmt_err(r.max_rel_error)}, "
                   f"cosine {fmt_cos(r.min_cosine)}"
-                  + (f", top-1 {fmt_pct(min(top1))}" if top1 else "")
+                  # the artifact's top-1 class equals the source's: agreement, not task accuracy
+                  + (f", top-1 agreement {fmt_pct(min(top1))}" if top1 else "")
                   + f" ({r.inputs.count} {r.inputs.origin} input(s))")
     elif r.coreml is not None:
         parity = "Core ML read-back verification (outputs not compared: needs macOS)"
@@ -196,8 +206,7 @@ def summary_lines(r: ValidationReport) -> list[str]:
                 f"({fmt_pct(_ratio(a.params, base.params))} of {base_label})")
         macs_base = base.macs if base.macs is not None else r.source_stats.macs
         if macs_base is not None and a.macs is not None:
-            line += (f"; MACs {fmt_count(macs_base)} -> {fmt_count(a.macs)} "
-                     f"({fmt_ratio(_ratio(macs_base, a.macs))} fewer)")
+            line += f"; MACs {fmt_count(macs_base)} -> {fmt_count(a.macs)} ({_fewer(macs_base, a.macs)})"
         lines.append(line)
     if base.size_bytes is not None and a.size_bytes is not None:
         kind = " (in-memory weights)" if base.size_kind == "tensors" else ""

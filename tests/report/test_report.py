@@ -161,7 +161,7 @@ def test_summary_lines(reports: list[ValidationReport]) -> None:
     good, bad, comp = reports
     lines = summary_lines(good)
     assert lines[0].startswith("PASS  tiny.onnx (onnxruntime): max abs ")
-    assert "top-1 100.0% (3 random input(s))" in lines[0]
+    assert "top-1 agreement 100.0% (3 random input(s))" in lines[0]
     assert lines[1].startswith("latency  batch 1, 1 thread(s): dense ")
     assert "faster" in lines[1] and "torch eager source" in lines[1]
     assert lines[2].startswith("params   ") and "of dense export" in lines[2]
