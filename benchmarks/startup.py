@@ -63,6 +63,45 @@ def measure(argv: list[str], expected: int | None, runs: int) -> tuple[float, fl
     return statistics.median(times), min(times), max(times)
 
 
+def progress_timeline(command: list[str]) -> tuple[float, int, float]:
+    """Export torchvision's ResNet-18 (random init, half the channels of every inner conv masked) and note
+    when the first progress line reaches stderr: (seconds to it, progress lines, seconds to exit)."""
+    import tempfile
+
+    import torch
+
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import torchvision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = torchvision.models.resnet18()
+        torch.save(model.state_dict(), Path(tmp) / "resnet18.pt")
+        masks = {name: {"weight": (torch.arange(m.out_channels) % 2 == 0).float()[:, None, None, None]
+                        .expand_as(m.weight).clone()}
+                 for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and name.endswith("conv1") and name != "conv1"}
+        torch.save(masks, Path(tmp) / "masks.pt")
+        env = {k: v for k, v in os.environ.items() if k != "DEPLOYPRUNE_PROGRESS"}
+        argv = [*command, "export", "resnet18.pt", "--model", "torchvision.models:resnet18", "--masks", "masks.pt",
+                "--input-shape", "1,3,224,224", "-o", "resnet18.onnx", "--no-latency"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        first, lines = None, 0
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("["):
+                lines += 1
+                if first is None:
+                    first = time.perf_counter() - start
+        code = proc.wait()
+        total = time.perf_counter() - start
+        if code != 0:
+            raise SystemExit(f"{shlex.join(argv)}: exit {code}")
+    return (first if first is not None else float("nan")), lines, total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per command (default 5)")
@@ -72,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="how to start the CLI, e.g. 'python -m deployprune' (default: the installed deployprune script)",
     )
+    parser.add_argument("--progress", action="store_true",
+                        help="also time the first progress line of a ResNet-18 export (~1 min)")
     args = parser.parse_args(argv)
     runs = 3 if args.quick else args.runs
     if runs < 1:
@@ -89,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("reference: python -c pass", measure([sys.executable, "-c", "pass"], 0, runs)))
     rows.append(("reference: python -c 'import torch'", measure([sys.executable, "-c", "import torch"], 0, runs)))
 
+    if args.progress:
+        first, stages, total = progress_timeline(command)
+        print(f"export of a ResNet-18 (torchvision, 224x224): first progress line after {first:.2f} s, "
+              f"{stages} lines in all, done after {total:.1f} s (target: progress within 2 s)")
     width = max(len(label) for label, _ in rows)
     print(f"| {'command'.ljust(width)} | median | min   | max   |")
     print(f"|{'-' * (width + 2)}|-------:|------:|------:|")

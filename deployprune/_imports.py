@@ -27,6 +27,11 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
 
     Failures raise ``error`` with a message starting with ``label`` (e.g. ``"--model 'a.b:c'"``).
     """
+    from ._compat import tolerate_missing_torchvision_ops
+
+    # torchvision's PyPI wheel next to the CPU build of torch fails to import without it
+    # (--model torchvision.models:resnet18, or a user module that imports timm); a no-op where it works
+    tolerate_missing_torchvision_ops()
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

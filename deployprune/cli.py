@@ -19,6 +19,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import re
 import signal
 import sys
@@ -652,7 +653,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json_out and args.html_out and Path(args.json_out).resolve() == Path(args.html_out).resolve():
         raise UsageError(f"--json and --html name the same file {args.json_out}; give two different paths")
     loaded = load_from_args(args)
-    source = masked_copy(loaded.model, loaded.masks)
+    if artifact.suffix.lower() == ".mlpackage" and loaded.masks:
+        # Core ML is checked by reading its weights back (no predictions off macOS): compare with the
+        # compacted model export converted, not with the masked model's full-size tensors
+        from .pipeline import compact_loaded
+
+        source = compact_loaded(loaded).model
+    else:
+        source = masked_copy(loaded.model, loaded.masks)
     report = validate(
         source,
         artifact,
@@ -746,7 +754,7 @@ def _print_lines(lines: Sequence[str]) -> None:
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+    handler.setFormatter(_Formatter("%(levelname_lower)s: %(message)s"))
     handler.addFilter(_LowerLevel())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -754,10 +762,25 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
     ours = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
     logging.getLogger("deployprune").setLevel(ours)  # the zoo and converters log under deployprune.* too
+    # progress lines (deployprune.progress) by default, on stderr; -q (or DEPLOYPRUNE_PROGRESS=0) silences them
+    from . import progress
+
+    progress.restart_clock()
+    shown = not quiet and os.environ.get("DEPLOYPRUNE_PROGRESS", "1").strip().lower() not in ("0", "no", "off", "false")
+    logging.getLogger("deployprune.progress").setLevel(logging.INFO if shown else logging.ERROR)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose >= 2 else logging.CRITICAL)
     if verbose < 2:
         warnings.simplefilter("ignore")
+
+
+class _Formatter(logging.Formatter):
+    """``level: message``; progress lines (``[  3.2s] converting to onnx``) as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "deployprune.progress":
+            return record.getMessage()
+        return super().format(record)
 
 
 class _LowerLevel(logging.Filter):
@@ -813,6 +836,10 @@ def _main(argv: Sequence[str] | None) -> int:
             if func is None:
                 parser.print_help(sys.stderr)
                 return EXIT_USAGE
+            if getattr(args, "model_path", None):
+                from . import progress
+
+                progress.note(f"loading {args.model_path}")  # before torch is imported: at once
             return int(_handler(func)(args) or 0)
         except DeployPruneError as exc:
             if debug:

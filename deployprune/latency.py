@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import progress
 from .errors import ConfigError, InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -440,6 +441,7 @@ def measure(runners: Sequence[Runner], example_inputs: Sequence[torch.Tensor],
                 report.notes.append(note)
             if not calls:
                 continue
+            progress.note(f"timing batch {batch}: {', '.join(r.label for r, _ in calls)}")
             for _ in range(config.warmup):
                 for _, call in calls:
                     call()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import progress
 from .errors import DeployPruneError, OutputError, ParityError, UnsupportedError, UsageError, one_line
 from .fsutil import JOURNAL, PREVIOUS, backup_path, check_writable, journal, remove_stale, staging_prefix, undo
 from .fsutil import commit as fs_commit
@@ -56,6 +57,47 @@ def target_suffix(target: str) -> str:
     except Exception:  # noqa: BLE001 - converters package missing: fall back to the table
         suffix = None
     return suffix or DEFAULT_SUFFIXES.get(target, f".{target}")
+
+
+def resolve_output(out: str | os.PathLike | None, source: Path, target: str) -> tuple[Path, Path | None]:
+    """The artifact path for ``out`` and the directory to create for it (or None), checked before any
+    work. ``out`` may be a file with the target's suffix, or a directory (``outdir/``, an existing
+    directory, or a name without a suffix), which receives ``<source stem><suffix>``. A file named
+    for another target (``z.onnx`` for Core ML) is a usage error."""
+    suffix = target_suffix(target)
+    if out is None:
+        return default_output(source, suffix), None
+    text = os.fspath(out)
+    path = Path(text)
+    as_dir = (text.endswith(("/", os.sep)) or (path.is_dir() and path.suffix.lower() != suffix)
+              or (not path.suffix and not path.exists()))
+    if as_dir:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{text}: not a directory; name the artifact, e.g. {path.with_suffix(suffix)}")
+        return default_output(source, suffix, directory=path), (None if path.is_dir() else path)
+    if path.suffix.lower() != suffix:
+        kind = "directory" if suffix == ".mlpackage" else "file"
+        raise UsageError(f"{text}: the {target} target writes a '{suffix}' {kind}; name the output "
+                         f"{path.with_suffix(suffix)} (or give a directory)")
+    return path, None
+
+
+@contextlib.contextmanager
+def unstaged(stage: Any, staged: Path, dest: Path) -> Iterator[None]:
+    """Errors raised inside name ``dest``, never the private staging path they were written to."""
+    try:
+        yield
+    except DeployPruneError as exc:
+        msg = str(exc)
+        fixed = msg.replace(str(staged), str(dest)).replace(str(getattr(stage, "dir", staged.parent)),
+                                                            str(dest.parent))
+        if fixed == msg:
+            raise
+        try:
+            new = type(exc)(fixed)
+        except Exception:  # noqa: BLE001 - an error class with another signature keeps its message
+            raise exc from None
+        raise new from exc.__cause__
 
 
 def default_output(source: Path, suffix: str, *, directory: Path | None = None) -> Path:
@@ -431,14 +473,13 @@ class ExportOutcome:
 
 
 def _fmt_size(n: int | None) -> str:
+    """Bytes as the report's size line writes them (``176 kB``, ``46.7 MB``): decimal units, 3 digits."""
     if n is None:
         return "?"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"  # pragma: no cover
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def run_export(
@@ -474,25 +515,24 @@ def run_export(
     resolver = getattr(converters, "resolve_options", None)
     if resolver is not None and hasattr(converter, "OPTIONS"):
         resolver(target, converter.OPTIONS, options)  # reject unknown/mistyped options before work
-    out_path = Path(out) if out is not None else default_output(loaded.source, target_suffix(target))
-    inputs = loaded.files or (loaded.source,)
-    check_not_input(out_path, *inputs)
-    remove_stale(out_path)  # first: it may restore outputs a killed --force run had moved aside
-    check_writable(out_path, force=force)
-    rpath = report_path_for(out_path) if (validate and write_report) else None
-    if rpath is not None:
-        check_not_input(rpath, *inputs)
-        check_writable(rpath, force=force)
-    side = side_file(converter, out_path)  # ONNX external data: <out>.data
-    if side is not None:
-        check_not_input(side, *inputs)
-        if (side.exists() or side.is_symlink()) and not force:
-            raise OutputError(f"{side}: already exists (external data of a previous export); "
-                              "pass --force (force=True) to overwrite it")
+    if out is not None:
+        check_not_input(Path(out), *(loaded.files or (loaded.source,)))  # before its name is judged
+    out_path, new_dir = resolve_output(out, loaded.source, target)
+    if new_dir is not None:
+        new_dir.mkdir(parents=True, exist_ok=True)  # -o outdir/: created, as optimum-cli does
+    try:
+        rpath, side = _check_outputs(loaded, converter, out_path, force=force,
+                                     report=validate and write_report)
+    except BaseException:
+        if new_dir is not None:
+            with contextlib.suppress(OSError):
+                new_dir.rmdir()  # only if still empty
+        raise
 
     seconds: dict[str, float] = {}
-    log.info("compacting %s (%d masked modules)", loaded.source, len(loaded.masks))
-    comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
+    with progress.stage(f"finalizing ({len(loaded.masks)} masked module(s))" if loaded.masks
+                        else "checking the model (no masks: nothing to compact)"):
+        comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
     seconds["finalize"] = comp.seconds
     notes: list[str] = []
     if comp.parity_max_abs > 1e-4:
@@ -500,10 +540,13 @@ def run_export(
 
     with staging(out_path) as stage:
         staged = stage.path()
-        log.info("converting to %s", target)
         t0 = time.perf_counter()
-        with tracer_warnings() as traced:
+        with progress.stage(f"converting to {target}"), tracer_warnings() as traced, \
+                unstaged(stage, staged, out_path):
             conversion = converter.convert(comp.model, loaded.example_inputs, staged, **options)
+        if hasattr(conversion, "path"):
+            with contextlib.suppress(AttributeError, TypeError):
+                conversion.path = out_path  # the staging path is private: reports name the artifact
         seconds["convert"] = time.perf_counter() - t0
         if not staged.exists():
             raise OutputError(f"{out_path}: the {target} converter wrote nothing")
@@ -513,6 +556,8 @@ def run_export(
         passed: bool | None = None
         if validate:
             t0 = time.perf_counter()
+            progress.note(f"validating in {'onnxruntime' if target == 'onnx' else target} "
+                          f"({n_inputs} input(s){', then timing' if latency else ''})")
             report = _validate(
                 loaded,
                 comp,
@@ -578,6 +623,26 @@ def run_export(
     )
 
 
+def _check_outputs(loaded: LoadedModel, converter: Any, out_path: Path, *, force: bool,
+                   report: bool) -> tuple[Path | None, Path | None]:
+    """Every output-path check of an export, before any work: (report path, external-data path)."""
+    inputs = loaded.files or (loaded.source,)
+    check_not_input(out_path, *inputs)
+    remove_stale(out_path)  # first: it may restore outputs a killed --force run had moved aside
+    check_writable(out_path, force=force)
+    rpath = report_path_for(out_path) if report else None
+    if rpath is not None:
+        check_not_input(rpath, *inputs)
+        check_writable(rpath, force=force)
+    side = side_file(converter, out_path)  # ONNX external data: <out>.data
+    if side is not None:
+        check_not_input(side, *inputs)
+        if (side.exists() or side.is_symlink()) and not force:
+            raise OutputError(f"{side}: already exists (external data of a previous export); "
+                              "pass --force (force=True) to overwrite it")
+    return rpath, side
+
+
 def side_file(converter: Any, out_path: Path) -> Path | None:
     suffix = getattr(converter, "EXTERNAL_SUFFIX", None)
     return Path(str(out_path) + suffix) if isinstance(suffix, str) and suffix else None
@@ -604,7 +669,8 @@ def _validate(
         # Like-for-like timing: the same masked model, exported without compaction.
         dense_path = stage.path(f"dense-{staged.name}")
         try:
-            converter.convert(comp.source, loaded.example_inputs, dense_path, **options)
+            with progress.stage("exporting the dense model too (latency reference)"):
+                converter.convert(comp.source, loaded.example_inputs, dense_path, **options)
         except DeployPruneError as exc:
             log.warning("dense reference export failed, latency is shown for the artifact only: %s", exc)
             dense_path = None
@@ -780,7 +846,8 @@ def run_finalize(
     check_not_input(out_path, *(loaded.files or (loaded.source,)))
     remove_stale(out_path)
     check_writable(out_path, force=force)
-    comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
+    with progress.stage(f"finalizing ({len(loaded.masks)} masked module(s))"):
+        comp = compact_loaded(loaded, strict=strict, allow_uncompacted=allow_uncompacted)
     from .io import load_model, save_checkpoint
 
     with staging(out_path) as stage:

@@ -119,7 +119,7 @@ def test_run_export_sample(tmp_path: Path) -> None:
     assert report.artifact.path == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx", "lenet.onnx.report.json"]
     lines = outcome.summary_lines()
-    assert lines[0] == f"artifact:   {out} (onnx, {outcome.size_bytes / 1000:.1f} KB)"
+    assert lines[0] == f"artifact:   {out} (onnx, {outcome.size_bytes / 1000:.3g} kB)"
     assert any(line.startswith("PASS") for line in lines)
     assert tree_digest(SAMPLES) == before
 
