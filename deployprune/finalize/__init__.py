@@ -281,8 +281,9 @@ def compact(model: nn.Module, example_inputs: Any, masks: Any = None, *, strict:
         b.kept_zero_channels = acc.by_blocker.get(k, 0)
     blocked = [b for b in a.blockers if b.kept_zero_channels]
     res = _result(CompactionResult(model=result_model, blocked=blocked, changes=changes, patched_attributes=patched,
-                                   params_before=params_before, params_after=count_params(result_model), max_abs_error=err,
-                                   output_scale=scale, seconds=time.perf_counter() - t0, timings=timings), acc)
+                                   params_before=params_before, params_after=count_params(result_model),
+                                   max_abs_error=err, output_scale=scale, seconds=time.perf_counter() - t0,
+                                   timings=timings), acc)
     if strict and res.kept:
         raise UnsupportedError(f"finalize (strict): {strict_message(res)}")
     if res.kept:  # marked: callers that print the kept groups themselves (the CLI) leave it out
