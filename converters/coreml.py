@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployprune.errors import UnsupportedError, UsageError, ValidationFailed
+from deployprune.errors import UnsupportedError, UsageError, ValidationFailed, one_line
 from deployprune.fsutil import atomic_output, check_writable
 
 from . import COMMON_OPTIONS, Choice, ConversionResult, resolve_options
@@ -330,7 +330,7 @@ def _ct_convert(ct: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], raw
             traced = torch.jit.trace(traced_model, inputs, check_trace=False)
     except Exception as exc:
         raise UnsupportedError(f"coreml: torch.jit.trace cannot trace {name}: "
-                               f"{_one_line(str(exc))}") from exc
+                               f"{one_line(str(exc), 240, first_line=True)}") from exc
     outputs = [ct.TensorType(name=o, dtype=np.float32) if r.dtype.is_floating_point else ct.TensorType(name=o)
                for o, r in zip(out_names, flatten_outputs(raw), strict=True)]
     try:
@@ -350,7 +350,8 @@ def _ct_convert(ct: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], raw
         if op:
             raise UnsupportedError(f"coreml: coremltools cannot convert op {op.group(1)!r} of {name}; "
                                    "replace the op in the model or use another target") from exc
-        raise UnsupportedError(f"coreml: coremltools cannot convert {name}: {_one_line(str(exc))}") from exc
+        why = one_line(str(exc), 240, first_line=True)
+        raise UnsupportedError(f"coreml: coremltools cannot convert {name}: {why}") from exc
 
 
 def _sparsify(mlmodel: Any, opts: dict[str, Any]) -> Any:
@@ -365,10 +366,6 @@ def _sparsify(mlmodel: Any, opts: dict[str, Any]) -> Any:
         return cto.prune_weights(mlmodel, config)
 
 
-def _one_line(text: str, limit: int = 240) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _weight_file_bytes(package: Path) -> int:

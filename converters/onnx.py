@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployprune.errors import OutputError, UnsupportedError, UsageError, ValidationFailed
+from deployprune.errors import OutputError, UnsupportedError, UsageError, ValidationFailed, one_line
 from deployprune.fsutil import atomic_output, check_writable
 
 from . import COMMON_OPTIONS, Choice, ConversionResult, Verification, resolve_options
@@ -235,11 +235,6 @@ _OP_PATTERNS = (
 )
 
 
-def _one_line(text: str, limit: int = 240) -> str:
-    text = _ANSI.sub("", text)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def unsupported_op(message: str) -> str | None:
@@ -270,7 +265,8 @@ def _export_error(model: nn.Module, exporter: str, opset: int, exc: BaseExceptio
         return UnsupportedError(
             f"onnx: the {exporter} exporter cannot export op {op!r} of {name} at opset {opset}; "
             f"replace the op in the model, try exporter='{other}'/another opset, or use another target")
-    return UnsupportedError(f"onnx: the {exporter} exporter failed on {name}: {_one_line(summary)}")
+    why = one_line(summary, 240, first_line=True)
+    return UnsupportedError(f"onnx: the {exporter} exporter failed on {name}: {why}")
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -499,7 +495,7 @@ def _simplify(proto: Any, feeds: dict[str, np.ndarray], check_n: int,
         with contextlib.redirect_stdout(io.StringIO()) as chatter:
             simplified, ok = onnxsim.simplify(proto, **kwargs)
     except Exception as exc:  # onnxsim raises many kinds; any failure means "keep the original"
-        warnings.append(f"onnxsim failed ({type(exc).__name__}: {_one_line(str(exc), 160)}); "
+        warnings.append(f"onnxsim failed ({type(exc).__name__}: {one_line(str(exc), 160, first_line=True)}); "
                         "kept the unsimplified model")
         return proto, False
     log.debug("onnxsim said:\n%s", chatter.getvalue())
@@ -701,7 +697,7 @@ def _check(tmp: Path, path: Path) -> None:
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as exc:
         raise ValidationFailed(f"{path}: onnx.checker (full check) rejected the exported model: "
-                               f"{_one_line(str(exc))}") from exc
+                               f"{one_line(str(exc), 240, first_line=True)}") from exc
 
 
 def _fp32_rounding(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[np.ndarray]) -> float:
@@ -728,7 +724,7 @@ def _verify_onnxruntime(tmp: Path, path: Path, feeds: dict[str, np.ndarray], out
         outputs = session.run(out_names, feeds)
     except Exception as exc:
         raise ValidationFailed(f"{path}: onnxruntime cannot run the exported model: "
-                               f"{_one_line(str(exc))}") from exc
+                               f"{one_line(str(exc), 240, first_line=True)}") from exc
     rel, err = parity(reference, outputs)
     if not rel <= tolerance and rounding is not None and np.isfinite(err):
         # An output that nearly cancels makes the relative figure meaningless: accept an error
@@ -752,7 +748,8 @@ def verify(path: str | Path, model: nn.Module, example_inputs: tuple[torch.Tenso
     try:
         got = onnxruntime_outputs(path, inputs)
     except Exception as exc:  # noqa: BLE001 - an artifact onnxruntime cannot run fails verification
-        return Verification(passed=False, failures=[f"{path}: onnxruntime cannot run it: {_one_line(str(exc))}"])
+        why = one_line(str(exc), 240, first_line=True)
+        return Verification(passed=False, failures=[f"{path}: onnxruntime cannot run it: {why}"])
     return compared(reference, got, tolerance, f"{path}: onnxruntime output")
 
 

@@ -14,12 +14,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import DeployPruneError
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    return text[:limit] or type(exc).__name__
+from .errors import DeployPruneError, one_line
 
 
 def import_callable(module_name: str, attr: str, *, label: str, error: type[DeployPruneError]) -> Any:
@@ -35,10 +30,10 @@ def import_callable(module_name: str, attr: str, *, label: str, error: type[Depl
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise error(f"{label}: cannot import module {module_name!r} ({_first_line(exc, 100)}); "
+        raise error(f"{label}: cannot import module {module_name!r} ({one_line(exc, 100)}); "
                     "check the name and that it is on PYTHONPATH") from None
     except Exception as exc:  # noqa: BLE001 - user code failing at import time
-        raise error(f"{label}: importing {module_name!r} failed ({type(exc).__name__}: {_first_line(exc, 100)})"
+        raise error(f"{label}: importing {module_name!r} failed ({type(exc).__name__}: {one_line(exc, 100)})"
                     ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -6,6 +6,8 @@ place and is documented once (README, "Exit codes").
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -66,11 +68,23 @@ class ParityError(ValidationFailed):
     """Finalize produced a model whose output differs from the masked model (a bug: please report)."""
 
 
-def one_line(text: object, limit: int | None = None) -> str:
-    """``text`` (a message, an exception, a warning) as one line for an ``error: ...`` message:
-    every run of white space, newlines included, becomes one space; at most ``limit`` characters.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    The one helper for this (the CLI, the pipeline and the data loaders each had their own).
+
+def one_line(text: object, limit: int | None = None, *, first_line: bool = False) -> str:
+    """``text`` (a message, an exception, a warning) as one line for an ``error: ...`` message.
+
+    Terminal colour codes go; every run of white space, newlines included, becomes one space
+    (``first_line``: only the first non-empty line is kept, for tools whose later lines are a
+    traceback or a log); an exception without a message gives its type name; a line longer than
+    ``limit`` characters is cut and ends in ``...``. The one helper for this in the package.
     """
-    line = " ".join(str(text).split())
-    return line if limit is None else line[:limit]
+    raw = _ANSI.sub("", str(text))
+    if first_line:
+        raw = next((ln for ln in raw.splitlines() if ln.strip()), "")
+    line = " ".join(raw.split())
+    if not line and isinstance(text, BaseException):
+        line = type(text).__name__
+    if limit is not None and len(line) > limit:
+        line = line[: max(limit - 3, 0)].rstrip() + "..."
+    return line

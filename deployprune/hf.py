@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .adapt import KeywordModel, flat_outputs
-from .errors import DeployPruneError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
+from .errors import DeployPruneError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError, one_line
 from .io import (
     CHECKPOINT_FORMAT,
     DEFAULT_MAX_FILE_BYTES,
@@ -138,9 +138,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _short(exc: BaseException, limit: int = 140) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def is_model_directory(path: str | os.PathLike) -> bool:
@@ -176,7 +173,7 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({_short(exc, 100)})") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({one_line(exc, 100)})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
 
@@ -242,7 +239,7 @@ def read_directory(path: str | os.PathLike, *, max_file_bytes: int = DEFAULT_MAX
             config = config_class.from_dict(copy.deepcopy(config_dict))
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects
         raise InputError(f"{where}: transformers rejects the config ({type(exc).__name__}: "
-                         f"{_short(exc)})") from None
+                         f"{one_line(exc, 140)})") from None
     widths = None
     if (directory / WIDTHS_FILE).exists():
         widths = _read_widths(directory / WIDTHS_FILE, archs[0])
@@ -294,7 +291,7 @@ def read_weights(source: HFSource) -> dict[str, torch.Tensor]:
         try:
             part = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({_short(exc, 120)}); "
+            raise InputError(f"{path}: not a readable safetensors file ({one_line(exc, 120)}); "
                              "re-save or re-copy it") from None
         for key in part:
             if key in out:
@@ -314,7 +311,7 @@ def _build(source: HFSource) -> nn.Module:
             model = source.model_class(copy.deepcopy(source.config))
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{source.directory}: building {source.architecture} from its config failed "
-                         f"({type(exc).__name__}: {_short(exc)})") from None
+                         f"({type(exc).__name__}: {one_line(exc, 140)})") from None
     return model
 
 
@@ -371,7 +368,7 @@ def build_model(source: HFSource) -> nn.Module:
                 output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - e.g. a size mismatch
         raise InputError(f"{where}: the weights do not fit {source.architecture} ({type(exc).__name__}: "
-                         f"{_short(exc)})") from None
+                         f"{one_line(exc, 140)})") from None
     problems = [f"{what.replace('_', ' ')} {_few(sorted(map(str, keys)))}" for what, keys in info.items() if keys]
     if problems:
         raise InputError(f"{where}: the weights do not fit {source.architecture}: {'; '.join(problems)}")
@@ -875,7 +872,7 @@ def load_directory(
         except Exception as exc:  # noqa: BLE001 - reported as one line
             desc = ", ".join(f"{k}={'x'.join(map(str, t.shape))} ({dtype_name(t.dtype)})" for k, t in example.items())
             raise InputError(f"{source.directory}: {source.architecture} fails on inputs {desc} ({type(exc).__name__}: "
-                             f"{_short(exc)}); pass the inputs it expects with --input NAME=SHAPE") from None
+                             f"{one_line(exc, 140)}); pass the inputs it expects with --input NAME=SHAPE") from None
     return loaded
 
 
@@ -986,7 +983,7 @@ def _save_pretrained_layout(compact: nn.Module, config: Any, updates: dict[str, 
                                               output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         log.info("from_pretrained cannot load the compacted model with the updated config (%s); "
-                 "writing per-layer widths instead", _short(exc, 160))
+                 "writing per-layer widths instead", one_line(exc, 160))
         return None
     problems = {k: v for k, v in info.items() if v}
     if problems:
@@ -1019,7 +1016,7 @@ def _save_widths_layout(compact: nn.Module, tmp: Path, checks: list[dict[str, to
     try:
         rel = _compare(compact, again, checks, constants)
     except Exception as exc:  # noqa: BLE001 - a rebuilt model that does not even run is the same failure
-        raise UnsupportedError(f"the model rebuilt from the widths spec does not run ({_short(exc, 160)}); "
+        raise UnsupportedError(f"the model rebuilt from the widths spec does not run ({one_line(exc, 160)}); "
                                "write a .pt2 program instead") from None
     if not rel <= tolerance:
         raise UnsupportedError(f"the model rebuilt from the widths spec reproduces the compact model only to "

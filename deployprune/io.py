@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._imports import import_callable
-from .errors import DeployPruneError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError
+from .errors import DeployPruneError, InputError, MaskError, UnsafeFileError, UnsupportedError, UsageError, one_line
 from .masks import Masks, normalize_masks
 
 log = logging.getLogger(__name__)
@@ -262,11 +262,6 @@ def check_input_file(
     return path
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    if not text:
-        text = type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -315,7 +310,7 @@ def _inspect_zip(path: Path, max_bytes: int) -> _ZipInfo | None:
             bad = zf.testzip() if total <= max_bytes else None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise InputError(
-            f"{path}: the zip archive is corrupt ({_first_line(exc)}); re-save or re-copy the file"
+            f"{path}: the zip archive is corrupt ({one_line(exc, 160)}); re-save or re-copy the file"
         ) from None
     names = [i.filename for i in infos]
     if bad is not None:
@@ -403,7 +398,7 @@ def torch_load(
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
-            f"{path}: unpickling failed ({_first_line(exc, 140)}); the file needs code "
+            f"{path}: unpickling failed ({one_line(exc, 140)}); the file needs code "
             "that is not importable here or is corrupt"
         ) from None
 
@@ -420,7 +415,7 @@ def _quiet_torch_load() -> Iterator[None]:
 
 def _load_reason(exc: BaseException) -> str:
     """A short reason for a torch.load failure (torch's own messages run to several lines)."""
-    text = " ".join(str(exc).split())
+    text = one_line(str(exc))
     m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
     if m:
         return m.group(1).strip().rstrip(".") or "unsupported pickle content"
@@ -428,7 +423,7 @@ def _load_reason(exc: BaseException) -> str:
         return f"unrecognized data, {type(exc).__name__}"
     if "PytorchStreamReader" in text:
         text = text.split(". This is an internal")[0]
-    return _first_line(RuntimeError(text), 120)
+    return one_line(text, 120)
 
 
 def _unsafe_globals(path: Path, exc: BaseException, zip_info: _ZipInfo | None) -> list[str] | None:
@@ -517,7 +512,7 @@ def _check_pt2_archive(path: Path, info: _ZipInfo, *, trusted: bool = False) -> 
                 try:
                     config = json.loads(zf.read(name)).get("config", {})
                 except (ValueError, AttributeError) as exc:
-                    raise InputError(f"{path}: corrupt archive entry {rel} ({_first_line(exc, 80)})") from None
+                    raise InputError(f"{path}: corrupt archive entry {rel} ({one_line(exc, 80)})") from None
                 for key, meta in config.items():
                     if not isinstance(meta, Mapping) or meta.get("use_pickle", False):
                         raise UnsafeFileError(
@@ -564,7 +559,7 @@ def _load_pt2(path: Path, info: _ZipInfo, *, trusted: bool = False
             program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
         raise InputError(
-            f"{path}: cannot load the torch.export program ({_first_line(exc, 120)}); "
+            f"{path}: cannot load the torch.export program ({one_line(exc, 120)}); "
             "the file is corrupt or from an incompatible torch version"
         ) from None
     finally:
@@ -580,7 +575,7 @@ def _load_pt2(path: Path, info: _ZipInfo, *, trusted: bool = False
         module = program.module()
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedError(
-            f"{path}: cannot turn the torch.export program into a module ({_first_line(exc, 120)})"
+            f"{path}: cannot turn the torch.export program into a module ({one_line(exc, 120)})"
         ) from None
     return module, shapes, stored
 
@@ -663,7 +658,7 @@ def _build_arch(arch: str, spec: Any, where: str) -> nn.Module:
         else:
             model = spec.factory()
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{where}: building architecture {arch!r} failed ({_first_line(exc, 120)})") from None
+        raise InputError(f"{where}: building architecture {arch!r} failed ({one_line(exc, 120)})") from None
     return _expect_module(model, f"architecture {arch!r}", where)
 
 
@@ -699,7 +694,7 @@ def build_from_factory(factory: str, *, where: str = "--model",
     except Exception as exc:  # noqa: BLE001
         raise InputError(
             f"{where} {factory!r}: calling the factory with no arguments failed "
-            f"({type(exc).__name__}: {_first_line(exc, 100)})"
+            f"({type(exc).__name__}: {one_line(exc, 100)})"
         ) from None
     return _expect_module(model, f"factory {factory!r}", where)
 
@@ -860,7 +855,7 @@ def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], where
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{where}: loading the weights into {what} failed ({_first_line(exc, 120)})") from None
+        raise InputError(f"{where}: loading the weights into {what} failed ({one_line(exc, 120)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1128,7 +1123,7 @@ def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], where: str, *
         )
         raise InputError(
             f"{where}: the model fails on input {describe_inputs(inputs)} "
-            f"({type(exc).__name__}: {_first_line(exc, 140)}); {fix}"
+            f"({type(exc).__name__}: {one_line(exc, 140)}); {fix}"
         ) from None
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._imports import import_callable
-from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError
+from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError, one_line
 from ..fsutil import atomic_output
 
 log = logging.getLogger("deployprune.training")
@@ -72,7 +72,7 @@ def _build(path: Any, what: str, args: tuple, kwargs: Mapping[str, Any] | None, 
     except Exception as exc:  # noqa: BLE001 - wrong kwargs etc.
         name = name if isinstance(name, str) else path if isinstance(path, str) else getattr(
             path, "__qualname__", repr(path))
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc, 200)
         raise ConfigError(f"{what} {name}: cannot be created with {dict(kwargs or {})} ({type(exc).__name__}: {msg})"
                           ) from None
 
@@ -289,7 +289,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        msg = " ".join(str(exc).split())[:160]
+        msg = one_line(exc, 160)
         raise InputError(f"{path}: cannot read the training checkpoint ({type(exc).__name__}: {msg}); "
                          "delete it or start without --resume") from None
     if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
@@ -474,7 +474,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         except DeployPruneError:
             raise
         except Exception as exc:  # noqa: BLE001 - state from another model/config
-            msg = " ".join(str(exc).split())[:200]
+            msg = one_line(exc, 200)
             raise InputError(f"{ckpt_path}: does not fit this model/optimizer ({type(exc).__name__}: {msg}); "
                              "resume with the model, config and optimizer that wrote it") from None
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
