@@ -159,6 +159,9 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
         help="number of inputs compared (the example input + N-1 seeded random ones)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
+    g.add_argument("--name", default=None, metavar="LABEL",
+                   help="label of this run in its report and in reports that compare runs "
+                        "(default: the model file's name without suffix)")
     g.add_argument(
         "--max-rel",
         type=float,
@@ -548,6 +551,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         latency=not args.no_latency,
         strict=args.strict,
         allow_uncompacted=args.allow_uncompacted,
+        name=args.name,
     )
     _print_lines(outcome.summary_lines())
     if outcome.passed is False:
@@ -672,7 +676,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         dense_artifact=args.dense,
         providers=providers,
         localize={"always": True, "never": False}.get(args.localize),
-        name=loaded.source.stem,
+        name=args.name or loaded.source.stem,
         source_path=loaded.source,
     )
     from .report import summary_lines

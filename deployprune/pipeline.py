@@ -498,8 +498,11 @@ def run_export(
     write_report: bool = True,
     strict: bool = False,
     allow_uncompacted: bool = False,
+    name: str | None = None,
 ) -> ExportOutcome:
     """Load -> compact -> convert -> validate -> report. See the module docstring.
+
+    ``name`` labels the run in its report (default: the model file's stem).
 
     Warnings of the tracer during the conversion (``torch.jit.TracerWarning``: a tensor turned
     into a Python number or bool, an iteration over a tensor ...) mean the artifact may hold the
@@ -570,6 +573,7 @@ def run_export(
                 n_inputs=n_inputs,
                 seed=seed,
                 latency=latency,
+                name=name,
             )
             seconds["validate"] = time.perf_counter() - t0
             passed = bool(report.passed)
@@ -661,6 +665,7 @@ def _validate(
     n_inputs: int,
     seed: int,
     latency: Any,
+    name: str | None = None,
 ) -> Any:
     from .validate import validate
 
@@ -689,7 +694,7 @@ def _validate(
         thresholds=thresholds,
         latency=latency,
         dense_artifact=dense_path,
-        name=loaded.source.stem,
+        name=name or loaded.source.stem,
         source_path=source_path,
     )
     if dense_path is not None:
