@@ -53,9 +53,13 @@ GRAPH_OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
 _OPTION_HINT = re.compile(r"\bpass ([a-z_][a-z0-9_]*)='([^'\s]*)'")
 
 
+_PARAM_HINT = re.compile(r"(--[a-z][a-z0-9-]*) \([a-z_][a-z0-9_]*=[^()\s]*\)")
+
+
 def cli_wording(text: str) -> str:
-    """``text`` (an error, a summary line) worded for the command line: options as flags."""
-    return _OPTION_HINT.sub(r"pass --opt \1=\2", text)
+    """``text`` (an error, a summary line) worded for the command line: options as flags, and a flag's
+    Python twin (``--force (force=True)``, written for API users too) as the flag alone."""
+    return _PARAM_HINT.sub(r"\1", _OPTION_HINT.sub(r"pass --opt \1=\2", text))
 
 
 class Terminated(BaseException):

@@ -103,7 +103,7 @@ def test_readme_first_command_nni_tutorial(tmp_path: Path) -> None:
 
     # a second run refuses to overwrite, --force replaces
     proc = run("export", str(LENET_SAMPLE), cwd=tmp_path)
-    assert_one_line_error(proc, 3, "lenet.onnx: already exists; pass --force (force=True) to overwrite it")
+    assert_one_line_error(proc, 3, "lenet.onnx: already exists; pass --force to overwrite it")
     proc = run("export", str(LENET_SAMPLE), "--force", "--n-inputs", "2", "--no-latency", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
@@ -174,7 +174,7 @@ def test_report_and_targets_in_process(tmp_path: Path, capsys: pytest.CaptureFix
     out, err = capsys.readouterr()
     assert "onnx" in out.split() and "coreml" in out.split()
     assert err.splitlines() == [
-        "error: r.md: already exists; pass --force (force=True) to overwrite it",
+        "error: r.md: already exists; pass --force to overwrite it",
         "error: missing.json: report not found; check the path",
     ]
 
@@ -216,7 +216,7 @@ BAD_INPUTS = [
     ("corrupt file", ["export", "{d}/corrupt.pt"], 3, "{d}/corrupt.pt: cannot be read as a PyTorch file..."),
     ("pickled module without opt-in", ["export", "{d}/whole.pt", "--input-shape", "1,3,8,8"], 3,
      "{d}/whole.pt: loading it would run code from the file (it pickles tests.io.factories.TinyConv); if you "
-     "trust its source, rerun with --trust-pickle (allow_pickle=True), or save a state_dict and pass --model "
+     "trust its source, rerun with --trust-pickle, or save a state_dict and pass --model "
      "package.module:factory"),
     ("code-running pickle", ["export", "{d}/evil.pt", "--input-shape", "1,2"], 3,
      "{d}/evil.pt: loading it would run code from the file (it pickles io.open)..."),

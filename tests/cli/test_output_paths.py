@@ -13,8 +13,10 @@ from .test_cli import LENET_SAMPLE, assert_one_line_error, run
 
 
 @pytest.mark.parametrize(("output", "target", "message"), [
-    ("z.onnx", "coreml", "z.onnx: the coreml target writes a '.mlpackage' directory; name the output z.mlpackage (or give a directory)"),
-    ("z.mlpackage", "onnx", "z.mlpackage: the onnx target writes a '.onnx' file; name the output z.onnx (or give a directory)"),
+    ("z.onnx", "coreml",
+     "z.onnx: the coreml target writes a '.mlpackage' directory; name the output z.mlpackage (or give a directory)"),
+    ("z.mlpackage", "onnx",
+     "z.mlpackage: the onnx target writes a '.onnx' file; name the output z.onnx (or give a directory)"),
     ("z.bin", "onnx", "z.bin: the onnx target writes a '.onnx' file; name the output z.onnx (or give a directory)"),
 ])
 def test_output_named_for_another_target_is_refused_before_any_work(tmp_path: Path, output: str, target: str,

@@ -94,7 +94,7 @@ BAD_FLAGS = [
     ("dense", ["--dense-artifact", "missing.onnx"], 3,
      "missing.onnx: no such dense artifact (--dense-artifact); check the path"),
     ("html-exists", ["--html", "exists.html"], 3,
-     "exists.html: already exists; pass --force (force=True) to overwrite it"),
+     "exists.html: already exists; pass --force to overwrite it"),
 ]  # fmt: skip
 
 
@@ -151,7 +151,7 @@ def test_report_several_runs(artifacts: Path) -> None:
     )
     assert not (artifacts / "two.json").exists()
     proc = run("report", "a.json", "b.json", "-o", "cmp.html", cwd=artifacts)
-    assert_one_line_error(proc, 3, "cmp.html: already exists; pass --force (force=True) to overwrite it")
+    assert_one_line_error(proc, 3, "cmp.html: already exists; pass --force to overwrite it")
     proc = run("report", "a.json", "b.json", "-o", "cmp.html", "--force", cwd=artifacts)
     assert proc.returncode == 0, proc.stderr
     proc = run("report", "a.json", "nope.json", cwd=artifacts)

@@ -57,3 +57,18 @@ def test_coreml_fp16_overflow_error_names_the_opt_flag(tmp_path: Path, monkeypat
     assert err[0].startswith("error: coreml option 'precision': fp16 cannot store 3 weights of fc3.weight")
     assert err[0].endswith("; pass --opt precision=fp32"), err[0]
     assert not (tmp_path / "big.mlpackage").exists()
+
+
+def test_flags_are_not_followed_by_their_python_twin(tmp_path) -> None:
+    """``--force (force=True)`` is written for API users too; the command line says ``--force``."""
+    import subprocess
+    import sys
+
+    (tmp_path / "lenet.onnx").write_text("mine")
+    from .test_cli import LENET_SAMPLE
+
+    proc = subprocess.run([sys.executable, "-m", "deployprune", "export", str(LENET_SAMPLE)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3
+    assert proc.stderr == "error: lenet.onnx: already exists; pass --force to overwrite it\n"
+    assert (tmp_path / "lenet.onnx").read_text() == "mine"

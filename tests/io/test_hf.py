@@ -283,7 +283,7 @@ def test_finalize_output_is_atomic_and_never_replaced_without_force(tmp_path: Pa
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     msg = one_line_error(capsys, ["finalize", str(directory), "--masks", str(masks), "-o", str(out)], 3)
-    assert msg == f"{out}: already exists; pass --force (force=True) to overwrite it"
+    assert msg == f"{out}: already exists; pass --force to overwrite it"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert cli.main(["finalize", str(directory), "--masks", str(masks), "-o", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
