@@ -43,6 +43,8 @@ __all__ = [
     "ParityError",
 ]
 
+_ERRORS = __all__[__all__.index("DeployPruneError"):]  # the error classes, all in deployprune.errors
+
 # public name -> the module that defines it (imported on first access)
 _EXPORTS: dict[str, str] = {
     "apply_masks": "deployprune.api",
@@ -52,21 +54,7 @@ _EXPORTS: dict[str, str] = {
     "compact": "deployprune.finalize",
     "validate": "deployprune.validate",
     "Pruner": "deployprune.pruning",
-    **{
-        name: "deployprune.errors"
-        for name in (
-            "DeployPruneError",
-            "UsageError",
-            "ConfigError",
-            "InputError",
-            "UnsafeFileError",
-            "MaskError",
-            "OutputError",
-            "UnsupportedError",
-            "ValidationFailed",
-            "ParityError",
-        )
-    },
+    **{name: "deployprune.errors" for name in _ERRORS},
 }
 
 # Submodules named like the public function they define: ``dp.finalize`` and ``dp.validate`` are

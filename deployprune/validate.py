@@ -1049,7 +1049,11 @@ def validate(
         raise InputError(f"{dense_path}: dense artifact not found; check the path")
 
     # Inputs
-    names = _input_names(source, kind, path, len(example))
+    session = None
+    if kind == "onnx":
+        session = ort_session(path, threads=None, graph_optimization="all", providers=ort_providers)
+        ort_feed(session, example, where=str(path))  # input count checked before any work
+    names = _input_names(source, session, len(example))
     if data is None:
         gen = torch.Generator().manual_seed(seed)
         input_sets = [example] + [random_inputs_like(example, gen, names=names)
@@ -1078,7 +1082,7 @@ def validate(
     try:
         return _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
                          dense_path, ort_providers, name, localize, source_path, layers, seed,
-                         probes, names)
+                         probes, names, session)
     finally:
         for m, was in {**modes, **art_modes}.items():
             m.training = was
@@ -1089,18 +1093,15 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
               th: Thresholds, lat_cfg: LatencyConfig | None, dense_path: Path | None,
               providers: list[str], name: str | None, localize: bool | None,
               source_path: str | Path | None, want_layers: bool, seed: int,
-              probes: bool = True, names: list[str | None] | None = None) -> ValidationReport:
+              probes: bool = True, names: list[str | None] | None = None,
+              session: Any = None) -> ValidationReport:
     example = input_sets[0]
     notes: list[str] = []
     failures: list[str] = []
     coreml_details: dict[str, Any] | None = None
-    session = None
     runtime = {"onnx": "onnxruntime", "torch": "torch", "coreml": "coreml"}[kind]
     compare = True
-    if kind == "onnx":
-        session = ort_session(path, threads=None, graph_optimization="all", providers=providers)
-        ort_feed(session, example, where=str(path))  # input count checked before any work
-    elif kind == "coreml":
+    if kind == "coreml":
         if platform.system() != "Darwin":
             runtime = "coreml-readback"
             compare = False
@@ -1221,24 +1222,17 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
     return report
 
 
-def _input_names(source: nn.Module, kind: str, path: Path | None, count: int) -> list[str | None]:
+def _input_names(source: nn.Module, session: Any, count: int) -> list[str | None]:
     """The inputs' names where they are known: the keyword names of a model called with keyword
-    inputs, else the ONNX artifact's graph inputs. Random inputs use them to spot attention masks."""
+    inputs, else the ONNX session's inputs. Random inputs use them to spot attention masks."""
     from .adapt import KeywordModel
 
     if isinstance(source, KeywordModel):
         return list(source.input_names)
-    if kind == "onnx" and path is not None:
-        try:
-            import onnx
-
-            graph = onnx.load(str(path), load_external_data=False).graph
-            inits = {i.name for i in graph.initializer}
-            names = [i.name for i in graph.input if i.name not in inits]
-            if len(names) == count:
-                return list(names)
-        except Exception:  # noqa: BLE001 - names are a hint; a bad file fails with its own message later
-            pass
+    if session is not None:
+        names = [i.name for i in session.get_inputs()]
+        if len(names) == count:
+            return names
     return [None] * count
 
 

@@ -464,15 +464,14 @@ def _plan_patches(a: Analysis, work: nn.Module) -> bool:
     # (a value that also changes in the same call is ambiguous: timm's reshape(B, N, 3, self.num_heads, ...)
     # with 3 heads has a 3 that stays and a 3 that shrinks)
     fixed: dict[tuple[str, str], int] = {}
-    changing = {(node, lit) for node, y, d, lit, _u in entries if int(a.keep(y, d).sum()) != lit}
-    for node, y, d, lit, unread in entries:
-        if (not unread and int(a.keep(y, d).sum()) == lit and type(lit) is int
-                and (node, lit) not in changing):
+    sized = [(node, lit, unread, int(a.keep(y, d).sum())) for node, y, d, lit, unread in entries]
+    changing = {(node, lit) for node, lit, _u, new in sized if new != lit}
+    for node, lit, unread, new in sized:
+        if not unread and new == lit and type(lit) is int and (node, lit) not in changing:
             key = _literal_key(a, node, lit, unread)
             if key is not None:
                 fixed.setdefault(key, lit)
-    for node, y, d, lit, unread in entries:
-        new = int(a.keep(y, d).sum())
+    for node, lit, unread, new in sized:
         if new == lit:
             continue
         if a.traced.recorded and type(lit) is not int:

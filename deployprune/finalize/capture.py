@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -229,12 +230,17 @@ def _tracking_class(cls: type, reads: set[str]) -> type | None:
     size patch goes to the attribute forward uses, not to another that happens to be equal."""
     if getattr(cls, "_deployprune_tracking", False) or "__getattribute__" in vars(cls) or "__slots__" in vars(cls):
         return None
+    return _reading_subclass(cls, reads.add)
+
+
+def _reading_subclass(cls: type, on_read: Callable[[str], None]) -> type:
+    """``cls`` with ``on_read(name)`` called for every public int attribute read from an instance."""
     base_get = cls.__getattribute__
 
     def __getattribute__(self, name):  # noqa: N807
         value = base_get(self, name)
         if type(value) is int and not name.startswith("_"):
-            reads.add(name)
+            on_read(name)
         return value
 
     return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "_deployprune_tracking": True,
@@ -257,16 +263,8 @@ def _track_configs(model: nn.Module, rec: _Recorder) -> list[tuple[Any, type]]:
         cls = type(cfg)
         if not hasattr(cfg, "__dict__") or "__slots__" in vars(cls) or getattr(cls, "_deployprune_tracking", False):
             continue
-        base_get = cls.__getattribute__
-
-        def __getattribute__(self, name, _get=base_get):  # noqa: N807
-            value = _get(self, name)
-            if type(value) is int and not name.startswith("_"):
-                rec.int_reads.setdefault(rec.scope[-1], set()).add(f"config.{name}")
-            return value
-
-        tracked = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "_deployprune_tracking": True,
-                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        tracked = _reading_subclass(
+            cls, lambda name: rec.int_reads.setdefault(rec.scope[-1], set()).add(f"config.{name}"))
         try:
             cfg.__class__ = tracked
         except TypeError:
