@@ -59,7 +59,11 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
             by_root.setdefault(a.find(s), []).append((v, d))
     pin_reason: dict[int, str] = {}
     for p in z.pins:
-        pin_reason.setdefault(a.find(p.slot), p.reason)
+        reason = p.reason
+        if p.blocker is not None:  # name the op, as finalize's kept list does
+            b = z.blockers[p.blocker]
+            reason = f"{b.reason}: {b.op} (node {b.node}{f' in {b.module!r}' if b.module else ''})"
+        pin_reason.setdefault(a.find(p.slot), reason)
 
     maps, owned, kinds = _index_maps(a, z)
 

@@ -263,6 +263,26 @@ def test_report_lists_blocked_layers(cnn, cnn_inputs) -> None:
     assert rows["fc"].note == "not prunable: model output" and rows["fc"].channels_kept == 10
 
 
+class _UnknownOpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.special.erfcx(self.conv(x)))  # an op with no propagation rule
+
+
+def test_note_for_a_layer_kept_by_an_op_without_a_rule_names_the_op() -> None:
+    pruner = dp.Pruner(_UnknownOpNet(), {"target_sparsity": 0.5, "granularity": "channel"},
+                       (torch.randn(1, 3, 8, 8),))
+    pruner.prepare()
+    rows = {r.name: r for r in pruner.report()}
+    note = rows["conv"].note
+    assert note.startswith("not prunable: no propagation rule for this op") and rows["conv"].channels_kept == 8
+    assert "special_erfcx" in note and "node special_erfcx" in note, note
+
+
 def test_nni_style_compress(mlp) -> None:
     model, masks = dp.Pruner(mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.5}]).compress()
     assert model is mlp and set(masks) == {"fc1", "fc2", "fc3"}
