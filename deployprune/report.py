@@ -8,7 +8,6 @@ SVG plots drawn here, no scripts, no fonts or styles from the network.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -91,26 +90,231 @@ def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
-def _plain(value: object) -> str:
-    """Compact one-line text for a JSON value (pipeline facts)."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=False, separators=(", ", ": "), default=str)
+def _text(value: object, key: str = "", limit: int = 300) -> str:
+    """A JSON value as short readable text: yes/no, sizes, ``k=v`` pairs and lists, no braces or quotes.
+
+    Also the fallback for pipeline facts this version does not know (written by a newer one)."""
+    if value is None:
+        text = "–"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, (int, float)) and (key.endswith("_bytes") or key == "bytes"):
+        text = fmt_bytes(value)
+    elif isinstance(value, int):
+        text = f"{value:,}" if abs(value) >= 10_000 else str(value)
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k}={_nested(v, str(k))}" for k, v in value.items()) if value else "none"
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            text = "none"
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            text = ", ".join(str(v) for v in value)
+        else:
+            sep = "; " if any(isinstance(v, (dict, list, tuple)) for v in value) else ", "
+            text = sep.join(_text(v, key, limit=10**9) for v in value)
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _pipeline_item(key: str, value: object) -> tuple[str, list[str]]:
-    """One pipeline fact as text, with sub-items; the finalize section reads as the CLI prints it."""
-    if key == "finalize" and isinstance(value, dict) and "masked_channels" in value:
-        text = f"removed {value.get('removed_channels', 0):,} of {value['masked_channels']:,} masked channels"
-        if not value.get("compacted", True):
-            text = f"compaction abandoned ({value.get('abandoned') or 'self-check failed'}); {text}"
-        extra = {k: v for k, v in value.items()
-                 if k not in ("masked_channels", "removed_channels", "kept_channels", "kept", "compacted",
-                              "abandoned")}
-        kept = [f"kept {k.get('count', 0):,} in {k.get('module', '')!r} ({k.get('reason', '')})"
-                for k in value.get("kept") or [] if isinstance(k, dict)]
-        return f"{text}; {_plain(extra)}", kept
-    return _plain(value), []
+def _nested(value: object, key: str) -> str:
+    text = _text(value, key, limit=10**9)
+    return f"({text})" if isinstance(value, (dict, list, tuple)) and value else text
+
+
+def _shape_text(spec: object) -> str:
+    """``1×3×224×224 float32`` for an input spec (``{"shape", "dtype", "high"}`` or a bare shape)."""
+    if isinstance(spec, dict):
+        shape = spec.get("shape")
+        text = "×".join(str(d) for d in shape) if isinstance(shape, list) else _text(shape)
+        if spec.get("dtype"):
+            text += f" {spec['dtype']}"
+        if spec.get("high") is not None:
+            text += f" (values below {spec['high']})"
+        rest = {k: v for k, v in spec.items() if k not in ("shape", "dtype", "high")}
+        return text + (f" ({_text(rest)})" if rest else "")
+    if isinstance(spec, list) and all(isinstance(d, int) for d in spec):
+        return "×".join(str(d) for d in spec)
+    return _text(spec)
+
+
+def _fact(key: str) -> str:
+    return key.replace("_", " ")
+
+
+def _rest(value: dict, known: Iterable[str]) -> list[tuple[str, str]]:
+    """Rows for the keys a stage renderer does not know (a newer tool's facts): compact text."""
+    skip = set(known)
+    return [(_fact(str(k)), _text(v, str(k))) for k, v in value.items() if k not in skip]
+
+
+def _source_rows(v: dict) -> list[tuple[str, str]]:
+    rows = [("file", _text(v.get("path")))]
+    if v.get("kind"):
+        rows.append(("format", str(v["kind"])))
+    if v.get("arch"):
+        rows.append(("architecture", str(v["arch"])))
+    if v.get("factory"):
+        rows.append(("factory", str(v["factory"])))
+    if "inputs" in v:
+        inputs = v["inputs"] if isinstance(v["inputs"], list) else [v["inputs"]]
+        rows.append(("example inputs", ", ".join(_shape_text(s) for s in inputs) or "none"))
+    return rows + _rest(v, ("path", "kind", "arch", "factory", "inputs"))
+
+
+_MASK_ROWS = 12  # more masked tensors than this are summarized by sparsity
+
+
+def _mask_rows(v: dict) -> list[tuple[str, str]]:
+    if not v:
+        return [("masked tensors", "none")]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()):
+        return [(str(k), _text(x)) for k, x in v.items()]
+    if len(v) <= _MASK_ROWS:
+        return [(str(k), f"{fmt_pct(x)} zero") for k, x in v.items()]
+    groups: dict[str, int] = {}
+    for x in v.values():
+        groups[fmt_pct(x)] = groups.get(fmt_pct(x), 0) + 1
+    by = ", ".join(f"{n} at {p} zero" for p, n in sorted(groups.items(), key=lambda kv: -kv[1]))
+    return [("masked tensors", f"{len(v)}: {by}")]
+
+
+def _params_rows(v: dict) -> list[tuple[str, str]]:
+    src, comp = v.get("source"), v.get("compact")
+    if isinstance(src, int) and isinstance(comp, int):
+        share = f" ({fmt_pct(_ratio(comp, src))} of the source)" if src else ""
+        rows = [("source → compact", f"{src:,} → {comp:,}{share}")]
+    else:
+        rows = [("source → compact", f"{_text(src)} → {_text(comp)}")]
+    return rows + _rest(v, ("source", "compact"))
+
+
+def _finalize_channels(v: dict) -> str:
+    """``removed 3 of 5 masked channels`` (as the CLI prints it), abandoned compaction first."""
+    text = f"removed {v.get('removed_channels', 0):,} of {v.get('masked_channels', 0):,} masked channels"
+    if not v.get("compacted", True):
+        text = f"compaction abandoned ({v.get('abandoned') or 'self-check failed'}); {text}"
+    return text
+
+
+def _kept_items(v: dict) -> list[str]:
+    return [f"kept {k.get('count', 0):,} in {k.get('module', '')!r} ({k.get('reason', '')})"
+            for k in v.get("kept") or [] if isinstance(k, dict)]
+
+
+def _finalize_rows(v: dict) -> list[tuple[str, str]]:
+    rows = [("channels", _finalize_channels(v))]
+    kept = v.get("kept_channels", sum(k.get("count", 0) for k in v.get("kept") or [] if isinstance(k, dict)))
+    rows.append(("kept masked channels", f"{kept:,}" if isinstance(kept, int) else _text(kept)))
+    if "compacted" in v:
+        rows.append(("compaction", "done" if v["compacted"] else
+                     f"abandoned: {v.get('abandoned') or 'self-check failed'}; the masked model went on "
+                     "at full size"))
+    if "torch_max_abs" in v:
+        rows.append(("parity with the masked model (max abs)", fmt_err(v["torch_max_abs"])))
+    if isinstance(v.get("seconds"), (int, float)):
+        rows.append(("time", f"{v['seconds']:.3g} s"))
+    blocked = v.get("blocked")
+    if blocked:
+        rows.append(("blocked", _text(blocked)))
+    return rows + _rest(v, ("masked_channels", "removed_channels", "kept_channels", "kept", "compacted",
+                            "abandoned", "torch_max_abs", "seconds", "blocked"))
+
+
+def _conversion_rows(v: dict) -> list[tuple[str, str]]:
+    rows = []
+    if v.get("target"):
+        rows.append(("target", str(v["target"])))
+    if v.get("path"):
+        rows.append(("artifact", str(v["path"])))
+    if "size_bytes" in v:
+        rows.append(("size on disk", fmt_bytes(v["size_bytes"])))
+    meta = v.get("metadata") if isinstance(v.get("metadata"), dict) else {}
+    done = {"ort_max_abs_error", "ort_relative_error", "exporter", "opset", "exporter_fallback",
+            "external_data", "external_data_path", "verification", "weight_file_bytes",
+            "dense_weight_file_bytes", "weight_file_ratio"}
+    if meta.get("exporter") or meta.get("opset") is not None:
+        rows.append(("exporter", ", ".join(x for x in (
+            str(meta["exporter"]) if meta.get("exporter") else "",
+            f"opset {meta['opset']}" if meta.get("opset") is not None else "") if x)))
+    if meta.get("exporter_fallback"):
+        rows.append(("exporter fallback", _text(meta["exporter_fallback"])))
+    if "external_data" in meta:
+        rows.append(("external data", _text(meta.get("external_data_path")) if meta["external_data"] else "no"))
+    if "ort_max_abs_error" in meta or "ort_relative_error" in meta:
+        rows.append(("onnxruntime check at export", f"max abs {fmt_err(meta.get('ort_max_abs_error'))}, "
+                     f"rel {fmt_err(meta.get('ort_relative_error'))}"))
+    if "weight_file_bytes" in meta:
+        text = fmt_bytes(meta["weight_file_bytes"])
+        if meta.get("dense_weight_file_bytes"):
+            text += f" (dense: {fmt_bytes(meta['dense_weight_file_bytes'])}"
+            ratio = meta.get("weight_file_ratio")
+            text += f", {ratio:.3f}×)" if isinstance(ratio, (int, float)) else ")"
+        rows.append(("weight file", text))
+    ver = meta.get("verification")
+    if isinstance(ver, dict):
+        text = "passed" if ver.get("passed") else "FAILED"
+        if "weights_checked" in ver:
+            text += (f"; {ver['weights_checked']} weights checked, {ver.get('sparse_constants', 0)} sparse / "
+                     f"{ver.get('dense_constants', 0)} dense constants")
+        if ver.get("failures"):
+            text += "; " + _text(ver["failures"])
+        rows.append(("read-back", text))
+    elif ver is not None:
+        rows.append(("read-back", _text(ver)))
+    rows += [(_fact(k), _text(x, k)) for k, x in meta.items() if k not in done]
+    warnings = v.get("warnings")
+    if isinstance(warnings, list):
+        rows += [("warning", _text(w)) for w in warnings] or [("warnings", "none")]
+    opts = v.get("options")
+    if isinstance(opts, dict):
+        rows.append(("options", ", ".join(f"{k}={_nested(x, str(k))}" for k, x in opts.items()
+                                          if x is not None and k != "force") or "defaults"))
+    return rows + _rest(v, ("target", "path", "size_bytes", "metadata", "warnings", "options"))
+
+
+#: Pipeline stages in the order they ran, with their renderers (value -> rows of fact, value).
+_STAGES = {
+    "source": ("source", _source_rows),
+    "masks": ("masks", _mask_rows),
+    "params": ("parameters", _params_rows),
+    "finalize": ("finalize", _finalize_rows),
+    "conversion": ("conversion", _conversion_rows),
+}
+#: Pipeline facts shown in another section (not again in the pipeline table).
+_ELSEWHERE = ("accuracy_data",)
+
+
+def _pipeline_rows(pipeline: dict) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
+    """The pipeline section as (stage, [(fact, value)], kept-channel items) groups, no JSON literal.
+
+    Known stages come first in the order they ran; keys this version does not know (a newer tool's)
+    follow as compact ``k=v`` text."""
+    groups = []
+    keys = [k for k in _STAGES if k in pipeline] + [k for k in pipeline if k not in _STAGES]
+    for key in keys:
+        if key in _ELSEWHERE:
+            continue
+        value = pipeline[key]
+        title, render = _STAGES.get(key, (_fact(key), None))
+        kept: list[str] = []
+        if render is not None and isinstance(value, dict):
+            try:
+                rows = render(value)
+            except (TypeError, ValueError, AttributeError, KeyError):  # an odd shape: plain text
+                rows = [("", _text(value))]
+            if key == "finalize":
+                kept = _kept_items(value)
+        elif isinstance(value, dict) and value:
+            rows = [(_fact(str(k)), _text(v, str(k))) for k, v in value.items()]
+        else:
+            rows = [("", _text(value, key))]
+        groups.append((title, rows, kept))
+    return groups
 
 
 def _coreml_items(details: dict) -> list[tuple[str, str]]:
@@ -123,11 +327,11 @@ def _coreml_items(details: dict) -> list[tuple[str, str]]:
             else:
                 text = f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
         elif isinstance(value, dict):
-            text = _plain(value)
+            text = _text(value, str(key), limit=10**9)
             if len(text) > 160:
                 text = f"{len(value)} key(s)"
         else:
-            text = _plain(value)
+            text = _text(value, str(key))
         items.append((str(key), text))
     return items
 
@@ -155,7 +359,9 @@ def _headline_latency(r: ValidationReport) -> dict[str, float | int | None]:
                                           "source": None}
     if r.latency is None or not r.latency.results:
         return out
-    batch = min(x.batch_size for x in r.latency.results)
+    # the artifact's smallest batch: a source timed only at another batch is not its reference
+    art = [x.batch_size for x in r.latency.results if x.role == "artifact"]
+    batch = min(art or [x.batch_size for x in r.latency.results])
     out["batch"] = batch
     for role in ("artifact", "dense", "source"):
         res = r.latency.get(role, None, batch)
@@ -212,21 +418,129 @@ def summary_lines(r: ValidationReport) -> list[str]:
         kind = " (in-memory weights)" if base.size_kind == "tensors" else ""
         lines.append(f"size     {fmt_bytes(base.size_bytes)}{kind} -> {fmt_bytes(a.size_bytes)} "
                      f"({fmt_pct(_ratio(a.size_bytes, base.size_bytes))})")
+    if r.accuracy:
+        lines.append(_accuracy_line(r))
     return lines
 
 
+def _accuracy_line(r: ValidationReport) -> str:
+    """``accuracy top-1 on deployprune.data:digits (360 samples): source 95.3% -> artifact 95.1%``."""
+    data = _data_text(_accuracy_data(r))
+    if list(r.accuracy) == ["source", "artifact"]:
+        figures = f"source {_acc_text(r.accuracy['source'])} -> artifact {_acc_text(r.accuracy['artifact'])}"
+    else:
+        figures = ", ".join(f"{k} {_acc_text(v)}" for k, v in r.accuracy.items())
+    return f"accuracy top-1{f' on {data}' if data else ''}: {figures}"
+
+
+_ACCURACY_HEADER = ["model", "top-1 accuracy"]
+
+
+def _accuracy_intro(r: ValidationReport) -> str:
+    """Where the accuracy figures come from, kept apart from the parity check's top-1 agreement."""
+    facts = _accuracy_data(r)
+    data = _data_text(facts)
+    text = (f"Task top-1 accuracy on labelled data: {data}." if data else
+            "Task top-1 accuracy on labelled data (the report does not name the data).")
+    if facts.get("not measured"):
+        text += f" Not measured: {facts['not measured']}."
+    return (text + " This is not the parity check's top-1 agreement, which compares the artifact's "
+            "class with the source's on random inputs.")
+
+
+def _accuracy_rows(r: ValidationReport) -> list[list[str]]:
+    return [[str(k), _acc_text(v)] for k, v in r.accuracy.items()]
+
+
+def _comparison_latency(
+        reports: Sequence[ValidationReport]) -> tuple[int | None, list[tuple[float | None, int | None]]]:
+    """(common batch, [(artifact median, batch)] per run): like with like across runs.
+
+    The smallest batch size at which every timed run timed its artifact; without one, each run's
+    own headline batch (and runs at different batches are then not compared)."""
+    sets = [{x.batch_size for x in r.latency.results if x.role == "artifact"}
+            for r in reports if r.latency is not None and r.latency.results]
+    sets = [s for s in sets if s]
+    common = set.intersection(*sets) if sets else set()
+    batch = min(common) if common else None
+    out = []
+    for r in reports:
+        if batch is not None:
+            res = r.latency.get("artifact", None, batch) if r.latency is not None else None
+            out.append((res.median_ms, batch) if res is not None else (None, None))
+        else:
+            lat = _headline_latency(r)
+            out.append((lat["artifact"], lat["batch"] if lat["artifact"] is not None else None))
+    return batch, out
+
+
+def _accuracy_data(r: ValidationReport) -> dict:
+    facts = r.pipeline.get("accuracy_data") if isinstance(r.pipeline, dict) else None
+    return facts if isinstance(facts, dict) else {}
+
+
+def _data_text(facts: dict) -> str:
+    """``deployprune.data:digits (360 samples)``, or '' when the report does not say."""
+    if not facts.get("data"):
+        return ""
+    samples = facts.get("samples")
+    return f"{facts['data']}" + (f" ({samples:,} samples)" if isinstance(samples, int) else "")
+
+
+def _acc_text(v: float | None) -> str:
+    """A task accuracy fraction as a percentage (other figures, from older reports, as numbers)."""
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1:
+        return f"{100 * v:.1f}%"
+    return f"{v:.4g}"
+
+
+def comparison_notes(reports: Sequence[ValidationReport]) -> list[str]:
+    """What the comparison table's latency and accuracy columns compare."""
+    batch, _ = _comparison_latency(reports)
+    if batch is not None:
+        notes = [f"Latency: median of the artifact at batch {batch}, the smallest batch size every run "
+                 "timed; “vs dense export” compares with the dense ONNX export in onnxruntime."]
+    else:
+        notes = ["Latency: median of the artifact at each run's smallest timed batch size; runs timed at "
+                 "different batch sizes are not compared (“vs first” says so); “vs dense export” "
+                 "compares with the dense ONNX export in onnxruntime."]
+    data = {r.name: _data_text(_accuracy_data(r)) for r in reports if r.accuracy}
+    if data:
+        kinds = set(data.values())
+        if len(kinds) == 1 and "" not in kinds:
+            notes.append(f"Accuracy: task top-1 on {kinds.pop()}, labelled data (not the top-1 agreement "
+                         "on random inputs).")
+        else:
+            notes.append("Accuracy: task top-1 on labelled data, measured on different data per run, so not "
+                         "comparable across runs: " + "; ".join(f"{k}: {v or 'data not recorded'}"
+                                                                  for k, v in data.items()) + ".")
+    return notes
+
+
 def comparison_rows(reports: Sequence[ValidationReport]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side table (relative figures against the first run)."""
+    """Header and rows of the side-by-side table (relative figures against the first run).
+
+    Latency is compared at one batch size (see :func:`comparison_notes`); accuracy columns are task
+    top-1 accuracy per label (``source``, ``artifact``, ``before pruning`` ...)."""
     acc_keys = list(dict.fromkeys(k for r in reports for k in r.accuracy))
     header = ["run", "verdict", "params", "MACs", "size", "size reduction", "latency",
-              "speedup vs first", "vs dense export", "max rel error"] + acc_keys
+              "speedup vs first", "vs dense export", "max rel error"] + [f"accuracy: {k}" for k in acc_keys]
     first = reports[0] if reports else None
-    first_lat = _headline_latency(first)["artifact"] if first else None
+    _, lats = _comparison_latency(reports)
+    first_lat, first_batch = lats[0] if lats else (None, None)
     rows = []
-    for r in reports:
-        lat = _headline_latency(r)
-        latency = lat["artifact"]
-        lat_text = (f"{fmt_ms(latency)} (b{lat['batch']})" if latency is not None else "–")
+    for r, (latency, batch) in zip(reports, lats, strict=True):
+        lat_text = f"{fmt_ms(latency)} (b{batch})" if latency is not None else "–"
+        if r is first:
+            vs_first = "baseline"
+        elif latency is not None and first_lat is not None and batch != first_batch:
+            vs_first = f"not compared (b{batch} vs b{first_batch})"
+        else:
+            vs_first = fmt_ratio(_ratio(first_lat, latency))
+        dense = (r.latency.ratio("dense", "artifact", batch_size=batch)
+                 if r.latency is not None and batch is not None else None)
         size = r.artifact_stats.size_bytes
         first_size = first.artifact_stats.size_bytes if first else None
         reduction = _ratio(size, first_size)
@@ -239,13 +553,11 @@ def comparison_rows(reports: Sequence[ValidationReport]) -> tuple[list[str], lis
             ("baseline" if r is first else
              f"{100 * (1 - reduction):.1f}%" if reduction is not None else "–"),
             lat_text,
-            fmt_ratio(_ratio(first_lat, latency)) if r is not first else "baseline",
-            fmt_ratio(_ratio(lat["dense"], latency)),
+            vs_first,
+            fmt_ratio(dense),
             fmt_err(r.max_rel_error) if r.outputs else "–",
         ]
-        for key in acc_keys:
-            v = r.accuracy.get(key)
-            row.append("–" if v is None else f"{v:.4g}")
+        row += [_acc_text(r.accuracy.get(key)) for key in acc_keys]
         rows.append(row)
     return header, rows
 
@@ -282,9 +594,11 @@ def _threshold_text(r: ValidationReport) -> str:
 def _latency_rows(r: ValidationReport) -> list[list[str]]:
     if r.latency is None:
         return []
+    order = {"source": 0, "dense": 1, "artifact": 2}
+    results = sorted(r.latency.results, key=lambda x: (x.batch_size, order.get(x.role, 3)))
     return [[x.label, x.runtime, str(x.batch_size), fmt_ms(x.median_ms), fmt_ms(x.p90_ms),
              fmt_ms(x.p99_ms), fmt_ms(x.min_ms), str(len(x.samples_ms))]
-            for x in r.latency.results]
+            for x in results]
 
 
 def _latency_config_text(r: ValidationReport) -> str:
@@ -308,7 +622,28 @@ def _speedup_lines(r: ValidationReport) -> list[str]:
             parts.append(f"{s:.2f}× vs the torch eager source")
         if parts:
             lines.append(f"batch {b}: artifact " + ", ".join(parts))
-    return lines
+    return lines + _unmatched_lines(r)
+
+
+def _batches_text(batches: Iterable[int]) -> str:
+    b = sorted(set(batches))
+    return f"batch {b[0]}" if len(b) == 1 else "batches " + ", ".join(str(x) for x in b)
+
+
+def _unmatched_lines(r: ValidationReport) -> list[str]:
+    """Models timed only at batch sizes the artifact was not timed at: said, never compared."""
+    if r.latency is None:
+        return []
+    art = {x.batch_size for x in r.latency.results if x.role == "artifact"}
+    if not art:
+        return []
+    by_label: dict[str, set[int]] = {}
+    for x in r.latency.results:
+        if x.role != "artifact":
+            by_label.setdefault(x.label, set()).add(x.batch_size)
+    return [f"{label} was timed at {_batches_text(b)} and the artifact at {_batches_text(art)}: "
+            "not compared (time per call depends on the batch size)"
+            for label, b in by_label.items() if not b & art]
 
 
 def _stats_rows(r: ValidationReport) -> tuple[list[str], list[list[str]]]:
@@ -379,6 +714,10 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
         out += [f"{h}# Parity", "", f"Thresholds: {_threshold_text(r)}.", ""]
         out += _md_table(["output", "shape", "max abs", "max rel", "cosine (min)", "top-1",
                           "samples", "note"], _parity_rows(r)) + [""]
+    if r.accuracy or _accuracy_data(r):
+        out += [f"{h}# Accuracy", "", _accuracy_intro(r), ""]
+        if r.accuracy:
+            out += _md_table(_ACCURACY_HEADER, _accuracy_rows(r)) + [""]
     if r.coreml is not None:
         out += [f"{h}# Core ML verification", ""]
         out += [f"- {k}: {v}" for k, v in _coreml_items(r.coreml)] + [""]
@@ -403,16 +742,23 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
         out += [f"- note: {n}" for n in r.latency.notes] + [""]
     header, rows = _stats_rows(r)
     out += [f"{h}# Model statistics", ""] + _md_table(header, rows) + [""]
-    if r.accuracy:
-        out += [f"{h}# Accuracy", ""] + [f"- {k}: {v:.4g}" for k, v in r.accuracy.items()] + [""]
     if r.layers:
         out += [f"{h}# Layers", ""] + _md_table(_LAYER_HEADER, _layer_rows(r.layers)) + [""]
-    if r.pipeline:
+    groups = _pipeline_rows(r.pipeline)
+    if groups:
         out += [f"{h}# Pipeline", ""]
-        for k, v in r.pipeline.items():
-            text, subs = _pipeline_item(k, v)
-            out += [f"- {k}: {text}"] + [f"  - {sub}" for sub in subs]
-        out += [""]
+        rows, kept_lists = [], []
+        for stage, facts, kept in groups:
+            for i, (fact, value) in enumerate(facts):
+                if kept and fact == "kept masked channels":
+                    value += " (listed below)"
+                rows.append([stage if i == 0 else "", fact, value])
+            if kept:
+                kept_lists += [f"- {stage}: {_finalize_channels(r.pipeline[stage])}; "
+                               f"{r.pipeline[stage].get('kept_channels', len(kept))} kept:"]
+                kept_lists += [f"  - {x}" for x in kept]
+        out += _md_table(["stage", "fact", "value"], rows) + [""]
+        out += kept_lists + ([""] if kept_lists else [])
     if r.notes:
         out += [f"{h}# Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     env = ", ".join(f"{k} {v}" for k, v in r.environment.items())
@@ -432,9 +778,8 @@ def render_markdown(reports: ValidationReport | Sequence[ValidationReport]) -> s
         return render_markdown(reports[0])
     header, rows = comparison_rows(reports)
     out = [f"# Comparison of {len(reports)} runs", ""] + _md_table(header, rows) + [""]
-    out.append("Latency: median of the artifact at the smallest timed batch size; "
-               "“vs dense export” compares with the dense ONNX export in onnxruntime.")
-    out.append("")
+    for note in comparison_notes(reports):
+        out += [note, ""]
     for r in reports:
         out += _markdown_one(r, level=2)
     return "\n".join(out).rstrip() + "\n"
@@ -486,72 +831,117 @@ def _short(name: str, limit: int = 34) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
-def svg_latency(r: ValidationReport) -> str:
-    """Box plot with every call as a dot, one row per model/runtime/batch size."""
-    if r.latency is None or not r.latency.results:
-        return ""
-    results = sorted(r.latency.results, key=lambda x: (x.batch_size, x.role != "source",
-                                                       x.role != "dense"))
-    left, right, top, row_h = 230, 30, 30, 34
-    width = 760
-    height = top + row_h * len(results) + 46
-    # The axis ends a little past the largest upper fence (q3 + 3 IQR) so one slow call (a
-    # page fault, another process) does not squash every box; calls beyond it are drawn at
-    # the edge as hollow dots, with their value in a tooltip.
-    fences = []
+#: One plot spans at most this ratio of its largest to its smallest value on a linear axis; beyond
+#: it the axis is logarithmic (and says so), so a fast artifact is not squashed against zero.
+_LOG_RATIO = 10.0
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks per decade inside [lo, hi]; decades only when that makes too many."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for mults in ((1, 2, 5), (1,)):
+        ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) <= 9:
+            break
+    return ticks or [lo]
+
+
+def _latency_axis(results: Sequence) -> tuple[float, float, bool]:
+    """(lo, hi, log) for one batch size's results. The axis ends a little past the largest upper
+    fence (q3 + 3 IQR) so one slow call (a page fault, another process) does not squash every box;
+    calls beyond it are drawn at the edge as hollow dots, with their value in a tooltip."""
+    fences, lows = [], []
     for x in results:
         a = np.asarray(x.samples_ms, dtype=np.float64)
+        if not a.size:
+            continue
         q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
         fences.append(min(float(a.max()), float(q3 + 3 * (q3 - q1))))
+        lows.append(float(a.min()))
     hi = max(fences) * 1.08 if fences and max(fences) > 0 else 1.0
-    lo = 0.0
+    low = min(lows) if lows else 0.0
+    if low > 0 and hi / low > _LOG_RATIO:
+        return low / 1.15, hi, True
+    return 0.0, hi, False
+
+
+def svg_latency(r: ValidationReport) -> str:
+    """Box plots with every call as a dot, one panel per batch size (one row per model/runtime).
+
+    Calls at different batch sizes never share an axis: a batch of 8 costs more per call than a
+    batch of 1, so drawing them together would compare unlike things. A panel whose values span
+    more than 10× uses a logarithmic axis, labelled "log scale"."""
+    if r.latency is None or not r.latency.results:
+        return ""
+    batches = sorted({x.batch_size for x in r.latency.results})
+    panels = [(b, sorted((x for x in r.latency.results if x.batch_size == b),
+                         key=lambda x: (x.role != "source", x.role != "dense"))) for b in batches]
+    left, right, row_h, head_h, axis_h = 230, 30, 34, 26, 40
+    width = 760
     plot_w = width - left - right
-
-    def sx(v: float) -> float:
-        return left + (min(v, hi) - lo) / (hi - lo) * plot_w if hi > lo else left
-
+    height = 10 + sum(head_h + row_h * len(rs) + axis_h for _, rs in panels) + 24
     out = _svg_open("latency", width, height, f"Latency distribution: {r.name}")
-    axis_y = top + row_h * len(results)
-    for t in _ticks(lo, hi):
-        x = sx(t)
-        out.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{axis_y}" '
-                   'stroke="#e3e5e8"/>')
-        out.append(f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="#555">'
-                   f"{_tick_label(t)}</text>")
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{axis_y + 34}" text-anchor="middle" '
-               'fill="#333">milliseconds per call (box: quartiles, bar: median, whiskers: '
-               'min–max, dots: each call)</text>')
-    for i, res in enumerate(results):
-        cy = top + row_h * i + row_h / 2
-        color = _ROLE_COLORS.get(res.role, "#555")
-        a = np.asarray(res.samples_ms, dtype=np.float64)
-        q1, med, q3 = (float(np.percentile(a, q)) for q in (25, 50, 75))
-        lo_w, hi_w = float(a.min()), float(a.max())
-        out.append(f'<g class="series" data-role="{_e(res.role)}" data-batch="{res.batch_size}">')
-        out.append(f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">'
-                   f"{_e(res.label)} · b{res.batch_size}</text>")
-        out.append(f'<line x1="{sx(lo_w):.1f}" y1="{cy:.1f}" x2="{sx(hi_w):.1f}" y2="{cy:.1f}" '
-                   f'stroke="{color}" stroke-width="1.2"/>')
-        for v in (lo_w, hi_w):
-            out.append(f'<line x1="{sx(v):.1f}" y1="{cy - 6:.1f}" x2="{sx(v):.1f}" '
-                       f'y2="{cy + 6:.1f}" stroke="{color}" stroke-width="1.2"/>')
-        out.append(f'<rect class="box" x="{sx(q1):.1f}" y="{cy - 10:.1f}" '
-                   f'width="{max(sx(q3) - sx(q1), 1):.1f}" height="20" fill="{color}" '
-                   f'fill-opacity="0.25" stroke="{color}"><title>{_e(res.label)}, batch '
-                   f"{res.batch_size}: median {fmt_ms(med)}, p90 {fmt_ms(res.p90_ms)}, p99 "
-                   f"{fmt_ms(res.p99_ms)}</title></rect>")
-        out.append(f'<line class="median" x1="{sx(med):.1f}" y1="{cy - 10:.1f}" '
-                   f'x2="{sx(med):.1f}" y2="{cy + 10:.1f}" stroke="{color}" stroke-width="3"/>')
-        for k, v in enumerate(res.samples_ms):
-            jitter = ((k * 7919) % 13 - 6) * 1.1
-            if v <= hi:
-                out.append(f'<circle class="sample" cx="{sx(v):.1f}" cy="{cy + jitter:.1f}" '
-                           f'r="1.8" fill="{color}" fill-opacity="0.55"/>')
-            else:
-                out.append(f'<circle class="sample beyond" cx="{sx(v):.1f}" '
-                           f'cy="{cy + jitter:.1f}" r="2.6" fill="none" stroke="{color}">'
-                           f"<title>{fmt_ms(v)} (beyond the axis)</title></circle>")
+    y0 = 10
+    for batch, results in panels:
+        lo, hi, log = _latency_axis(results)
+
+        def sx(v: float, lo: float = lo, hi: float = hi, log: bool = log) -> float:
+            v = min(max(v, lo), hi)
+            if log:
+                return left + (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * plot_w
+            return left + (v - lo) / (hi - lo) * plot_w if hi > lo else left
+
+        scale = "log" if log else "linear"
+        top = y0 + head_h
+        axis_y = top + row_h * len(results)
+        out.append(f'<g class="panel" data-batch="{batch}" data-scale="{scale}">')
+        out.append(f'<text class="panel-title" x="{left}" y="{y0 + 14}" fill="#222" font-weight="600">'
+                   f"batch {batch}" + (" · log scale" if log else "") + "</text>")
+        for t in (_log_ticks(lo, hi) if log else _ticks(lo, hi)):
+            x = sx(t)
+            out.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{axis_y}" stroke="#e3e5e8"/>')
+            out.append(f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="#555">'
+                       f"{_tick_label(t)}</text>")
+        out.append(f'<text x="{left + plot_w / 2:.1f}" y="{axis_y + 32}" text-anchor="middle" fill="#333">'
+                   f"milliseconds per call at batch {batch}" + (" (log scale)" if log else "") + "</text>")
+        for i, res in enumerate(results):
+            cy = top + row_h * i + row_h / 2
+            color = _ROLE_COLORS.get(res.role, "#555")
+            a = np.asarray(res.samples_ms, dtype=np.float64)
+            if not a.size:
+                continue
+            q1, med, q3 = (float(np.percentile(a, q)) for q in (25, 50, 75))
+            lo_w, hi_w = float(a.min()), float(a.max())
+            out.append(f'<g class="series" data-role="{_e(res.role)}" data-batch="{res.batch_size}">')
+            out.append(f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">'
+                       f"{_e(res.label)} · b{res.batch_size}</text>")
+            out.append(f'<line x1="{sx(lo_w):.1f}" y1="{cy:.1f}" x2="{sx(hi_w):.1f}" y2="{cy:.1f}" '
+                       f'stroke="{color}" stroke-width="1.2"/>')
+            for v in (lo_w, hi_w):
+                out.append(f'<line x1="{sx(v):.1f}" y1="{cy - 6:.1f}" x2="{sx(v):.1f}" '
+                           f'y2="{cy + 6:.1f}" stroke="{color}" stroke-width="1.2"/>')
+            out.append(f'<rect class="box" x="{sx(q1):.1f}" y="{cy - 10:.1f}" '
+                       f'width="{max(sx(q3) - sx(q1), 1):.1f}" height="20" fill="{color}" '
+                       f'fill-opacity="0.25" stroke="{color}"><title>{_e(res.label)}, batch '
+                       f"{res.batch_size}: median {fmt_ms(med)}, p90 {fmt_ms(res.p90_ms)}, p99 "
+                       f"{fmt_ms(res.p99_ms)}</title></rect>")
+            out.append(f'<line class="median" x1="{sx(med):.1f}" y1="{cy - 10:.1f}" '
+                       f'x2="{sx(med):.1f}" y2="{cy + 10:.1f}" stroke="{color}" stroke-width="3"/>')
+            for k, v in enumerate(res.samples_ms):
+                jitter = ((k * 7919) % 13 - 6) * 1.1
+                if v <= hi:
+                    out.append(f'<circle class="sample" cx="{sx(v):.1f}" cy="{cy + jitter:.1f}" '
+                               f'r="1.8" fill="{color}" fill-opacity="0.55"/>')
+                else:
+                    out.append(f'<circle class="sample beyond" cx="{sx(v):.1f}" '
+                               f'cy="{cy + jitter:.1f}" r="2.6" fill="none" stroke="{color}">'
+                               f"<title>{fmt_ms(v)} (beyond the axis)</title></circle>")
+            out.append("</g>")
         out.append("</g>")
+        y0 = axis_y + axis_h
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{y0 + 12}" text-anchor="middle" fill="#555">'
+               "box: quartiles, bar: median, whiskers: min–max, dots: each call; one panel per batch "
+               "size</text>")
     out.append("</svg>")
     return "\n".join(out)
 
@@ -649,11 +1039,15 @@ def svg_comparison(reports: Sequence[ValidationReport]) -> str:
     """Grouped bars: size, parameters, MACs and latency of each run relative to the first."""
     if len(reports) < 2:
         return ""
+    # latency bars only for runs timed at the first run's batch size (like with like)
+    _, lats = _comparison_latency(reports)
+    first_batch = lats[0][1]
+    latency = [v if b == first_batch else None for v, b in lats]
     metrics = [
         ("size", [r.artifact_stats.size_bytes for r in reports], fmt_bytes),
         ("parameters", [r.artifact_stats.params for r in reports], fmt_count),
         ("MACs", [r.artifact_stats.macs for r in reports], fmt_count),
-        ("latency", [_headline_latency(r)["artifact"] for r in reports], fmt_ms),
+        (f"latency (b{first_batch})" if first_batch is not None else "latency", latency, fmt_ms),
     ]
     n = len(reports)
     group_w = 40 + n * 26
@@ -685,7 +1079,7 @@ def svg_comparison(reports: Sequence[ValidationReport]) -> str:
                 continue
             rel = v / base
             x = gx + k * 26
-            out.append(f'<rect class="bar" data-run="{_e(reports[k].name)}" data-metric="{label}" '
+            out.append(f'<rect class="bar" data-run="{_e(reports[k].name)}" data-metric="{_e(label)}" '
                        f'x="{x}" y="{sy(rel):.1f}" width="20" height="{sy(0) - sy(rel):.1f}" '
                        f'fill="{_RUN_COLORS[k % len(_RUN_COLORS)]}"><title>{_e(reports[k].name)} '
                        f"{label}: {_e(fmt(v))} ({rel * 100:.0f}% of the first run)</title></rect>")
@@ -721,6 +1115,8 @@ tr.bad td{background:#fdecea;font-weight:600}
 .pass{background:#2e8540}.fail{background:#c0392b}
 pre{background:#f0f2f5;padding:10px;border-radius:6px;overflow-x:auto;font-size:.85em}
 .scroll{overflow-x:auto}.note{color:#555;font-size:.9em}
+table.pipeline td{text-align:left;white-space:normal;max-width:640px;overflow-wrap:anywhere}
+table.pipeline th[scope=row]{text-align:left;vertical-align:top}table.pipeline ul{margin:.2em 0;padding-left:1.2em}
 svg.plot{background:#fff;border:1px solid #e1e4e8;border-radius:6px;margin:.5em 0;
 max-width:100%;height:auto}
 """.strip()
@@ -753,6 +1149,10 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
                      "</p>")
         parts.append(_html_table(["output", "shape", "max abs", "max rel", "cosine (min)",
                                   "top-1", "samples", "note"], _parity_rows(r)))
+    if r.accuracy or _accuracy_data(r):
+        parts.append(f"<{sub}>Accuracy</{sub}><p class=note>{_e(_accuracy_intro(r))}</p>")
+        if r.accuracy:
+            parts.append(_html_table(_ACCURACY_HEADER, _accuracy_rows(r), cls="accuracy"))
     if r.coreml is not None:
         parts.append(f"<{sub}>Core ML verification</{sub}><ul>"
                      + "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _coreml_items(r.coreml))
@@ -779,22 +1179,24 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
             parts.append("<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>")
     header, rows = _stats_rows(r)
     parts.append(f"<{sub}>Model statistics</{sub}>" + _html_table(header, rows))
-    if r.accuracy:
-        parts.append(f"<{sub}>Accuracy</{sub}><ul>"
-                     + "".join(f"<li>{_e(k)}: {v:.4g}</li>" for k, v in r.accuracy.items())
-                     + "</ul>")
     if r.layers:
         parts.append(f"<{sub}>Layers</{sub}>")
         parts.append(svg_channels(r))
         parts.append(svg_sparsity(r))
         parts.append(_html_table(_LAYER_HEADER, _layer_rows(r.layers)))
-    if r.pipeline:
-        items = []
-        for k, v in r.pipeline.items():
-            text, subs = _pipeline_item(k, v)
-            inner = "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in subs) + "</ul>" if subs else ""
-            items.append(f"<li>{_e(k)}: <code>{_e(text)}</code>{inner}</li>")
-        parts.append(f"<{sub}>Pipeline</{sub}><ul>" + "".join(items) + "</ul>")
+    groups = _pipeline_rows(r.pipeline)
+    if groups:
+        body = []
+        for stage, facts, kept in groups:
+            for i, (fact, value) in enumerate(facts):
+                head = (f'<th scope="row" rowspan="{len(facts)}">{_e(stage)}</th>' if i == 0 else "")
+                cell = _e(value)
+                if kept and fact == "kept masked channels":
+                    cell += "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in kept) + "</ul>"
+                body.append(f"<tr>{head}<td>{_e(fact)}</td><td>{cell}</td></tr>")
+        parts.append(f'<{sub}>Pipeline</{sub}><div class="scroll"><table class="pipeline"><thead><tr>'
+                     "<th>stage</th><th>fact</th><th>value</th></tr></thead><tbody>"
+                     + "".join(body) + "</tbody></table></div>")
     if r.notes:
         parts.append(f"<{sub}>Notes</{sub}><ul>"
                      + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")
@@ -819,9 +1221,7 @@ def render_html(reports: ValidationReport | Sequence[ValidationReport]) -> str:
         header, rows = comparison_rows(reports)
         body.append("<h2>Comparison</h2>")
         body.append(_html_table(header, rows, cls="comparison"))
-        body.append("<p class=note>Latency: median of the artifact at the smallest timed batch "
-                    "size; “vs dense export” compares with the dense ONNX export in onnxruntime."
-                    "</p>")
+        body.extend(f"<p class=note>{_e(note)}</p>" for note in comparison_notes(reports))
         body.append(svg_comparison(reports))
     for r in reports:
         body.append(_html_one(r, "h2"))
