@@ -1075,6 +1075,12 @@ def svg_comparison(reports: Sequence[ValidationReport]) -> str:
         gx = left + 20 + g * group_w
         base = values[0]
         for k, v in enumerate(values):
+            if v is None and label.startswith("latency") and lats[k][0] is not None:
+                # timed, but at another batch size than the first run: marked, not drawn
+                out.append(f'<text class="not-compared" x="{gx + k * 26 + 10}" y="{sy(0) - 4:.1f}" '
+                           f'text-anchor="middle" fill="#888" font-size="10">b{lats[k][1]}<title>'
+                           f"{_e(reports[k].name)}: timed at batch {lats[k][1]}, the first run at batch "
+                           f"{first_batch}: not compared</title></text>")
             if v is None or not base:
                 continue
             rel = v / base
@@ -1116,7 +1122,8 @@ tr.bad td{background:#fdecea;font-weight:600}
 pre{background:#f0f2f5;padding:10px;border-radius:6px;overflow-x:auto;font-size:.85em}
 .scroll{overflow-x:auto}.note{color:#555;font-size:.9em}
 table.pipeline td{text-align:left;white-space:normal;max-width:640px;overflow-wrap:anywhere}
-table.pipeline th[scope=row]{text-align:left;vertical-align:top}table.pipeline ul{margin:.2em 0;padding-left:1.2em}
+table.pipeline th{text-align:left;vertical-align:top}table.pipeline td:first-of-type{white-space:nowrap}
+table.pipeline ul{margin:.2em 0;padding-left:1.2em}
 svg.plot{background:#fff;border:1px solid #e1e4e8;border-radius:6px;margin:.5em 0;
 max-width:100%;height:auto}
 """.strip()

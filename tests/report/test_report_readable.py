@@ -281,6 +281,8 @@ def test_comparison_compares_latency_only_at_one_batch_size(exported: dict[str, 
     bars = [g for g in ET.fromstring(svg_comparison([a, b8])).iter(f"{SVG}rect")
             if g.get("class") == "bar" and g.get("data-metric", "").startswith("latency")]
     assert [x.get("data-run") for x in bars] == [a.name]  # no bar for the batch-8 run next to batch 1
+    marks = [t for t in ET.fromstring(svg_comparison([a, b8])).iter(f"{SVG}text") if t.get("class") == "not-compared"]
+    assert [t.text for t in marks] == ["b8"]
     md = render_markdown([a, b8])
     assert "not compared (b8 vs b1)" in md and "runs timed at different batch sizes" in md
 
