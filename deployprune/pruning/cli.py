@@ -60,7 +60,8 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
     g.add_argument("--seed", type=int, default=0, help="seed of the RNGs and the data shuffle (default 0)")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="write a training checkpoint (last.pt) after every epoch")
     g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir exactly")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no fine-tuning progress lines on stderr "
+                   "(-q silences every progress line)")
     p.add_argument("-o", "--output", metavar="OUT", help="pruned checkpoint (default ./<model stem>.pruned.pt)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (and restart a checkpoint)")
     p.set_defaults(func=cmd_prune)
@@ -77,7 +78,8 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
     r.add_argument("--allow-outside", action="store_true",
                    help="let the scenario write outputs (output, export.path, finetuning.checkpoint_dir) outside "
                         "its own folder")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true", help="no fine-tuning progress lines on stderr "
+                   "(-q silences every progress line)")
     r.add_argument("--trust-scenario", action="store_true",
                    help="let the scenario name callables outside the allowlists (zoo factories, torch losses, "
                         "optimizers and schedulers), give them any keyword arguments, and set trust_pickle; "

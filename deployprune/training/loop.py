@@ -12,6 +12,13 @@ is already initialised, the model is wrapped in DistributedDataParallel (gloo on
 CUDA), the training loader is re-built around a :class:`DistributedSampler`, the pruner state is
 broadcast from rank 0 after every mask update (so data-driven criteria cannot diverge), and
 only rank 0 writes files.
+
+Progress: one line per epoch when it ends (``[12.3s] epoch 2/10: train loss 0.4100, val accuracy
+0.9300, sparsity 40.0%, step 90``), a line when a run resumes, and inside an epoch that takes
+long an occasional ``step k/N`` line (at most one every :data:`STEP_LINE_EVERY` seconds), through
+:mod:`deployprune.progress` (shown by the command line on stderr unless ``-q``; silent in library
+use at Python's default logging level). On a terminal a tqdm bar replaces the step lines.
+``progress=False`` and ranks other than 0 print none of them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import progress as _progress
 from .._imports import import_callable
 from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError, one_line
 from ..fsutil import atomic_output
@@ -328,13 +336,49 @@ class TrainResult:
         return self.history[-1].get("val_loss") if self.history else None
 
 
-def _progress_enabled(progress: bool, is_main: bool) -> bool:
-    if not progress or not is_main:
+#: Inside an epoch, at most one ``step k/N`` progress line every this many seconds (none in an epoch
+#: that ends sooner): enough to show a long epoch is moving, never one line per batch.
+STEP_LINE_EVERY = max(5.0, _progress.SLOW)
+
+_now = time.perf_counter  # the clock of the step lines (a test replaces it)
+
+
+def _bar_enabled(show: bool) -> bool:
+    """A tqdm bar (instead of step lines) when the progress lines are on and stderr is a terminal.
+
+    Progress silenced on purpose (``-q``, ``DEPLOYPRUNE_PROGRESS=0``: the ``deployprune.progress``
+    logger set above INFO) hides the bar too; in library use (logger level not set) a terminal
+    still gets it."""
+    if not show:
+        return False
+    level = _progress.log.level
+    if level != logging.NOTSET and level > logging.INFO:
         return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _say(show: bool, message: str) -> None:
+    """A progress line when progress is on for this rank, else (once, not twice) a log.info."""
+    if show:
+        _progress.note(message)
+    else:
+        log.info("%s", message)
+
+
+def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
+    """``epoch 2/10: train loss 0.4100, val accuracy 0.9300, sparsity 40.0%, step 90`` for a history row."""
+    parts = [f"train loss {_fmt(row.get('train_loss'))}"]
+    if row.get("val_accuracy") is not None:
+        parts.append(f"val accuracy {row['val_accuracy']:.4f}")
+    elif row.get("val_loss") is not None:  # no accuracy (e.g. regression targets): the validation loss
+        parts.append(f"val loss {_fmt(row['val_loss'])}")
+    if row.get("sparsity") is not None:
+        parts.append(f"sparsity {row['sparsity']:.1%}")
+    parts.append(f"step {row.get('step')}")
+    return f"epoch {row.get('epoch')}/{epochs}: " + ", ".join(parts)
 
 
 def finetune(
@@ -432,7 +476,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             elif not force:
                 raise OutputError(f"{ckpt_path}: a training checkpoint already exists; pass --resume (resume=True) "
                                   "to continue it, --force to start over, or choose another --checkpoint-dir")
-        elif resume:
+        elif resume and dist_info.is_main:
             log.warning("%s: no checkpoint to resume from; starting at epoch 0", ckpt_path)
         if dist_info.is_main:
             if cdir.exists() and not cdir.is_dir():
@@ -480,7 +524,6 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
         history = [dict(h) for h in state.get("history", [])]
         _set_rng_state(state["rng"])
-        log.info("resuming from %s: epoch %d, step %d", ckpt_path, start_epoch, global_step)
 
     train_model: nn.Module = model
     result_syncs = 0
@@ -493,7 +536,19 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         if pruner is not None:
             result_syncs = _sync_pruner(pruner, dist_info)
 
-    show = _progress_enabled(progress, dist_info.is_main)
+    show = bool(progress) and dist_info.is_main
+    bar_on = _bar_enabled(show)
+    try:
+        n_batches = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        n_batches = None
+    per_epoch = f" of {n_batches} steps" if n_batches is not None else ""
+    if state is not None:
+        left = "; nothing left to train" if start_epoch >= epochs else ""
+        _say(show, f"resuming from {ckpt_path}: epoch {start_epoch} of {epochs} done, step {global_step}{left}")
+    elif epochs:
+        _say(show, f"fine-tuning: {epochs} epoch{'s' if epochs != 1 else ''}{per_epoch}"
+             + (f" (world size {dist_info.world_size})" if dist_info.enabled else ""))
     result = TrainResult(epochs=epochs, global_step=global_step, history=history,
                          resumed_from_epoch=start_epoch if state is not None else None, checkpoint=ckpt_path,
                          rank=dist_info.rank, world_size=dist_info.world_size)
@@ -502,13 +557,10 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
         used_seed = _seed_loader(train_loader, seed, epoch)
         train_model.train()
         loss_sum, n_seen = 0.0, 0
-        try:
-            n_batches = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            n_batches = None
-        bar = tqdm(train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show,
+        next_line = _now() + STEP_LINE_EVERY
+        bar = tqdm(train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not bar_on,
                    leave=False, dynamic_ncols=True)
-        for batch in bar:
+        for k, batch in enumerate(bar, 1):
             inputs, target = _split_batch(batch, "training data")
             inputs, target = _to(inputs, dev), _to(target, dev)
             opt.zero_grad(set_to_none=True)
@@ -532,8 +584,12 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             n = int(target.shape[0]) if isinstance(target, torch.Tensor) and target.ndim else 1
             loss_sum += value * n
             n_seen += n
-            if show:
+            if bar_on:
                 bar.set_postfix(loss=f"{value:.4f}")
+            elif show and _now() >= next_line:
+                _progress.note(f"epoch {epoch + 1}/{epochs}: step {k}{'/' + str(n_batches) if n_batches else ''}, "
+                               f"train loss {loss_sum / n_seen:.4f}")
+                next_line = _now() + STEP_LINE_EVERY
         bar.close()
         if sched is not None and not sched_per_step:
             sched.step()
@@ -554,9 +610,7 @@ def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_lo
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(row)
-        acc = row["val_accuracy"]
-        log.info("epoch %d/%d: train loss %s, val loss %s, val accuracy %s, step %d", epoch + 1, epochs,
-                 _fmt(train_loss), _fmt(row["val_loss"]), f"{acc:.4f}" if acc is not None else "-", global_step)
+        _say(show, epoch_line(row, epochs))
         if ckpt_path is not None:
             ckpt = {
                 "format": CHECKPOINT_FORMAT,

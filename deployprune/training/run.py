@@ -5,6 +5,7 @@ Used by the CLI (``deployprune/pruning/cli.py``) and callable from Python.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,11 +129,15 @@ def prune_loaded(
     if lr_scheduler is not None:
         import_object(lr_scheduler, "lr_scheduler")
 
+    from .. import progress as _progress
+
     train_loader = val_loader = None
     if data is not None:
         if isinstance(data, str):
             from ..data import load_data
 
+            if progress:
+                _progress.note(f"loading data {data}")
             train_loader, val_loader = load_data(data, batch_size=batch_size, seed=seed)
         else:
             train_loader, val_loader = data
@@ -161,6 +166,13 @@ def prune_loaded(
                           checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
                           force=force, lr_scheduler=lr_scheduler, lr_scheduler_kwargs=lr_scheduler_kwargs,
                           lr_scheduler_interval=lr_scheduler_interval)
+        if result.resumed_from_epoch is not None:
+            done = result.resumed_from_epoch
+            restored = "epoch 1 below is" if done == 1 else f"epochs 1-{done} below are"
+            lines.append(f"resumed:    {result.checkpoint} after epoch {done} of {epochs}"
+                         + (f" ({restored} from the checkpoint)" if done else ""))
+        elif resume and checkpoint_dir is not None:
+            lines.append(f"resumed:    nothing: no checkpoint in {checkpoint_dir}; trained from epoch 1")
         for row in result.history:
             acc = row.get("val_accuracy")
             lines.append(f"epoch {row['epoch']:>3}: train loss {row['train_loss']:.4f}"
@@ -170,9 +182,12 @@ def prune_loaded(
         pruner.prepare()
         last = pruner.schedule.last_update_step
         if last is not None and last > 0:
-            log.info("no fine-tuning: running the schedule to its last update step (%d) on the loaded weights", last)
-            while pruner.step_count < last:
-                pruner.step()
+            what = f"pruning: running the schedule to its last update step ({last}) on the loaded weights"
+            with _progress.stage(what) if progress else contextlib.nullcontext():
+                if not progress:
+                    log.info("%s", what)
+                while pruner.step_count < last:
+                    pruner.step()
         if val_loader is not None:
             acc = evaluate(model, val_loader)["accuracy"]
             if acc is not None:
@@ -383,8 +398,11 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
     seed = int(ft.get("seed", 0))
     data_pair = None
     if data is not None:
+        from .. import progress as _progress
         from ..data import load_data
 
+        if progress:
+            _progress.note(f"loading data {data}")
         data_pair = load_data(data, batch_size=batch_size, seed=seed)
     ckdir = ft.get("checkpoint_dir")
     pr = prune_loaded(loaded, config, data=data_pair, epochs=int(ft.get("epochs", 0)), batch_size=batch_size,
