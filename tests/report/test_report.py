@@ -189,17 +189,17 @@ def test_markdown_sections(reports: list[ValidationReport]) -> None:
                      bmd)
     cmd = render_markdown(comp)
     assert "| conv1 | Conv2d | 3 | 8 → 5 |" in cmd
-    assert '- source: {"path": "net.pt", "inputs": [[1, 3, 8, 8]]}' in cmd
+    assert "| source | file | net.pt |\n|  | example inputs | 1×3×8×8 |" in cmd  # a table, not JSON
 
 
 def test_comparison_table(reports: list[ValidationReport]) -> None:
     header, rows = comparison_rows(reports)
     assert header[:6] == ["run", "verdict", "params", "MACs", "size", "size reduction"]
-    assert header[-2:] == ["top1", "top5"]
+    assert header[-2:] == ["accuracy: top1", "accuracy: top5"]
     assert [r[0] for r in rows] == ["tiny", "tiny-broken", "masked-vs-compact"]
     assert [r[1] for r in rows] == ["PASS", "FAIL", "PASS"]
     assert rows[0][5] == "baseline" and rows[0][7] == "baseline"
-    assert rows[0][-2:] == ["0.925", "–"] and rows[2][-2:] == ["0.91", "0.99"]
+    assert rows[0][-2:] == ["92.5%", "–"] and rows[2][-2:] == ["91.0%", "99.0%"]
     md = render_markdown(reports)
     assert md.startswith("# Comparison of 3 runs\n")
     assert md.count("## Validation report: ") == 3
