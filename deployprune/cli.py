@@ -195,6 +195,10 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
         help="pass threshold: top-1 agreement for classifier outputs (default: report only)",
     )
     g.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    g.add_argument("--data", metavar="DATA", default=None,
+                   help="labelled data for the task accuracy of source and artifact: 'digits' (scikit-learn's "
+                        "8x8 digits) or package.module:function returning (train_loader, val_loader); the "
+                        "validation batches (inputs, class index) are used")
 
 
 def _add_latency_options(p: argparse.ArgumentParser) -> None:
@@ -527,6 +531,30 @@ def _thresholds(args: argparse.Namespace) -> dict[str, float] | None:
 def _check_n_inputs(args: argparse.Namespace) -> None:
     if args.n_inputs < 1:
         raise UsageError(f"--n-inputs {args.n_inputs}: must be at least 1")
+    if args.data is not None:  # a --data path that does not import is exit 2 before any work
+        from ._imports import cwd_importable
+        from .data import BUILTIN, resolve_entry_point
+
+        spec = args.data.strip()
+        if not spec:
+            raise UsageError("--data: give 'digits' or an entry point package.module:function")
+        if spec not in BUILTIN:
+            if ":" not in spec:
+                raise UsageError(f"--data {spec!r}: unknown dataset; use one of {', '.join(BUILTIN)} or an entry "
+                                 "point package.module:function returning (train_loader, val_loader)")
+            with cwd_importable():
+                resolve_entry_point(spec)
+
+
+def _accuracy_loader(args: argparse.Namespace) -> object:
+    """The labelled validation batches of ``--data`` (None without it)."""
+    if args.data is None:
+        return None
+    from ._imports import cwd_importable
+    from .accuracy import validation_loader
+
+    with cwd_importable():
+        return validation_loader(args.data.strip(), seed=args.seed)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -556,6 +584,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         strict=args.strict,
         allow_uncompacted=args.allow_uncompacted,
         name=args.name,
+        accuracy_data=_accuracy_loader(args),
+        accuracy_label=args.data.strip() if args.data else None,
     )
     _print_lines(outcome.summary_lines())
     if outcome.passed is False:
@@ -661,16 +691,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json_out and args.html_out and Path(args.json_out).resolve() == Path(args.html_out).resolve():
         raise UsageError(f"--json and --html name the same file {args.json_out}; give two different paths")
     loaded = load_from_args(args)
+    source = masked_copy(loaded.model, loaded.masks)
+    reference = source
     if artifact.suffix.lower() == ".mlpackage" and loaded.masks:
         # Core ML is checked by reading its weights back (no predictions off macOS): compare with the
-        # compacted model export converted, not with the masked model's full-size tensors
+        # compacted model export converted, not with the masked model's full-size tensors (the
+        # report's source figures stay the masked model's, as for ONNX)
         from .pipeline import compact_loaded
 
-        source = compact_loaded(loaded).model
-    else:
-        source = masked_copy(loaded.model, loaded.masks)
+        reference = compact_loaded(loaded).model
     report = validate(
-        source,
+        reference,
         artifact,
         loaded.example_inputs,
         n_inputs=args.n_inputs,
@@ -682,6 +713,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         localize={"always": True, "never": False}.get(args.localize),
         name=args.name or loaded.source.stem,
         source_path=loaded.source,
+        accuracy_data=_accuracy_loader(args),
+        accuracy_label=args.data.strip() if args.data else "labelled data",
+        reported_source=source,
     )
     from .report import summary_lines
 

@@ -499,10 +499,16 @@ def run_export(
     strict: bool = False,
     allow_uncompacted: bool = False,
     name: str | None = None,
+    accuracy_data: Any = None,
+    accuracy_label: str | None = None,
+    accuracy_known: Mapping[str, float | None] | None = None,
 ) -> ExportOutcome:
     """Load -> compact -> convert -> validate -> report. See the module docstring.
 
     ``name`` labels the run in its report (default: the model file's stem).
+    ``accuracy_data`` (labelled validation batches, named ``accuracy_label``) adds the task
+    accuracy of source and artifact to the report; ``accuracy_known`` are earlier figures on the
+    same data (``deployprune run``: ``{"before pruning": 0.96}``), listed first.
 
     Warnings of the tracer during the conversion (``torch.jit.TracerWarning``: a tensor turned
     into a Python number or bool, an iteration over a tensor ...) mean the artifact may hold the
@@ -574,7 +580,12 @@ def run_export(
                 seed=seed,
                 latency=latency,
                 name=name,
+                accuracy_data=accuracy_data,
+                accuracy_label=accuracy_label or "labelled data",
             )
+            if accuracy_known and report is not None and report.accuracy:
+                report.accuracy = {**{k: float(v) for k, v in accuracy_known.items() if v is not None},
+                                   **report.accuracy}
             seconds["validate"] = time.perf_counter() - t0
             passed = bool(report.passed)
         for w in traced:
@@ -666,6 +677,8 @@ def _validate(
     seed: int,
     latency: Any,
     name: str | None = None,
+    accuracy_data: Any = None,
+    accuracy_label: str = "labelled data",
 ) -> Any:
     from .validate import validate
 
@@ -696,6 +709,9 @@ def _validate(
         dense_artifact=dense_path,
         name=name or loaded.source.stem,
         source_path=source_path,
+        accuracy_data=accuracy_data,
+        accuracy_label=accuracy_label,
+        reported_source=comp.source,
     )
     if dense_path is not None:
         for p in stage.dir.glob(dense_path.name + "*"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import progress
 from .errors import ConfigError, DeployPruneError, InputError, UsageError, ValidationFailed
 from .fsutil import check_regular_tree
 from .latency import (
@@ -1003,6 +1004,9 @@ def validate(
     source_path: str | Path | None = None,
     layers: bool = True,
     probes: bool = True,
+    accuracy_data: Iterable[Any] | None = None,
+    accuracy_label: str = "labelled data",
+    reported_source: nn.Module | None = None,
 ) -> ValidationReport:
     """Compare ``artifact`` with ``source`` and time both; see the module docstring.
 
@@ -1016,6 +1020,12 @@ def validate(
     ``probes`` (default on) also compares at a second batch size when an ONNX artifact
     declares a dynamic batch, and on the inputs scaled by 10: a trace that baked in the
     example's batch size or one branch of a data-dependent ``if`` fails there.
+    ``accuracy_data`` (labelled ``(inputs, target)`` batches, named ``accuracy_label``) adds the
+    task top-1 accuracy of source and artifact to ``report.accuracy`` (see
+    :mod:`deployprune.accuracy`); data the model does not take is a one-line ``InputError``.
+    ``reported_source``: the model the report's source statistics describe, when ``source`` is
+    not the user's model (a Core ML package is checked against the compacted model it was
+    converted from; its report still compares with the masked source, as for ONNX).
     """
     if not isinstance(source, nn.Module):
         raise UsageError(f"source: expected a torch nn.Module, got {type(source).__name__}")
@@ -1080,9 +1090,17 @@ def validate(
     if isinstance(artifact, nn.Module):
         artifact.eval()
     try:
-        return _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
-                         dense_path, ort_providers, name, localize, source_path, layers, seed,
-                         probes, names, session)
+        report = _validate(source, artifact, kind, path, input_sets, inputs_info, th, lat_cfg,
+                           dense_path, ort_providers, name, localize, source_path, layers, seed,
+                           probes, names, session)
+        if reported_source is not None and reported_source is not source:
+            report.source_stats = _model_stats(reported_source, example,
+                                               Path(source_path) if source_path is not None else None)
+        if accuracy_data is not None:
+            with progress.stage(f"measuring task accuracy on {accuracy_label}"):
+                _add_task_accuracy(report, source, artifact, kind, path, session, example,
+                                   accuracy_data, accuracy_label)
+        return report
     finally:
         for m, was in {**modes, **art_modes}.items():
             m.training = was
@@ -1176,6 +1194,11 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
         artifact_stats = _model_stats(artifact, example)
     else:
         artifact_stats = _file_stats(path, kind, example)
+    if kind == "coreml":  # counted as for ONNX: the program's weights; MACs of the model it was converted from
+        if coreml_details and coreml_details.get("weight_elements"):
+            artifact_stats.params = int(coreml_details["weight_elements"])
+            artifact_stats.nonzero_params = int(coreml_details.get("nonzero_weight_elements") or 0)
+        artifact_stats.macs, artifact_stats.macs_method = source_stats.macs, source_stats.macs_method
     dense_stats = _file_stats(dense_path, "onnx", example) if dense_path is not None else None
     table: list[LayerRow] = []
     if want_layers:
@@ -1220,6 +1243,46 @@ def _validate(source: nn.Module, artifact: Any, kind: str, path: Path | None,
     )
     log.info("validation of %s: %s", report.name, "passed" if passed else "FAILED")
     return report
+
+
+def _add_task_accuracy(report: ValidationReport, source: nn.Module, artifact: Any, kind: str,
+                       path: Path | None, session: Any, example: tuple[torch.Tensor, ...],
+                       data: Iterable[Any], label: str) -> None:
+    """Top-1 accuracy of source and artifact on labelled ``data`` into ``report.accuracy``."""
+    from .accuracy import as_report_fields, check_data_fits, measure
+
+    where = f"--data {label}"
+    check_data_fits(source, data, where, example)  # data shaped for another model: one line, both shapes
+    fixed: int | None = int(example[0].shape[0]) if example and example[0].dim() else None
+    run_artifact = None
+    missing = ""
+    if kind == "onnx":
+        if _dynamic_batch(session, example):
+            fixed = None
+
+        def run_artifact(x: tuple[torch.Tensor, ...]) -> Any:
+            return session.run(None, ort_feed(session, x, where=str(path)))
+    elif kind == "torch":
+        fixed = None
+
+        def run_artifact(x: tuple[torch.Tensor, ...]) -> Any:
+            return _run_torch(artifact, x, "artifact model")
+    elif platform.system() == "Darwin":  # pragma: no cover - macOS
+        def run_artifact(x: tuple[torch.Tensor, ...]) -> Any:
+            return _run_coreml(path, x)
+    else:
+        missing = ("the Core ML package was not run (its predictions need macOS); 'source' is the compacted "
+                   "model it was converted from")
+    acc = measure(data, lambda x: _run_torch(source, x), run_artifact, fixed_batch=fixed, where=where,
+                  artifact_missing=missing)
+    figures, facts = as_report_fields(acc, label)
+    report.accuracy.update(figures)
+    report.pipeline["accuracy_data"] = facts
+    if acc.reason:
+        report.notes.append(f"task accuracy on {label}: {acc.reason}")
+    if acc.source is not None:
+        log.info("task accuracy on %s (%d samples): source %.4f, artifact %s", label, acc.samples, acc.source,
+                 f"{acc.artifact:.4f}" if acc.artifact is not None else "not measured")
 
 
 def _input_names(source: nn.Module, session: Any, count: int) -> list[str | None]:
