@@ -419,6 +419,8 @@ class CoreMLVerification:
     weight_file_bytes: int = 0
     dense_weight_file_bytes: int | None = None  # from the export's metadata, if recorded
     materialized_bytes: int = 0  # every weight constant stored dense, at its stored precision
+    weight_elements: int = 0  # elements of the program's float weight constants (its parameters)
+    nonzero_weight_elements: int = 0
     prediction: dict[str, Any] | None = None  # macOS only
 
     @property
@@ -451,6 +453,8 @@ class CoreMLVerification:
             "dense_weight_file_bytes": self.dense_weight_file_bytes,
             "weight_file_ratio": self.weight_file_ratio,
             "materialized_bytes": self.materialized_bytes,
+            "weight_elements": self.weight_elements,
+            "nonzero_weight_elements": self.nonzero_weight_elements,
             "prediction": self.prediction,
         }
 
@@ -528,6 +532,9 @@ def _verify_coreml(path: Path, readable: Path, torch_model: nn.Module, example_i
     result = CoreMLVerification(path=path, passed=False, ops=ops, sparse_constants=sparse_count,
                                 dense_constants=dense_count)
     result.weight_file_bytes = _weight_file_bytes(path)
+    # parameters as the report counts them for ONNX (float initializers): every weight constant
+    result.weight_elements = int(sum(c.value.size for c in constants))
+    result.nonzero_weight_elements = int(sum(np.count_nonzero(c.value) for c in constants))
     dense_meta = spec.description.metadata.userDefined.get("deployprune.dense_weight_bytes")
     result.dense_weight_file_bytes = int(dense_meta) if dense_meta else None
 
