@@ -136,7 +136,7 @@ def prune_loaded(
         if isinstance(data, str):
             from ..data import load_data
 
-            if progress:
+            if progress and _is_main_process():
                 _progress.note(f"loading data {data}")
             train_loader, val_loader = load_data(data, batch_size=batch_size, seed=seed)
         else:
@@ -183,8 +183,9 @@ def prune_loaded(
         last = pruner.schedule.last_update_step
         if last is not None and last > 0:
             what = f"pruning: running the schedule to its last update step ({last}) on the loaded weights"
-            with _progress.stage(what) if progress else contextlib.nullcontext():
-                if not progress:
+            shown = progress and _is_main_process()
+            with _progress.stage(what) if shown else contextlib.nullcontext():
+                if not shown:
                     log.info("%s", what)
                 while pruner.step_count < last:
                     pruner.step()
@@ -401,7 +402,7 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         from .. import progress as _progress
         from ..data import load_data
 
-        if progress:
+        if progress and _is_main_process():
             _progress.note(f"loading data {data}")
         data_pair = load_data(data, batch_size=batch_size, seed=seed)
     ckdir = ft.get("checkpoint_dir")

@@ -169,6 +169,17 @@ def test_resume_without_a_checkpoint_is_said_by_default(workdir: Path):
     assert "resumed:    nothing: no checkpoint in empty; trained from epoch 1" in proc.stdout.splitlines()
 
 
+def test_one_shot_pruning_is_announced(workdir: Path):
+    proc = run("prune", "net.pt", "--config", "prune.json", "-o", "once.pt", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    stages = _progress(proc.stderr)
+    assert "pruning: running the schedule to its last update step (20) on the loaded weights" in stages
+    quiet = run("prune", "net.pt", "--config", "prune.json", "-o", "once.pt", "--force", "--no-progress", cwd=workdir)
+    assert quiet.returncode == 0, quiet.stderr
+    assert _progress(quiet.stderr) == ["loading net.pt"]
+    assert quiet.stdout == proc.stdout
+
+
 # --- in process: step lines inside a long epoch, rate-limited; progress=False and other ranks print none
 
 
