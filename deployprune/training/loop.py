@@ -40,6 +40,7 @@ from torch import nn
 
 from .. import progress as _progress
 from .._imports import import_callable
+from ..accuracy import split_batch
 from ..errors import ConfigError, DeployPruneError, InputError, OutputError, UsageError, one_line
 from ..fsutil import atomic_output
 
@@ -149,23 +150,7 @@ def _distributed_loader(loader: Any, dist_info: _Dist, seed: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_batch(batch: Any, where: str) -> tuple[tuple[torch.Tensor, ...], Any]:
-    if isinstance(batch, Mapping) and "target" in batch:
-        inputs = batch.get("inputs", batch.get("input"))
-        if inputs is None:
-            raise InputError(f"{where}: a dict batch needs 'inputs' (or 'input') and 'target' keys")
-        batch = (inputs, batch["target"])
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise InputError(f"{where}: each batch must be (inputs, target), got {type(batch).__name__}"
-                         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-    inputs, target = batch
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    elif isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
-        inputs = tuple(inputs)
-    else:
-        raise InputError(f"{where}: batch inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
-    return inputs, target
+_split_batch = split_batch  # one definition, shared with validate --data (deployprune.accuracy)
 
 
 def _to(obj: Any, device: torch.device) -> Any:

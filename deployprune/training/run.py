@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .._imports import MODEL_FACTORY, check_file_callable, check_file_kwargs, load_yaml
+from ..accuracy import check_data_fits
 from ..errors import ConfigError, InputError, UnsupportedError, UsageError
 from .loop import TrainResult, _build, evaluate, finetune, import_object
 
@@ -37,36 +38,6 @@ class PruneOutcome:
     @property
     def accuracy_after(self) -> float | None:
         return self.train.final_val_accuracy if self.train is not None else None
-
-
-def _shapes(tensors: Sequence[Any]) -> str:
-    return ", ".join("x".join(str(d) for d in t.shape) + f" ({str(t.dtype).removeprefix('torch.')})"
-                     for t in tensors)
-
-
-def check_data_fits(model: nn.Module, loader: Any, what: str, example_inputs: Sequence[Any]) -> None:
-    """InputError (one line, both shapes) when the first batch of ``loader`` does not run through
-    ``model``. The model ran on ``example_inputs`` when it was loaded, so a failure here is data that
-    does not fit it (``--data digits``, 1x8x8 images, on a 3-channel CNN), not a deployprune bug."""
-    import torch
-
-    from .loop import _split_batch
-
-    batch = next(iter(loader), None)
-    if batch is None:
-        raise InputError(f"{what}: holds no batches")
-    inputs, _ = _split_batch(batch, what)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:240]
-        raise InputError(f"{what}: the model does not take this data: its batches are {_shapes(inputs)}, the model "
-                         f"takes {_shapes(example_inputs)} ({reason}); pass data shaped for the model") from None
-    finally:
-        model.train(was_training)
 
 
 def _is_main_process() -> bool:
