@@ -583,7 +583,7 @@ def run_export(
                 accuracy_data=accuracy_data,
                 accuracy_label=accuracy_label or "labelled data",
             )
-            if accuracy_known and report is not None and report.accuracy:
+            if accuracy_known and report is not None and accuracy_data is not None:
                 report.accuracy = {**{k: float(v) for k, v in accuracy_known.items() if v is not None},
                                    **report.accuracy}
             seconds["validate"] = time.perf_counter() - t0

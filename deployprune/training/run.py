@@ -403,7 +403,12 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
     res = run_export(pruned, exp.get("target", "onnx"), art,
                      options=exp.get("options") or {}, force=force, validate=bool(exp.get("validate", True)),
                      thresholds=thresholds, n_inputs=int(exp.get("n_inputs", 8)),
-                     latency=bool(exp.get("latency", True)))
+                     latency=bool(exp.get("latency", True)),
+                     # the report's accuracy section: the run's own figures on the same validation data,
+                     # then source and artifact measured by validate
+                     accuracy_data=data_pair[1] if data_pair is not None else None,
+                     accuracy_label=data if data_pair is not None and data_pair[1] is not None else None,
+                     accuracy_known={"before pruning": pr.accuracy_before})
     outcome.export = res
     outcome.lines.extend(res.summary_lines())
     return outcome

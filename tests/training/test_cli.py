@@ -134,6 +134,14 @@ def test_scenario_runs_prune_finalize_export_validate(workdir: Path):
     assert (workdir / "out" / "pruned.onnx").is_file() and (workdir / "out" / "pruned.pt").is_file()
     report = json.loads((workdir / "out" / "pruned.onnx.report.json").read_text())
     assert report["passed"] is True
+    # the accuracy the run measured lands in the export report: before pruning, then source and
+    # artifact on the same validation data (the compact model's figure printed above is the source's)
+    acc = report["accuracy"]
+    assert list(acc) == ["before pruning", "source", "artifact"], acc
+    assert report["pipeline"]["accuracy_data"] == {"data": "digits", "samples": 360}
+    assert f"{acc['source']:.4f} after finalize" in proc.stdout
+    assert abs(acc["artifact"] - acc["source"]) <= 1 / 360
+    assert f"{acc['before pruning']:.4f} before pruning" in proc.stdout
     # an unknown key is a one-line config error naming the key and a suggestion
     scenario["finetunning"] = scenario.pop("finetuning")
     (workdir / "bad.json").write_text(json.dumps(scenario))
