@@ -35,7 +35,20 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
         "is run to its end on the loaded weights (one-shot pruning). Runs under torchrun "
         "(DistributedDataParallel; rank 0 writes the files).",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="pruning config (.json/.yaml; docs/pruning.md)")
+    p.add_argument("--config", metavar="FILE", help="pruning config (.json/.yaml; docs/pruning.md); optional "
+                   "with --budget (default: every Conv/Linear by channel, L1)")
+    b = p.add_argument_group("budget (docs/pruning.md, 'Pruning to a budget')")
+    b.add_argument("--budget", metavar="METRIC=VALUE", help="prune channel/head groups to a budget instead of "
+                   "their target_sparsity: latency=0.5x, latency=2.5ms (onnxruntime, measured), macs=40%%, "
+                   "params=30%%")
+    b.add_argument("--budget-threads", type=int, default=None, metavar="N",
+                   help="onnxruntime threads the latency budget holds for (default 1)")
+    b.add_argument("--budget-batch", type=int, default=None, metavar="N",
+                   help="batch size the latency budget holds for (default: the example batch)")
+    b.add_argument("--strict", action="store_true", help="exit 4 when the measured result misses the budget "
+                   "by more than 10%% (the checkpoint is still written)")
+    b.add_argument("--cost-table", metavar="FILE", help="latency cost table to read and extend (JSON; default: "
+                   "the per-machine cache in $DEPLOYPRUNE_CACHE or ~/.cache/deployprune)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--data", metavar="DATA", help="'digits' (scikit-learn's bundled 8x8 digits) or "
                    "package.module:function returning (train_loader, val_loader)")
@@ -126,18 +139,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if args.data else 0)
     if epochs > 0 and not args.data:
         raise UsageError(f"--epochs {epochs} needs --data (digits or package.module:function)")
+    budget = _budget_from_args(args)
+    if args.config is None and budget is None:
+        raise UsageError("prune needs --config FILE (what to prune and how far) or --budget METRIC=VALUE "
+                         "(e.g. --budget latency=0.5x)")
     out = Path(args.output) if args.output else default_output(Path(args.model_path), ".pruned.pt")
-    inputs = (Path(args.model_path), Path(args.config), Path(args.masks) if args.masks else None)
+    inputs = (Path(args.model_path), Path(args.config) if args.config else None,
+              Path(args.masks) if args.masks else None)
     check_not_input(out, *inputs)
     if args.checkpoint_dir:
         from ..training import CHECKPOINT_NAME
 
         check_not_input(Path(args.checkpoint_dir) / CHECKPOINT_NAME, *inputs)
-    config = args.config
-    if not Path(config).is_file():
+    config: Any = args.config
+    if config is not None and not Path(config).is_file():
         from ..errors import InputError
 
         raise InputError(f"{config}: pruning config not found (--config)")
+    if budget is not None:
+        from dataclasses import replace
+
+        from .config import PrunerConfig
+
+        base = PrunerConfig.load(config) if config is not None else PrunerConfig.coerce(DEFAULT_BUDGET_CONFIG)
+        config = replace(base, budget=budget)
     _import_command_line_paths(args)
     loaded = load_from_args(args)
     outcome = prune_loaded(
@@ -163,7 +188,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     if outcome.output is not None:
         _print(outcome.lines)
+    if outcome.budget is not None and not outcome.budget_met and args.strict:
+        from ..errors import ValidationFailed
+        from .budget import summary_line
+
+        what = summary_line(outcome.budget).removeprefix("budget:").strip()
+        raise ValidationFailed(f"{out}: budget {what} (--strict)")
     return EXIT_OK
+
+
+DEFAULT_BUDGET_CONFIG = {"global_config": {"granularity": "channel", "criterion": "l1"}}
+
+
+def _budget_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~deployprune.pruning.budget.Budget` of --budget and its runtime options (None without)."""
+    extras = [o for o, v in (("--budget-threads", args.budget_threads), ("--budget-batch", args.budget_batch),
+                             ("--cost-table", args.cost_table)) if v is not None]
+    if args.budget is None:
+        if extras:
+            raise UsageError(f"{extras[0]} needs --budget (e.g. --budget latency=0.5x)")
+        return None
+    from dataclasses import replace
+
+    from ..costmodel import RuntimeSetting
+    from .budget import parse_budget
+
+    budget = parse_budget(args.budget)
+    for opt, v in (("--budget-threads", args.budget_threads), ("--budget-batch", args.budget_batch)):
+        if v is not None and v < 1:
+            raise UsageError(f"{opt} {v}: must be at least 1")
+    setting = RuntimeSetting(threads=args.budget_threads or 1, batch=args.budget_batch)
+    return replace(budget, setting=setting, cost_table=args.cost_table)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

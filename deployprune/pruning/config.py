@@ -338,6 +338,9 @@ class PrunerConfig:
     score_normalization: how a coupled group combines its members' channel scores: each member's
         scores are divided by their ``mean`` (default) or ``max`` (or used raw: ``none``), then
         averaged over the members.
+    budget: prune channel/head groups to a latency, MACs or parameter budget instead of their
+        ``target_sparsity`` (``{"latency": 0.5}``, ``{"macs": "40%"}``, ``"latency=2.5ms"``; see
+        docs/pruning.md, "Pruning to a budget").
     """
 
     global_config: ModuleConfig | None = None
@@ -352,6 +355,7 @@ class PrunerConfig:
     data_batches: int = 8
     mask_consumers: bool = False
     score_normalization: str = "mean"
+    budget: Any = None  # a Budget, {"latency": 0.5, ...} or "latency=0.5x" (see pruning/budget.py)
 
     def __post_init__(self) -> None:
         if self.global_config is not None:
@@ -377,6 +381,9 @@ class PrunerConfig:
         self.data_batches = check_int(self.data_batches, "data_batches", minimum=1)
         if not isinstance(self.mask_consumers, bool):
             raise ConfigError(f"mask_consumers: expected true/false, got {self.mask_consumers!r}")
+        from .budget import budget_from_config
+
+        self.budget = budget_from_config(self.budget)
         if self.score_normalization not in ("mean", "max", "none"):
             raise ConfigError(f"score_normalization: expected one of mean, max, none; "
                               f"got {self.score_normalization!r}")

@@ -192,6 +192,7 @@ class Pruner:
         self._notes: dict[str, tuple[ModuleConfig, str]] = {}
         self._pending_state: Mapping[str, Any] | None = None
         self._removed_masks: Masks | None = None
+        self._planner: Any = None  # a BudgetPlanner with config.budget, built by prepare()
         self._resolved, self._sources = self._resolve()
         self._check_requirements()
 
@@ -495,12 +496,84 @@ class Pruner:
                 if key not in keys:
                     keys.append(key)
         self._prepared = True
+        if self.config.budget is not None:
+            self._setup_budget(calibrate=self._pending_state is None
+                               or "budget_target" not in self._pending_state)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
         elif self.schedule.is_update_step(self._step):
             self._update()
         return self.model
+
+    # ------------------------------------------------------------------ budgets
+
+    def _budget_targets(self) -> list[Target]:
+        return [t for t in self._targets if t.kind == "group"] if self.config.budget is not None else []
+
+    def _setup_budget(self, *, calibrate: bool) -> None:
+        """Build the budget planner; calibrate it on the current weights (not on resume: the saved
+        calibrated target is restored by load_state_dict)."""
+        from .budget import BudgetPlanner
+
+        groups = self._budget_targets()
+        if not groups:
+            raise ConfigError(f"budget {self.config.budget.text}: needs layers pruned by channel or head "
+                              "(granularity 'channel' or 'head'); the config selects none, or the graph found "
+                              "no prunable group (see report() notes)")
+        self._planner = BudgetPlanner(self.config.budget, self.model, groups, self.example_inputs)
+        if calibrate:
+            requests = self._requests(groups, sparsity_of=lambda t: 1.0)
+            planned = self._planner.plan(requests, self._nni_masks_of)
+            self._planner.planned = {n: k for n, (k, _) in planned.widths.items()}
+        # report()'s target column: the sparsity the budget gives each group at the schedule's end
+        for t in groups:
+            kept = getattr(self._planner, "planned", {}).get(t.name)
+            if kept is not None and t.units:
+                t.final_sparsity = 1.0 - kept / t.units
+
+    def _nni_masks_of(self, keep: Mapping[str, torch.Tensor]) -> Masks:
+        """NNI-layout masks of the budget groups' keep vectors (other targets: as the model has them)."""
+        out: Masks = {}
+        for t in self._budget_targets():
+            for (mod, par), m in t.granularity.expand(t, self, keep[t.name]).items():
+                prev = out.setdefault(mod, {}).get(par)
+                out[mod][par] = m if prev is None else prev & m
+        return out
+
+    def _requests(self, targets: list[Target], *, sparsity_of: Any = None) -> list[AllocationRequest]:
+        data = self._collect([t for t in targets if (sparsity_of or self.current_sparsity)(t) > 0])
+        requests = []
+        for t in targets:
+            prior = self._unit_keep[t.name]
+            sp = (sparsity_of or self.current_sparsity)(t)
+            scores = t.granularity.scores(t, self, data, prior) if sp > 0 else torch.zeros(t.units,
+                                                                                          dtype=torch.float64)
+            if scores.numel() != t.units:
+                raise UnsupportedError(f"{t.name}: {t.granularity.name} scores have {scores.numel()} entries, "
+                                       f"expected {t.units}")
+            requests.append(AllocationRequest(name=t.name, scores=scores.reshape(-1).cpu(), sparsity=sp,
+                                              prior_keep=prior, round_to=t.config.round_to,
+                                              max_sparsity=t.config.max_sparsity, pool=t.config.global_group,
+                                              unit_shape=t.unit_shape))
+        return requests
+
+    @property
+    def budget_progress(self) -> float:
+        """How far the schedule is towards the budget (0 = dense, 1 = the budget)."""
+        return float(self.schedule.sparsity(self._step, 1.0))
+
+    def budget_report(self, *, measure: bool = True) -> dict[str, Any] | None:
+        """Budget vs achieved (latency, MACs, params), the chosen width of every group and the
+        calibration history; ``measure`` compacts the current masks and measures them (latency:
+        exported to ONNX and timed interleaved with the dense ONNX). None without a budget."""
+        planner = self._planner
+        if planner is None:
+            return None
+        self._require_prepared("budget_report")
+        return planner.report(self._budget_targets(), {t.name: self._unit_keep[t.name] for t in
+                                                        self._budget_targets()},
+                              self._nni_masks_of if measure else None, progress=self.budget_progress)
 
     def compress(self) -> tuple[nn.Module, Masks]:
         """NNI-style one call: prepare and return ``(model, masks)``."""
@@ -537,9 +610,14 @@ class Pruner:
 
     def _update(self) -> None:
         with torch.no_grad():
-            active = [t for t in self._targets
-                      if self.current_sparsity(t) > 0 or not bool(self._unit_keep[t.name].all())]
+            budgeted = self._budget_targets()
+            if budgeted:
+                self._update_budget(budgeted)
+            active = [t for t in self._targets if t not in budgeted and
+                      (self.current_sparsity(t) > 0 or not bool(self._unit_keep[t.name].all()))]
             if not active:
+                if budgeted:
+                    self._write_masks(self._masks_from_units())
                 return
             data = self._collect([t for t in active if self.current_sparsity(t) > 0])
             requests = []
@@ -566,6 +644,17 @@ class Pruner:
             self._write_masks(self._masks_from_units())
             for col in self._collectors.values():
                 col.reset()
+
+    def _update_budget(self, targets: list[Target]) -> None:
+        """Budget groups: the widths of the cost target at the schedule's progress."""
+        p = self.budget_progress
+        if p <= 0 and all(bool(self._unit_keep[t.name].all()) for t in targets):
+            return
+        requests = self._requests(targets, sparsity_of=lambda t: 1.0 if p > 0 else 0.0)
+        alloc = self._planner.allocate(requests, self._planner.target_at(p))
+        for t in targets:
+            self._unit_keep[t.name] = alloc.keep[t.name].reshape(-1).to(torch.bool).cpu()
+        self._planner.last = alloc
 
     def _collect(self, targets: list[Target]) -> dict[tuple, dict[str, torch.Tensor]]:
         needed: dict[type, list[tuple[str, str]]] = {}
@@ -735,6 +824,9 @@ class Pruner:
             "unit_keep": {k: v.clone() for k, v in self._unit_keep.items()},
             "collectors": {cls.__name__: col.state_dict() for cls, col in self._collectors.items()},
             "schedule": self.schedule.state_dict(),
+            **({"budget_target": self._planner.goal_predicted, "budget_history": list(self._planner.history),
+                "budget_planned": dict(getattr(self._planner, "planned", {}))}
+               if self._planner is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -769,6 +861,14 @@ class Pruner:
                                 f"{tuple(self.param(m, p).shape)}")
             masks[(m, p)] = mask.to(torch.bool)
         self.schedule.load_state_dict(state.get("schedule", self.schedule.state_dict()))
+        planner = self._planner
+        if planner is not None and state.get("budget_target") is not None:
+            planner.goal_predicted = float(state["budget_target"])
+            planner.history = list(state.get("budget_history", []))
+            planner.planned = {str(k): int(v) for k, v in dict(state.get("budget_planned", {})).items()}
+            for t in self._budget_targets():
+                if t.name in planner.planned and t.units:
+                    t.final_sparsity = 1.0 - planner.planned[t.name] / t.units
         self._step = int(state["step"])
         self._unit_keep = {k: v.clone().to(torch.bool) for k, v in unit_keep.items()}
         self._write_masks(masks)

@@ -34,6 +34,11 @@ class PruneOutcome:
     accuracy_before: float | None = None
     output: Path | None = None
     lines: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # Pruner.budget_report() of the final masks, with a budget
+
+    @property
+    def budget_met(self) -> bool | None:
+        return None if self.budget is None else bool(self.budget.get("met"))
 
     @property
     def accuracy_after(self) -> float | None:
@@ -166,13 +171,22 @@ def prune_loaded(
                 lines.append(f"accuracy:   {acc:.4f} after one-shot pruning (no fine-tuning)")
     model.eval()
     lines.extend(pruner.summary().splitlines())
-    outcome = PruneOutcome(model=model, pruner=pruner, train=result, accuracy_before=acc_before, lines=lines)
+    budget = None
+    if pruner.config.budget is not None and _is_main_process():
+        from ..pruning.budget import summary_line
+
+        budget = pruner.budget_report(measure=True)  # the final masks, compacted and measured
+        lines.append(summary_line(budget))
+    outcome = PruneOutcome(model=model, pruner=pruner, train=result, accuracy_before=acc_before, lines=lines,
+                           budget=budget)
     if output is not None and _is_main_process():
         from ..io import save_checkpoint
 
         meta = {"pruned_by": "deployprune prune", "epochs": epochs, "seed": seed}
         if outcome.accuracy_after is not None:
             meta["val_accuracy"] = float(outcome.accuracy_after)
+        if budget is not None:
+            meta["budget"] = budget
         save_checkpoint(output, model, force=force, arch=loaded.arch,
                         factory=None if loaded.arch else loaded.factory, input_shapes=loaded.input_shapes or None,
                         meta=meta)
