@@ -537,6 +537,8 @@ class BudgetPlanner:
         if max_sparsity:
             self.max_sparsity.update(max_sparsity)
         self.history: list[dict[str, Any]] = []
+        self.last: Allocation | None = None  # the allocation of the latest mask update
+        self.planned: dict[str, int] = {}  # units each group keeps at the end (from the calibration)
         self.notes: list[str] = []
         self.goal_predicted: float | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="deployprune-budget-")
@@ -622,7 +624,9 @@ class BudgetPlanner:
         result = compact(_plain(self.model), self.inputs, masks)
         model = result.model
         out: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, self.inputs),
-                               "compacted": bool(getattr(result, "compacted", True))}
+                               "compacted": bool(result.compacted)}
+        if not result.compacted:
+            out["abandoned"] = result.abandoned or "see the log"
         if result.kept_channels:
             out["channels_kept"] = result.channels_line()
         if self.budget.metric == "latency":
@@ -673,8 +677,9 @@ class BudgetPlanner:
                         "params": facts["params"], "macs": facts["macs"]})
             if "latency_ms" in facts:
                 out["latency_ms"], out["dense_ms_same_run"] = facts["latency_ms"], facts["dense_ms"]
-            if "channels_kept" in facts:
-                out["channels_kept"] = facts["channels_kept"]
+            for key in ("channels_kept", "compacted", "abandoned"):
+                if key in facts:
+                    out[key] = facts[key]
         return out
 
     def latency_table(self) -> list[dict[str, Any]]:
@@ -756,7 +761,9 @@ def summary_line(report: Mapping[str, Any]) -> str:
         extra.append(f"MACs {report['macs'] / max(1, report['dense_macs']):.1%}")
     state = "met" if report["met"] else f"NOT met (missed by {report['error']:+.1%})"
     line = f"budget:     {report['budget']} {state}: {what}" + (", " + ", ".join(extra) if extra else "")
-    if report.get("channels_kept"):
+    if report.get("compacted") is False:
+        line += f"; compaction abandoned ({report.get('abandoned', 'see the log')})"
+    elif report.get("channels_kept"):
         line += f"; finalize: {report['channels_kept']}"
     return line
 

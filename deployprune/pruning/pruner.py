@@ -497,8 +497,15 @@ class Pruner:
                     keys.append(key)
         self._prepared = True
         if self.config.budget is not None:
-            self._setup_budget(calibrate=self._pending_state is None
-                               or "budget_target" not in self._pending_state)
+            try:
+                self._setup_budget(calibrate=self._pending_state is None
+                                   or "budget_target" not in self._pending_state)
+            except BaseException:
+                # a bad or unreachable budget leaves the model as it was (masks are still all ones)
+                self.remove()
+                self._removed_masks = None
+                self._planner = None
+                raise
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
@@ -528,7 +535,7 @@ class Pruner:
             self._planner.planned = {n: k for n, (k, _) in planned.widths.items()}
         # report()'s target column: the sparsity the budget gives each group at the schedule's end
         for t in groups:
-            kept = getattr(self._planner, "planned", {}).get(t.name)
+            kept = self._planner.planned.get(t.name)
             if kept is not None and t.units:
                 t.final_sparsity = 1.0 - kept / t.units
 
@@ -825,7 +832,7 @@ class Pruner:
             "collectors": {cls.__name__: col.state_dict() for cls, col in self._collectors.items()},
             "schedule": self.schedule.state_dict(),
             **({"budget_target": self._planner.goal_predicted, "budget_history": list(self._planner.history),
-                "budget_planned": dict(getattr(self._planner, "planned", {}))}
+                "budget_planned": dict(self._planner.planned)}
                if self._planner is not None else {}),
         }
 

@@ -1,0 +1,276 @@
+"""Pruning to a budget (issue 14): parsing, allocation, calibration, the schedule, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployprune import zoo
+from deployprune.errors import ConfigError
+from deployprune.finalize import compact
+from deployprune.io import load_model, save_checkpoint
+from deployprune.pruning import Pruner
+from deployprune.pruning.budget import budget_from_config, parse_budget, retained_importance
+from deployprune.pruning.config import PrunerConfig
+from deployprune.stats import count_macs, count_params
+
+REPO = Path(__file__).resolve().parents[2]
+CHANNELS = {"global_config": {"granularity": "channel", "criterion": "l1"}}
+
+
+def resnet() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    spec = zoo.get("resnet_basic")
+    return zoo.build("resnet_basic"), zoo.example_inputs(spec)
+
+
+def compacted_counts(pruner: Pruner, inputs: tuple) -> tuple[int, int]:
+    result = compact(pruner.model, inputs, pruner.masks())
+    assert result.compacted and result.kept_channels == 0, result.channels_line()
+    return count_params(result.model), count_macs(result.model, inputs)
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize("text, metric, value, absolute", [
+    ("latency=0.5x", "latency", 0.5, False),
+    ("latency=50%", "latency", 0.5, False),
+    ("latency=2.5ms", "latency", 2.5, True),
+    ("macs=40%", "macs", 0.4, False),
+    ("params=0.3", "params", 0.3, False),
+    (" params = 30% ", "params", 0.3, False),
+])
+def test_budget_strings_parse(text: str, metric: str, value: float, absolute: bool) -> None:
+    b = parse_budget(text)
+    assert (b.metric, b.absolute) == (metric, absolute)
+    assert b.value == pytest.approx(value)
+    assert b.setting.threads == 1 and b.setting.provider == "CPUExecutionProvider" and b.setting.batch is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("latency=0x", "--budget 'latency=0x': the budget must be above 0"),
+    ("macs=-10%", "--budget 'macs=-10%': the budget must be above 0"),
+    ("latency=1.5x", "--budget 'latency=1.5x': above the dense model"),
+    ("params=120%", "--budget 'params=120%': above the dense model"),
+    ("speed=0.5x", "--budget 'speed=0.5x': unknown budget 'speed'"),
+    ("latncy=0.5x", "(did you mean 'latency'?)"),
+    ("macs=2ms", "--budget 'macs=2ms': 'ms' is a latency"),
+    ("latency", "--budget 'latency': expected METRIC=VALUE"),
+    ("latency=fast", "--budget 'latency=fast': 'fast' is not a number"),
+])
+def test_bad_budget_strings_name_the_value(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_budget(text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_config_budget_forms() -> None:
+    b = budget_from_config({"latency": 0.5, "threads": 2, "batch": 4, "max_sparsity": 0.7})
+    assert (b.metric, b.value, b.setting.threads, b.setting.batch, b.max_sparsity) == ("latency", 0.5, 2, 4, 0.7)
+    assert budget_from_config("macs=40%").value == pytest.approx(0.4)
+    assert PrunerConfig.coerce({**CHANNELS, "budget": {"params": "30%"}}).budget.value == pytest.approx(0.3)
+    for bad, message in [({"latency": 0}, "budget latency=0: the budget must be above 0"),
+                         ({"latency": 0.5, "macs": 0.5}, "give exactly one of latency, macs, params"),
+                         ({"latency": 0.5, "thread": 2}, "unknown key 'thread' (did you mean 'threads'?)"),
+                         ({"latency": 0.5, "threads": 0}, "runtime threads: expected an integer >= 1, got 0"),
+                         ({"params": 0.5, "max_sparsity": 1.0}, "budget.max_sparsity: expected a fraction")]:
+        with pytest.raises(ConfigError) as info:
+            PrunerConfig.coerce({**CHANNELS, "budget": bad})
+        assert message in str(info.value), str(info.value)
+
+
+def test_budget_needs_structured_layers() -> None:
+    model, inputs = resnet()
+    with pytest.raises(ConfigError, match="budget params=50%: needs layers pruned by channel or head"):
+        Pruner(model, {"global_config": {"target_sparsity": 0.5}, "budget": "params=50%"}, inputs).prepare()
+
+
+def test_unreachable_budget_names_the_value_and_the_floor() -> None:
+    model, inputs = resnet()
+    cfg = {**CHANNELS, "budget": {"params": 0.01, "max_sparsity": 0.5}}
+    with pytest.raises(ConfigError) as info:
+        Pruner(model, cfg, inputs).prepare()
+    msg = str(info.value)
+    assert msg.startswith("budget params=1%: unreachable with the configured layers: at most 50% of each group")
+    assert "raise max_sparsity" in msg and "\n" not in msg
+    # nothing was attached: the model can be pruned again
+    Pruner(model, {**CHANNELS, "budget": {"params": 0.5}}, inputs).prepare()
+
+
+# ------------------------------------------------------------------------------------ allocation
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+def test_count_budgets_are_met_by_the_compacted_model(metric: str) -> None:
+    model, inputs = resnet()
+    dense_params, dense_macs = count_params(model), count_macs(model, inputs)
+    p = Pruner(model, {**CHANNELS, "budget": {metric: 0.5}}, inputs)
+    p.prepare()
+    params, macs = compacted_counts(p, inputs)
+    achieved = (params / dense_params) if metric == "params" else (macs / dense_macs)
+    assert 0.40 <= achieved <= 0.55, achieved  # within 10% above the budget, and close below it
+    report = p.budget_report()
+    assert report["met"] is True and report["achieved_ratio"] == pytest.approx(achieved)
+    assert report["params"] == params and report["macs"] == macs
+    # every group keeps at least 10% (the default max_sparsity), and the widths add up to the masks
+    for g in report["groups"]:
+        assert g["kept"] >= 0.1 * g["total"]
+    kept_rows = {r.name: r.channels_kept for r in p.report() if "coupled group" in r.note}
+    assert sorted(kept_rows.values()) == sorted(g["kept"] for g in report["groups"])
+
+
+def test_budget_beats_uniform_importance_at_equal_cost() -> None:
+    """The allocator keeps more of the importance score than one ratio for every layer, at no more cost."""
+    model, inputs = resnet()
+    base = zoo.build("resnet_basic")
+    base.load_state_dict(model.state_dict())
+    p = Pruner(model, {**CHANNELS, "budget": {"macs": 0.5}}, inputs)
+    p.prepare()
+    groups = p._budget_targets()
+    keep = {t.name: p._unit_keep[t.name] for t in groups}
+    _, macs_budget = compacted_counts(p, inputs)
+    uniform = Pruner(base, {"global_config": {"granularity": "channel", "criterion": "l1", "target_sparsity": 0.3}},
+                     inputs)
+    uniform.prepare()
+    _, macs_uniform = compacted_counts(uniform, inputs)
+    requests = p._requests(groups, sparsity_of=lambda t: 1.0)
+    ukeep = {t.name: uniform._unit_keep[t.name] for t in uniform.targets}
+    assert set(ukeep) == set(keep)
+    mine, theirs = retained_importance(requests, keep), retained_importance(requests, ukeep)
+    assert macs_budget <= macs_uniform * 1.02, (macs_budget, macs_uniform)
+    assert mine["geometric"] > theirs["geometric"], (mine, theirs)
+
+
+def test_schedule_reaches_the_budget_over_its_steps_monotonically(tmp_path: Path) -> None:
+    model, inputs = resnet()
+    dense = count_params(model)
+    cfg = {**CHANNELS, "budget": {"params": 0.4},
+           "schedule": {"type": "polynomial", "begin_step": 0, "end_step": 6, "frequency": 2}}
+    p = Pruner(model, cfg, inputs)
+    p.prepare()
+    history = list(p._planner.history)
+    assert history, "the budget was calibrated at prepare()"
+    fractions, kept_before, last = [], None, None
+    for _ in range(6):
+        p.step()
+        if p._planner.last is not last:  # an update step
+            last = p._planner.last
+            fractions.append(last.predicted / dense)
+        keep = {k: v.clone() for k, v in p._unit_keep.items()}
+        if kept_before is not None:  # a unit pruned at one update stays pruned
+            for name, v in keep.items():
+                assert not bool((v & ~kept_before[name]).any()), name
+        kept_before = keep
+    assert len(fractions) == 3 and fractions == sorted(fractions, reverse=True)
+    assert fractions[-1] <= 0.4 * 1.1
+    report = p.budget_report()
+    assert report["met"] and report["schedule_progress"] == 1.0
+
+    # resume: the calibrated target comes from the state, it is not measured again
+    state = p.state_dict()
+    again, _ = resnet()
+    q = Pruner(again, cfg, inputs)
+    q.load_state_dict(state)
+    q.prepare()
+    assert q._planner.history == history and q._planner.goal_predicted == p._planner.goal_predicted
+    assert all(torch.equal(q._unit_keep[k], v) for k, v in p._unit_keep.items())
+
+
+@pytest.mark.slow
+def test_latency_budget_is_measured_against_the_dense_onnx(tmp_path: Path, monkeypatch) -> None:
+    """A latency budget builds the cost table, times candidates interleaved with the dense ONNX and
+    reports both medians of one run (the achieved ratio itself is a benchmark figure, not asserted)."""
+    monkeypatch.setenv("DEPLOYPRUNE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = zoo.build("resnet_basic")
+    inputs = (torch.randn(1, 3, 96, 96),)
+    p = Pruner(model, {**CHANNELS, "budget": {"latency": 0.85, "iterations": 2, "max_sparsity": 0.95}}, inputs)
+    p.prepare()
+    r = p.budget_report()
+    assert r["metric"] == "latency" and r["dense_ms"] > 0 and 1 <= len(r["calibration"]) <= 2
+    assert r["latency_ms"] > 0 and r["dense_ms_same_run"] > 0
+    assert r["achieved_ratio"] == pytest.approx(r["latency_ms"] / r["dense_ms_same_run"])
+    assert r["preferred_multiple"] in (1, 2, 4, 8, 16)
+    cache = list((tmp_path / "cache").glob("cost-*.json"))
+    assert len(cache) == 1 and json.loads(cache[0].read_text())["points"]
+    # the latency table of the report has every Conv/Linear with its measured grid
+    assert {row["layer"] for row in r["latency_table"]} >= {"conv1", "fc"}
+    json.dumps(r)  # plain data, for the JSON report
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deployprune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Path:
+    save_checkpoint(tmp_path / "net.pt", zoo.build("resnet_basic"), arch="resnet_basic")
+    return tmp_path / "net.pt"
+
+
+def test_cli_prune_to_a_macs_budget_without_a_config(net: Path) -> None:
+    proc = run_cli("prune", "net.pt", "--budget", "macs=50%", "-o", "small.pt", cwd=net.parent)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("budget:"))
+    assert line.startswith("budget:     macs=50% met: ") and "of dense, params " in line
+    loaded = load_model(net.parent / "small.pt")
+    result = compact(loaded.model, loaded.example_inputs, loaded.masks)
+    achieved = count_macs(result.model, loaded.example_inputs) / count_macs(zoo.build("resnet_basic"),
+                                                                            loaded.example_inputs)
+    assert f"{achieved:.1%} of dense" in line
+    meta = torch.load(net.parent / "small.pt", weights_only=True)["meta"]["budget"]
+    assert meta["budget"] == "macs=50%" and meta["met"] is True and meta["groups"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--budget", "latency=0"], 2, "error: --budget 'latency=0': the budget must be above 0"),
+    (["--budget", "latency=2x"], 2, "error: --budget 'latency=2x': above the dense model"),
+    (["--budget", "flops=50%"], 2, "error: --budget 'flops=50%': unknown budget 'flops'"),
+    (["--budget-threads", "2"], 2, "error: --budget-threads needs --budget"),
+    ([], 2, "error: prune needs --config FILE (what to prune and how far) or --budget METRIC=VALUE"),
+])
+def test_cli_bad_budgets_are_one_line_errors(net: Path, args: list[str], code: int, message: str) -> None:
+    proc = run_cli("prune", "net.pt", *args, cwd=net.parent)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in net.parent.iterdir()) == ["net.pt"]  # nothing written
+
+
+def test_cli_strict_fails_when_compaction_cannot_reach_the_budget(net: Path, monkeypatch, capsys) -> None:
+    """Fault: compaction removes nothing (as when it is abandoned): the measured model misses the
+    budget; the summary says so, and --strict turns it into exit 4."""
+    from deployprune.cli import main
+
+    fin = sys.modules["deployprune.finalize"]  # the package attribute 'finalize' is the function
+
+    real = fin.compact
+
+    def abandoned(model, inputs, masks=None, **kw):
+        result = real(model, inputs, masks, **kw)
+        result.model, result.compacted, result.abandoned = model, False, "injected fault"
+        return result  # the masked model, at its dense structure
+
+    monkeypatch.setattr(fin, "compact", abandoned)
+    monkeypatch.chdir(net.parent)
+    assert main(["prune", "net.pt", "--budget", "params=50%", "-o", "a.pt", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "budget:     params=50% NOT met (missed by +100.0%): 100.0% of dense" in out
+    assert "compaction abandoned (injected fault)" in out
+    code = main(["prune", "net.pt", "--budget", "params=50%", "-o", "b.pt", "-q", "--strict"])
+    err = capsys.readouterr().err
+    assert code == 4 and "b.pt: budget params=50% NOT met" in err and "(--strict)" in err
+    assert (net.parent / "b.pt").is_file()  # the checkpoint is still written, as --help says
