@@ -959,6 +959,7 @@ class LoadedModel:
     input_shapes: list[InputShape] = field(default_factory=list)
     compact: bool = False
     files: tuple[Path, ...] = ()  # every file read (model, masks): outputs must never replace them
+    meta: dict[str, Any] = field(default_factory=dict)  # a checkpoint's "meta" (plain data, e.g. the budget)
 
     @property
     def has_masks(self) -> bool:
@@ -1004,6 +1005,7 @@ def load_model(
     arch: str | None = None
     file_masks: Masks | dict = {}
     compact = False
+    meta: dict[str, Any] = {}
 
     if _is_pt2(info):
         assert info is not None
@@ -1021,6 +1023,8 @@ def load_model(
         elif isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
             model, file_masks, shapes, factory, arch, compact = _from_checkpoint(obj, path, model_factory)
             kind = "checkpoint"
+            if isinstance(obj.get("meta"), Mapping):
+                meta = dict(obj["meta"])
         elif isinstance(obj, Mapping) and "format" in obj and isinstance(obj.get("format"), str):
             raise InputError(f"{path}: unknown checkpoint format {obj['format']!r}; expected {CHECKPOINT_FORMAT!r}")
         elif isinstance(obj, Mapping):
@@ -1078,6 +1082,7 @@ def load_model(
         input_shapes=list(shapes or []),
         compact=compact,
         files=tuple(Path(p) for p in (path, masks) if p is not None),
+        meta=meta,
     )
     if check_forward:
         check_runs(loaded.model, loaded.example_inputs, where, user_given=bool(user_shapes))

@@ -763,7 +763,7 @@ def _annotate_report(
 def pipeline_facts(loaded: LoadedModel, comp: Compacted, conversion: Any) -> dict[str, Any]:
     """Pipeline details for reports (plain JSON types)."""
     to_dict = getattr(conversion, "to_dict", None)
-    return {
+    facts = {
         "source": {
             "path": str(loaded.source),
             "kind": loaded.kind,
@@ -776,6 +776,10 @@ def pipeline_facts(loaded: LoadedModel, comp: Compacted, conversion: Any) -> dic
         "finalize": comp.finalize_facts(),
         "conversion": to_dict() if callable(to_dict) else None,
     }
+    budget = (loaded.meta or {}).get("budget")
+    if isinstance(budget, Mapping):
+        facts["budget"] = dict(budget)  # deployprune prune --budget: budget vs achieved, widths, latency table
+    return facts
 
 
 # --------------------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ _STAGES = {
     "conversion": ("conversion", _conversion_rows),
 }
 #: Pipeline facts shown in another section (not again in the pipeline table).
-_ELSEWHERE = ("accuracy_data",)
+_ELSEWHERE = ("accuracy_data", "budget")
 
 
 def _pipeline_rows(pipeline: dict) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
@@ -420,6 +420,9 @@ def summary_lines(r: ValidationReport) -> list[str]:
                      f"({fmt_pct(_ratio(a.size_bytes, base.size_bytes))})")
     if r.accuracy:
         lines.append(_accuracy_line(r))
+    budget = _budget(r)
+    if budget is not None:
+        lines.append(budget_line(budget))
     return lines
 
 
@@ -702,6 +705,125 @@ def _intro(r: ValidationReport) -> str:
             f"{r.inputs.count} {r.inputs.origin} input(s) ({shapes})")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Budget (deployprune prune --budget; the checkpoint's budget report, copied by export)
+
+
+def _budget(r: ValidationReport) -> dict | None:
+    b = r.pipeline.get("budget") if isinstance(r.pipeline, dict) else None
+    return b if isinstance(b, dict) and "budget" in b and "metric" in b else None
+
+
+def _num(x: object) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def budget_line(b: dict) -> str:
+    """``budget   latency=0.5x met: 0.507x of dense (9.13 ms; dense 18.0 ms)`` (from the prune run)."""
+    achieved, dense = _num(b.get("achieved")), _num(b.get("dense"))
+    if achieved is None or not dense:
+        return f"budget   {b['budget']}: not measured"
+    ratio = achieved / dense
+    state = "met" if b.get("met") else f"NOT met (missed by {_num(b.get('error')) or 0.0:+.1%})"
+    what = (f"{ratio:.3f}x of dense ({fmt_ms(achieved)}; dense {fmt_ms(dense)})" if b["metric"] == "latency"
+            else f"{fmt_pct(ratio)} of dense")
+    return f"budget   {b['budget']} {state}: {what} (measured when pruned)"
+
+
+def _budget_intro(b: dict) -> str:
+    setting = b.get("setting") if isinstance(b.get("setting"), dict) else {}
+    runtime = (f"onnxruntime {setting.get('provider', 'CPUExecutionProvider')}, "
+               f"{setting.get('threads', 1)} thread(s), batch {setting.get('batch') or 'of the example'}"
+               if b["metric"] == "latency" else "counted on the compacted model")
+    multiple = f"; widths in multiples of {b['preferred_multiple']} (measured)" \
+        if b["metric"] == "latency" and b.get("preferred_multiple") else ""
+    return f"Pruned to the budget {b['budget']} ({runtime}{multiple}). {budget_line(b).split('   ', 1)[1]}."
+
+
+def _budget_rows(b: dict) -> list[list[str]]:
+    """Budget vs achieved for latency, MACs and parameters (each where it was measured)."""
+    rows = []
+    dense, goal, achieved = _num(b.get("dense")), _num(b.get("goal")), _num(b.get("achieved"))
+    if b["metric"] == "latency":
+        same_run = _num(b.get("dense_ms_same_run"))
+        rows.append(["latency (onnxruntime)", fmt_ms(dense), fmt_ms(goal), fmt_ms(achieved),
+                     fmt_ratio(achieved / dense) if achieved is not None and dense else "-",
+                     f"timed interleaved with the dense ONNX ({fmt_ms(same_run)} in that run)" if same_run else ""])
+    for key, label, fmt in (("macs", "MACs", fmt_count), ("params", "parameters", fmt_count)):
+        full, got = _num(b.get(f"dense_{key}")), _num(b.get(key))
+        target = goal if b["metric"] == key else None
+        rows.append([label, fmt(full), fmt(target) if target is not None else "-", fmt(got),
+                     fmt_pct(got / full) if got is not None and full else "-",
+                     "the budget" if b["metric"] == key else ""])
+    return rows
+
+
+_BUDGET_HEADER = ["cost", "dense", "budget", "achieved", "of dense", "note"]
+_GROUP_HEADER = ["group", "layers", "kept", "of total"]
+
+
+def _group_rows(b: dict) -> list[list[str]]:
+    rows = []
+    for g in b.get("groups") or []:
+        if not isinstance(g, dict):
+            continue
+        kept, total = _num(g.get("kept")), _num(g.get("total"))
+        mods = [str(m) for m in g.get("modules") or []]
+        rows.append([str(g.get("group", "")), ", ".join(mods[:4]) + (" ..." if len(mods) > 4 else ""),
+                     f"{int(kept or 0):,}/{int(total or 0):,}", fmt_pct(kept / total) if total else "-"])
+    return rows
+
+
+def _calibration_rows(b: dict) -> list[list[str]]:
+    rows = []
+    for c in b.get("calibration") or []:
+        if isinstance(c, dict):
+            fmt = fmt_ms if b["metric"] == "latency" else fmt_count
+            rows.append([str(c.get("iteration", "")), fmt(_num(c.get("predicted"))), fmt(_num(c.get("measured"))),
+                         fmt_ratio(_num(c.get("ratio")))])
+    return rows
+
+
+def svg_budget(r: ValidationReport) -> str:
+    """The latency cost table: each layer's measured milliseconds at full and at the chosen widths."""
+    b = _budget(r)
+    rows = [x for x in (b or {}).get("latency_table") or [] if isinstance(x, dict) and _num(x.get("full_ms"))]
+    if not rows:
+        return ""
+    rows = sorted(rows, key=lambda x: -float(x["full_ms"]))[:40]
+    left, right, top, row_h, width = 250, 120, 34, 18, 760
+    height = top + row_h * len(rows) + 40
+    plot_w = width - left - right
+    hi = max(float(x["full_ms"]) for x in rows) * 1.05 or 1.0
+    out = _svg_open("budget", width, height, f"Latency cost table: {r.name}")
+    out.append(f'<rect x="{left}" y="8" width="12" height="10" fill="#b9bec6"/>'
+               f'<text x="{left + 16}" y="17">full width</text>'
+               f'<rect x="{left + 110}" y="8" width="12" height="10" fill="#2f6fbd"/>'
+               f'<text x="{left + 126}" y="17">chosen widths (cost table, ms)</text>')
+    for i, x in enumerate(rows):
+        y = top + row_h * i
+        full, chosen = float(x["full_ms"]), _num(x.get("chosen_ms"))
+        widths = x.get("chosen") or x.get("full")
+        out.append(f'<g class="layer" data-layer="{_e(x.get("layer", ""))}">')
+        out.append(f'<text x="{left - 8}" y="{y + 12}" text-anchor="end" fill="#222">{_e(_short(str(x.get("layer"))))}'
+                   "</text>")
+        out.append(f'<rect x="{left}" y="{y + 2}" width="{full / hi * plot_w:.1f}" height="7" fill="#b9bec6"/>')
+        if chosen is not None:
+            out.append(f'<rect class="chosen" x="{left}" y="{y + 9}" width="{chosen / hi * plot_w:.1f}" height="7" '
+                       'fill="#2f6fbd"/>')
+        out.append(f'<text x="{left + plot_w + 6}" y="{y + 12}" fill="#444">{_e(fmt_ms(full))} → '
+                   f"{_e(fmt_ms(chosen))}</text>")
+        out.append(f"<title>{_e(x.get('layer'))}: {x.get('full')} {fmt_ms(full)}; chosen {widths} "
+                   f"{fmt_ms(chosen)}</title></g>")
+    axis_y = top + row_h * len(rows) + 4
+    for t in _ticks(0.0, hi):
+        xx = left + t / hi * plot_w
+        out.append(f'<line x1="{xx:.1f}" y1="{top - 4}" x2="{xx:.1f}" y2="{axis_y - 4}" stroke="#e3e5e8"/>')
+        out.append(f'<text x="{xx:.1f}" y="{axis_y + 12}" text-anchor="middle" fill="#555">{_tick_label(t)} ms</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
 def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
     h = "#" * level
     out = [f"{h} Validation report: {r.name}", ""]
@@ -742,6 +864,13 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
         out += [f"- note: {n}" for n in r.latency.notes] + [""]
     header, rows = _stats_rows(r)
     out += [f"{h}# Model statistics", ""] + _md_table(header, rows) + [""]
+    budget = _budget(r)
+    if budget is not None:
+        out += [f"{h}# Budget", "", _budget_intro(budget), ""] + _md_table(_BUDGET_HEADER, _budget_rows(budget))
+        out += ["", "Chosen widths:", ""] + _md_table(_GROUP_HEADER, _group_rows(budget)) + [""]
+        if _calibration_rows(budget):
+            out += ["Calibration (allocate, compact, measure):", ""]
+            out += _md_table(["try", "predicted", "measured", "of dense"], _calibration_rows(budget)) + [""]
     if r.layers:
         out += [f"{h}# Layers", ""] + _md_table(_LAYER_HEADER, _layer_rows(r.layers)) + [""]
     groups = _pipeline_rows(r.pipeline)
@@ -1186,6 +1315,15 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
             parts.append("<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>")
     header, rows = _stats_rows(r)
     parts.append(f"<{sub}>Model statistics</{sub}>" + _html_table(header, rows))
+    budget = _budget(r)
+    if budget is not None:
+        parts.append(f"<{sub}>Budget</{sub}><p class=note>{_e(_budget_intro(budget))}</p>")
+        parts.append(_html_table(_BUDGET_HEADER, _budget_rows(budget), cls="budget"))
+        parts.append(svg_budget(r))
+        parts.append("<p>Chosen widths</p>" + _html_table(_GROUP_HEADER, _group_rows(budget), cls="budget-groups"))
+        if _calibration_rows(budget):
+            parts.append("<p>Calibration (allocate, compact, measure)</p>"
+                         + _html_table(["try", "predicted", "measured", "of dense"], _calibration_rows(budget)))
     if r.layers:
         parts.append(f"<{sub}>Layers</{sub}>")
         parts.append(svg_channels(r))

@@ -298,13 +298,7 @@ class GroupCosts:
             return float(math.prod(self.kept((mod, par, d), k) if (mod, par, d) in self.dims else s
                                    for d, s in enumerate(shape)))
         shape = self.layers[name]
-        out = self.kept((name, "weight", 0), k)
-        out = shape.out_channels if out < 0 else out
-        if shape.depthwise:
-            cin = out // max(1, shape.out_channels // shape.in_channels)
-        else:
-            w_in = self.kept((name, "weight", 1), k)
-            cin = shape.in_channels if w_in < 0 else w_in * shape.groups
+        cin, out = self.widths_of(name, k)
         if self.metric == "macs":
             full = self._macs.get(name)
             if full is None:
@@ -312,6 +306,16 @@ class GroupCosts:
             frac = (out / shape.out_channels) * (cin / shape.in_channels)
             return float(full) * frac
         return self._layer_ms(shape, cin, out)
+
+    def widths_of(self, name: str, k: Sequence[int]) -> tuple[int, int]:
+        """``(in, out)`` channels of layer ``name`` when the groups keep ``k`` units."""
+        shape = self.layers[name]
+        out = self.kept((name, "weight", 0), k)
+        out = shape.out_channels if out < 0 else out
+        if shape.depthwise:
+            return out // max(1, shape.out_channels // shape.in_channels), out
+        w_in = self.kept((name, "weight", 1), k)
+        return (shape.in_channels if w_in < 0 else w_in * shape.groups), out
 
     def cost(self, k: Sequence[int]) -> float:
         return self._const + sum(self._item_cost(n, k) for n in self.items)
@@ -668,7 +672,7 @@ class BudgetPlanner:
         if self.table is not None:
             out["cost_table"] = str(self.table.path)
             out["dense_ms"] = self.dense_ms
-            out["latency_table"] = self.latency_table()
+            out["latency_table"] = self.latency_table(k)
         if expand is not None:
             facts = self.measure_all(keeps, expand)
             achieved = self._metric_of(facts)
@@ -682,18 +686,25 @@ class BudgetPlanner:
                     out[key] = facts[key]
         return out
 
-    def latency_table(self) -> list[dict[str, Any]]:
-        """Per layer: the measured widths and milliseconds of its cost-table grid (for plots)."""
+    def latency_table(self, k: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Per layer: the measured widths and milliseconds of its cost-table grid, and (with ``k``,
+        kept units per group) the chosen widths and their predicted milliseconds (for plots)."""
         rows = []
         for name, shape in self.costs.layers.items():
+            full_ms = self.table.layer_ms(shape, shape.in_channels, shape.out_channels)
+            chosen = self.costs.widths_of(name, k) if k is not None else None
             ins, outs = self.table.grid(shape)
             if shape.depthwise:
                 mult = shape.out_channels // shape.in_channels
                 pts = [[w, w * mult, self.table.layer_ms(shape, w, w * mult)] for w in ins]
             else:
                 pts = [[i, o, self.table.layer_ms(shape, i, o)] for i in ins for o in outs]
-            rows.append({"layer": name, "kind": shape.kind, "depthwise": shape.depthwise,
-                         "full": [shape.in_channels, shape.out_channels], "points": pts})
+            row = {"layer": name, "kind": shape.kind, "depthwise": shape.depthwise,
+                   "full": [shape.in_channels, shape.out_channels], "full_ms": full_ms, "points": pts}
+            if chosen is not None:
+                row["chosen"] = list(chosen)
+                row["chosen_ms"] = self.table.layer_ms(shape, *chosen)
+            rows.append(row)
         return rows
 
     def plan(self, requests: Sequence[Any], expand: Any) -> Allocation:

@@ -197,6 +197,8 @@ def test_latency_budget_is_measured_against_the_dense_onnx(tmp_path: Path, monke
     assert r["metric"] == "latency" and r["dense_ms"] > 0 and 1 <= len(r["calibration"]) <= 2
     assert r["latency_ms"] > 0 and r["dense_ms_same_run"] > 0
     assert r["achieved_ratio"] == pytest.approx(r["latency_ms"] / r["dense_ms_same_run"])
+    rows = {row["layer"]: row for row in r["latency_table"]}
+    assert all(row["chosen_ms"] <= row["full_ms"] * 1.5 for row in rows.values())
     assert r["preferred_multiple"] in (1, 2, 4, 8, 16)
     cache = list((tmp_path / "cache").glob("cost-*.json"))
     assert len(cache) == 1 and json.loads(cache[0].read_text())["points"]
@@ -232,6 +234,24 @@ def test_cli_prune_to_a_macs_budget_without_a_config(net: Path) -> None:
     assert f"{achieved:.1%} of dense" in line
     meta = torch.load(net.parent / "small.pt", weights_only=True)["meta"]["budget"]
     assert meta["budget"] == "macs=50%" and meta["met"] is True and meta["groups"]
+
+    # export carries the budget into its report: summary line, JSON, Markdown and HTML sections
+    proc = run_cli("export", "small.pt", "--target", "onnx", "--no-latency", cwd=net.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert f"budget   macs=50% met: {achieved:.1%} of dense (measured when pruned)" in proc.stdout
+    report = json.loads((net.parent / "small.onnx.report.json").read_text())
+    assert report["pipeline"]["budget"]["groups"] == meta["groups"]
+    proc = run_cli("report", "small.onnx.report.json", cwd=net.parent)
+    md = proc.stdout
+    assert "## Budget" in md and "| MACs |" in md and f"{achieved:.1%}" in md
+    widths = md.split("Chosen widths:", 1)[1]
+    first = meta["groups"][0]
+    assert f"| {first['group']} |" in widths and f"{first['kept']}/{first['total']}" in widths
+    assert "| budget |" not in md.split("## Pipeline", 1)[1]  # not repeated as a raw pipeline fact
+    assert run_cli("report", "small.onnx.report.json", "-o", "r.html", cwd=net.parent).returncode == 0
+    html_text = (net.parent / "r.html").read_text()
+    assert "<h2>Budget</h2>" in html_text or "<h3>Budget</h3>" in html_text
+    assert 'class="budget"' in html_text
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -274,3 +294,32 @@ def test_cli_strict_fails_when_compaction_cannot_reach_the_budget(net: Path, mon
     err = capsys.readouterr().err
     assert code == 4 and "b.pt: budget params=50% NOT met" in err and "(--strict)" in err
     assert (net.parent / "b.pt").is_file()  # the checkpoint is still written, as --help says
+
+
+def test_html_report_plots_the_latency_table() -> None:
+    from deployprune.report import ValidationReport, render_html, render_markdown, svg_budget
+
+    budget = {"budget": "latency=0.5x", "metric": "latency", "dense": 10.0, "goal": 5.0, "achieved": 5.2,
+              "met": True, "error": 0.04, "params": 500, "macs": 4000, "dense_params": 1000, "dense_macs": 10000,
+              "dense_ms_same_run": 10.1, "setting": {"provider": "CPUExecutionProvider", "threads": 1, "batch": None},
+              "preferred_multiple": 16, "groups": [{"group": "group0:conv1", "modules": ["conv1"], "kept": 32,
+                                                    "total": 64}],
+              "calibration": [{"iteration": 1, "predicted": 5.0, "measured": 5.2, "ratio": 0.52}],
+              "latency_table": [{"layer": "conv1", "full_ms": 2.0, "chosen_ms": 1.1, "full": [3, 64],
+                                 "chosen": [3, 32], "points": []},
+                                {"layer": "fc", "full_ms": 0.5, "chosen_ms": 0.3, "full": [64, 10],
+                                 "chosen": [32, 10], "points": []}]}
+    from deployprune.validate import validate
+
+    model, inputs = resnet()
+    r = validate(model, model, inputs, n_inputs=1, latency=False, name="run")
+    assert isinstance(r, ValidationReport)
+    r.pipeline["budget"] = budget
+    svg = svg_budget(r)
+    assert svg.count('class="chosen"') == 2 and 'data-layer="conv1"' in svg and "2 ms → 1.1 ms" in svg
+    assert svg.index('data-layer="conv1"') < svg.index('data-layer="fc"')  # costliest first
+    html_text = render_html(r)
+    assert 'data-plot="budget"' in html_text and "widths in multiples of 16 (measured)" in html_text
+    md = render_markdown(r)
+    assert "| latency (onnxruntime) | 10 ms | 5 ms | 5.2 ms | 0.52× |" in md
+    assert "latency=0.5x met: 0.520x of dense (5.2 ms; dense 10 ms)" in md
