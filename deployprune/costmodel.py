@@ -740,7 +740,7 @@ class CostTable:
     # -- whole models ----------------------------------------------------------------------------
 
     def model_ms(self, onnx_path_or_bytes: str | os.PathLike | bytes, inputs: Any, *,
-                 warmup: int = 5, repeats: int = 30) -> float:
+                 warmup: int = 5, repeats: int = 30, label: str | None = None) -> float:
         """Measured median latency (ms) of a whole ONNX model under this setting (for calibration).
 
         ``inputs``: a tensor, a numpy array or a sequence of them, one per graph input.
@@ -753,7 +753,7 @@ class CostTable:
         tensors = [torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t for t in items]
         session = self._session(onnx_path_or_bytes if isinstance(onnx_path_or_bytes, bytes)
                                 else Path(onnx_path_or_bytes))
-        where = "ONNX model" if isinstance(onnx_path_or_bytes, bytes) else str(onnx_path_or_bytes)
+        where = label or ("ONNX model" if isinstance(onnx_path_or_bytes, bytes) else str(onnx_path_or_bytes))
         runner = _SessionRunner(session, ort_feed(session, tensors, where=where), where)
         config = LatencyConfig(warmup=warmup, repeats=repeats, threads=self.setting.threads,
                                graph_optimization=self.setting.graph_optimization,

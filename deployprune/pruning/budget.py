@@ -561,7 +561,8 @@ class BudgetPlanner:
             self.multiple = int(self.table.preferred_multiple())
             progress.note("budget: exporting and timing the dense model in onnxruntime")
             self.dense_onnx = _export_onnx(plain, self.inputs, Path(self._tmp.name) / "dense.onnx")
-            dense_measured = self.table.model_ms(self.dense_onnx.read_bytes(), self.timing_inputs)
+            dense_measured = self.table.model_ms(self.dense_onnx.read_bytes(), self.timing_inputs,
+                                                  label="dense model (onnxruntime)")
             self.dense_ms = dense_measured
         self.dense_macs = count_macs(plain, self.inputs)
         from ..stats import count_params
