@@ -797,10 +797,7 @@ def svg_budget(r: ValidationReport) -> str:
     plot_w = width - left - right
     hi = max(float(x["full_ms"]) for x in rows) * 1.05 or 1.0
     out = _svg_open("budget", width, height, f"Latency cost table: {r.name}")
-    out.append(f'<rect x="{left}" y="8" width="12" height="10" fill="#b9bec6"/>'
-               f'<text x="{left + 16}" y="17">full width</text>'
-               f'<rect x="{left + 110}" y="8" width="12" height="10" fill="#2f6fbd"/>'
-               f'<text x="{left + 126}" y="17">chosen widths (cost table, ms)</text>')
+    out.append(_legend(left, [("#b9bec6", "full width", 110), ("#2f6fbd", "chosen widths (cost table, ms)", 0)]))
     for i, x in enumerate(rows):
         y = top + row_h * i
         full, chosen = float(x["full_ms"]), _num(x.get("chosen_ms"))
@@ -956,6 +953,16 @@ def _svg_open(kind: str, width: int, height: int, title: str) -> list[str]:
             f"<title>{_e(title)}</title>"]
 
 
+def _legend(left: int, items: Sequence[tuple[str, str, int]]) -> str:
+    """A plot's legend: (colour, text, distance to the next item) swatches along the top."""
+    parts, x = [], left
+    for colour, text, step in items:
+        parts.append(f'<rect x="{x}" y="8" width="12" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 16}" y="17">{_e(text)}</text>')
+        x += step
+    return "".join(parts)
+
+
 def _short(name: str, limit: int = 34) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
@@ -1091,10 +1098,7 @@ def svg_channels(r: ValidationReport) -> str:
     hi = max(max(x.out_before or 0, x.out_after or 0) for x in rows) or 1
     plot_w = width - left - right
     out = _svg_open("channels", width, height, f"Output channels per layer: {r.name}")
-    out.append(f'<rect x="{left}" y="8" width="12" height="10" fill="#c9ccd1"/>'
-               f'<text x="{left + 16}" y="17">before</text>'
-               f'<rect x="{left + 70}" y="8" width="12" height="10" fill="#2f6fbd"/>'
-               f'<text x="{left + 86}" y="17">after</text>')
+    out.append(_legend(left, [("#c9ccd1", "before", 70), ("#2f6fbd", "after", 0)]))
     for i, x in enumerate(rows):
         y = top + row_h * i
         wb = (x.out_before or 0) / hi * plot_w
@@ -1133,10 +1137,8 @@ def svg_sparsity(r: ValidationReport) -> str:
     height = top + row_h * len(rows) + 40
     plot_w = width - left - right
     out = _svg_open("sparsity", width, height, f"Sparsity per layer: {r.name}")
-    out.append(f'<rect x="{left}" y="8" width="12" height="10" fill="#e08a2c"/>'
-               f'<text x="{left + 16}" y="17">weight sparsity (source)</text>'
-               f'<rect x="{left + 190}" y="8" width="12" height="10" fill="#2f6fbd"/>'
-               f'<text x="{left + 206}" y="17">output channels removed</text>')
+    out.append(_legend(left, [("#e08a2c", "weight sparsity (source)", 190),
+                              ("#2f6fbd", "output channels removed", 0)]))
     for i, x in enumerate(rows):
         y = top + row_h * i
         sp = x.sparsity_before or 0.0
