@@ -828,7 +828,8 @@ class _Formatter(logging.Formatter):
 class _LowerLevel(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.levelname_lower = record.levelname.lower()
-        record.msg = one_line(record.getMessage())
+        message = one_line(record.getMessage())
+        record.msg = cli_wording(message) if record.name != "deployprune.progress" else message
         record.args = None
         return True
 

@@ -84,13 +84,33 @@ def resolve_output(out: str | os.PathLike | None, source: Path, target: str) -> 
 
 @contextlib.contextmanager
 def unstaged(stage: Any, staged: Path, dest: Path) -> Iterator[None]:
-    """Errors raised inside name ``dest``, never the private staging path they were written to."""
+    """Errors raised and warnings logged inside name ``dest``, never the private staging path they were
+    written to."""
+    staging_dir = str(getattr(stage, "dir", staged.parent))
+
+    def fix(msg: str) -> str:
+        return msg.replace(str(staged), str(dest)).replace(staging_dir, str(dest.parent))
+
+    factory = logging.getLogRecordFactory()
+
+    def record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if record.name.startswith("deployprune"):
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a malformed record is logging's to report, as it is
+                return record
+            fixed = fix(message)
+            if fixed != message:
+                record.msg, record.args = fixed, None
+        return record
+
+    logging.setLogRecordFactory(record_factory)
     try:
         yield
     except DeployPruneError as exc:
         msg = str(exc)
-        fixed = msg.replace(str(staged), str(dest)).replace(str(getattr(stage, "dir", staged.parent)),
-                                                            str(dest.parent))
+        fixed = fix(msg)
         if fixed == msg:
             raise
         try:
@@ -98,6 +118,8 @@ def unstaged(stage: Any, staged: Path, dest: Path) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - an error class with another signature keeps its message
             raise exc from None
         raise new from exc.__cause__
+    finally:
+        logging.setLogRecordFactory(factory)
 
 
 def default_output(source: Path, suffix: str, *, directory: Path | None = None) -> Path:

@@ -407,10 +407,14 @@ def summary_lines(r: ValidationReport) -> list[str]:
                      + "; ".join(parts))
     base_label, base = _baseline_stats(r)
     a = r.artifact_stats
-    if base.params is not None and a.params is not None:
-        line = (f"params   {fmt_count(base.params)} -> {fmt_count(a.params)} "
-                f"({fmt_pct(_ratio(a.params, base.params))} of {base_label})")
-        macs_base = base.macs if base.macs is not None else r.source_stats.macs
+    # Parameters and MACs are counted on the compacted torch model for every target, so they compare
+    # with the source as given (a dense ONNX export counts BatchNorm folded into its convs); the size
+    # compares files with files.
+    counts_label, counts = ("source", r.source_stats) if r.source_stats.params is not None else (base_label, base)
+    if counts.params is not None and a.params is not None:
+        line = (f"params   {fmt_count(counts.params)} -> {fmt_count(a.params)} "
+                f"({fmt_pct(_ratio(a.params, counts.params))} of {counts_label})")
+        macs_base = counts.macs if counts.macs is not None else r.source_stats.macs
         if macs_base is not None and a.macs is not None:
             line += f"; MACs {fmt_count(macs_base)} -> {fmt_count(a.macs)} ({_fewer(macs_base, a.macs)})"
         lines.append(line)
@@ -831,7 +835,7 @@ def _markdown_one(r: ValidationReport, level: int = 1) -> list[str]:
         out += [f"{h}# Failures", ""] + [f"- {f}" for f in r.failures] + [""]
     if r.outputs:
         out += [f"{h}# Parity", "", f"Thresholds: {_threshold_text(r)}.", ""]
-        out += _md_table(["output", "shape", "max abs", "max rel", "cosine (min)", "top-1",
+        out += _md_table(["output", "shape", "max abs", "max rel", "cosine (min)", "top-1 agreement",
                           "samples", "note"], _parity_rows(r)) + [""]
     if r.accuracy or _accuracy_data(r):
         out += [f"{h}# Accuracy", "", _accuracy_intro(r), ""]
@@ -1286,7 +1290,7 @@ def _html_one(r: ValidationReport, heading: str = "h2") -> str:
         parts.append(f"<{sub}>Parity</{sub}><p class=note>Thresholds: {_e(_threshold_text(r))}"
                      "</p>")
         parts.append(_html_table(["output", "shape", "max abs", "max rel", "cosine (min)",
-                                  "top-1", "samples", "note"], _parity_rows(r)))
+                                  "top-1 agreement", "samples", "note"], _parity_rows(r)))
     if r.accuracy or _accuracy_data(r):
         parts.append(f"<{sub}>Accuracy</{sub}><p class=note>{_e(_accuracy_intro(r))}</p>")
         if r.accuracy:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from .._imports import MODEL_FACTORY, check_file_callable, check_file_kwargs, load_yaml
 from ..accuracy import check_data_fits
-from ..errors import ConfigError, InputError, UnsupportedError, UsageError
+from ..errors import ConfigError, DeployPruneError, InputError, UnsupportedError, UsageError
 from .loop import TrainResult, _build, evaluate, finetune, import_object
 
 log = logging.getLogger("deployprune.training")
@@ -282,6 +283,30 @@ def _check_inside(target: Path, folder: Path, key: str) -> None:
                           "(run_scenario(allow_outside=True))")
 
 
+_FACTORY_HINT = re.compile(r"pass (?:the architecture with )?--model package\.module:factory"
+                           r"(?: \(e\.g\. --model ([^)\s]+)\))?")
+_TRUST_HINT = re.compile(r"rerun with --trust-pickle(?: \(allow_pickle=True\))?")
+
+
+def _as_scenario_error(exc: DeployPruneError, scenario: Path, model_path: str) -> DeployPruneError:
+    """``load_model``'s error worded for a scenario: what to write in its ``"model"``, not the flags of
+    ``deployprune export``, which ``deployprune run`` does not take."""
+    msg = str(exc)
+
+    def factory(m: re.Match[str]) -> str:
+        example = f" (e.g. {m.group(1)})" if m.group(1) else ""
+        return (f'name the architecture in {scenario}: "model": {{"path": "{model_path}", '
+                f'"factory": "package.module:function"}}{example}')
+
+    fixed = _TRUST_HINT.sub(f'set "trust_pickle": true in the "model" of {scenario}', _FACTORY_HINT.sub(factory, msg))
+    if fixed == msg:
+        return exc
+    try:
+        return type(exc)(fixed)
+    except Exception:  # noqa: BLE001 - an error class with another signature keeps its message
+        return exc
+
+
 def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool | None = None,
                  trust: bool = False, allow_outside: bool = False) -> ScenarioOutcome:
     """prune -> fine-tune -> save -> finalize -> export -> validate, as a scenario file describes.
@@ -374,9 +399,12 @@ def run_scenario(path: str | os.PathLike, *, progress: bool = True, force: bool 
         check_not_input(art.with_name(art.name + ".report.json"), *inputs, out)
         check_writable(art, force=force)
 
-    loaded = load_model(rel(model_spec["path"]), model_factory=model_spec.get("factory"),
-                        allow_pickle=bool(model_spec.get("trust_pickle", False)),
-                        input_shapes=model_spec.get("input_shapes"))
+    try:
+        loaded = load_model(rel(model_spec["path"]), model_factory=model_spec.get("factory"),
+                            allow_pickle=bool(model_spec.get("trust_pickle", False)),
+                            input_shapes=model_spec.get("input_shapes"))
+    except DeployPruneError as exc:
+        raise _as_scenario_error(exc, p, str(model_spec["path"])) from exc.__cause__
     data = sc.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{p}: data: expected 'digits' or 'package.module:function', got {type(data).__name__}")

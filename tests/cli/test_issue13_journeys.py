@@ -1,9 +1,10 @@
 """Issue 13's user journeys that had no test, or one that a regression would pass (audit of the "Why" list).
 
 Each test runs the command line as a user does (``python -m deployprune`` in a subprocess, or the same
-``main()`` in process where a fault has to be injected) and checks the text the user reads. Tests marked
-``xfail(strict=True)`` describe behaviour the issue asks for that the product does not have yet: each
-fails today, and the mark comes off with the fix.
+``main()`` in process where a fault has to be injected) and checks the text the user reads. Five of them
+began as strict xfails for bugs the audit found (staging path and Python option names in converter
+warnings, run's error naming --model, the bare 'top-1' parity column, the params baseline differing
+between ONNX and Core ML); each failed before its fix.
 """
 
 from __future__ import annotations
@@ -158,16 +159,12 @@ def _coreml_warnings(folder: Path) -> list[str]:
     return warnings
 
 
-@pytest.mark.xfail(strict=True, reason="bug: converters/coreml.py (and onnx.py) convert() logs its warnings as "
-                   "'<path>: ...' with the staging path run_export gave it; unstaged() only rewrites raised errors")
 def test_a_converter_warning_names_the_output_not_the_staging_path(tiny_weights: Path) -> None:
     (warning,) = _coreml_warnings(tiny_weights)
     assert ".partial" not in warning, warning
     assert warning.startswith("warning: tiny.mlpackage: fp16 storage turns 3 "), warning
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli_wording() is applied to errors and summary lines, not to log "
-                   "warnings: the terminal says \"pass precision='fp32'\" instead of '--opt precision=fp32'")
 def test_a_converter_warning_names_the_opt_flag(tiny_weights: Path) -> None:
     (warning,) = _coreml_warnings(tiny_weights)
     assert warning.endswith("; pass --opt precision=fp32 to keep them"), warning
@@ -197,8 +194,6 @@ def test_a_scenario_runs_a_state_dict_with_its_factory(state_dict_dir: Path) -> 
     assert (state_dict_dir / "net.pruned.pt").is_file() and (state_dict_dir / "net.pruned.onnx").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: deployprune/training/run.py run_scenario() passes load_model's "
-                   "error through: it tells the user to pass --model, a flag 'deployprune run' does not take")
 def test_a_scenario_with_a_bare_state_dict_names_the_scenario_key(state_dict_dir: Path) -> None:
     """'the scenario example (state_dict without factory; run has no --model)': the error must say what to
     write in the scenario, not name a flag of another command."""
@@ -235,8 +230,6 @@ def test_the_artifact_line_and_the_size_line_write_a_size_alike(tmp_path: Path) 
 # --- Reports: top-1 agreement on random inputs is not accuracy ---------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: deployprune/report.py renders the parity table (Markdown and HTML) "
-                   "with a bare 'top-1' column: 100.0% on random inputs still reads like accuracy")
 def test_the_report_parity_table_says_top1_agreement(tmp_path: Path) -> None:
     proc = run("export", str(LENET_SAMPLE), "-o", "l.onnx", "--no-latency", "--n-inputs", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -260,8 +253,6 @@ def _params_line(stdout: str) -> str:
     return line
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with latency on (the default) the ONNX summary compares with the "
-                   "dense ONNX export (BatchNorm folded: 310 k) and the Core ML one with the source (311 k)")
 def test_onnx_and_coreml_summaries_count_alike_with_the_default_flags(tmp_path: Path) -> None:
     """tests/cli/test_summary_counts.py passes --no-latency, which is not the journey a user runs: the
     README's ``deployprune export models/samples/resnet_small.pt --target onnx`` times the artifact."""

@@ -164,7 +164,7 @@ def test_summary_lines(reports: list[ValidationReport]) -> None:
     assert "top-1 agreement 100.0% (3 random input(s))" in lines[0]
     assert lines[1].startswith("latency  batch 1, 1 thread(s): dense ")
     assert "faster" in lines[1] and "torch eager source" in lines[1]
-    assert lines[2].startswith("params   ") and "of dense export" in lines[2]
+    assert lines[2].startswith("params   ") and "of source" in lines[2]
     assert lines[3].startswith("size     ")
     blines = summary_lines(bad)
     assert blines[0].startswith("FAIL  broken.onnx")
