@@ -20,8 +20,9 @@ How widths are chosen (see docs/pruning.md, "Pruning to a budget"):
   earlier update score 0, so a rising schedule keeps them pruned.
 * :class:`BudgetPlanner` calibrates: it allocates for the budget, compacts the masked model,
   measures it (latency: exported to ONNX and timed interleaved with the dense ONNX in one run;
-  MACs/params: counted on the compacted model), rescales the predicted target by
-  ``measured / predicted`` and tries again, up to ``iterations`` times, keeping the closest. The
+  MACs/params: counted on the compacted model), moves the predicted target (first by
+  ``goal / measured``, then by a secant through the last two tries, kept inside the bracket of
+  tries on both sides of the goal) and tries again, up to ``iterations`` times, keeping the closest. The
   schedule then moves the cost target from the dense cost to the calibrated one over its updates
   (``target = dense - p * (dense - goal)``, ``p`` = the schedule's progress, 0..1).
 """
@@ -716,6 +717,7 @@ class BudgetPlanner:
         target = self._predicted_target(goal)
         best: tuple[float, Allocation, float] | None = None
         tried: list[dict[str, tuple[int, int]]] = []
+        trials: list[tuple[float, float]] = []  # (predicted target, measured cost) per try
         for it in range(1, self.budget.iterations + 1):
             alloc = self.allocate(requests, target)
             if not alloc.reached and it == 1:
@@ -736,8 +738,8 @@ class BudgetPlanner:
                 break
             if measured <= 0 or alloc.predicted <= 0:
                 break
-            # rescale by what the measurement says the prediction misses
-            new_target = target * goal / measured
+            trials.append((target, measured))
+            new_target = _next_target(trials, goal)
             if abs(new_target - target) <= 1e-6 * max(1.0, target):
                 break
             target = new_target
@@ -754,6 +756,34 @@ class BudgetPlanner:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._tmp.cleanup()
+
+
+def _next_target(trials: Sequence[tuple[float, float]], goal: float) -> float:
+    """The predicted target of the next calibration try, from ``(predicted target, measured)`` so far.
+
+    One try: rescale by what the measurement says the prediction misses (``target * goal /
+    measured``). Then a secant through the last two tries (the measured cost is not proportional to
+    the prediction: what the layers do not explain does not shrink with them), falling back to the
+    rescale when the two disagree on the direction. Once tries lie on both sides of the goal, the
+    next target stays strictly inside the closest such pair: one noisy timing (another process on
+    the machine) cannot throw calibration back out of a bracket earlier tries established.
+    """
+    target, measured = trials[-1]
+    new = target * goal / measured
+    if len(trials) >= 2:
+        (ta, ma), (tb, mb) = trials[-2], trials[-1]
+        if ta != tb and (mb - ma) / (tb - ta) > 0:
+            new = tb + (goal - mb) * (tb - ta) / (mb - ma)
+    under = [t for t, m in trials if m <= goal]
+    over = [t for t, m in trials if m > goal]
+    if under and over:
+        lo, hi = max(under), min(over)
+        if lo < hi:
+            margin = 0.05 * (hi - lo)
+            new = min(max(new, lo + margin), hi - margin)
+        else:  # a larger target met the goal and a smaller one missed it: timing noise; split the pair
+            new = 0.5 * (lo + hi)
+    return new
 
 
 def summary_line(report: Mapping[str, Any]) -> str:
