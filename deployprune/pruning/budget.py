@@ -763,17 +763,22 @@ def _next_target(trials: Sequence[tuple[float, float]], goal: float) -> float:
 
     One try: rescale by what the measurement says the prediction misses (``target * goal /
     measured``). Then a secant through the last two tries (the measured cost is not proportional to
-    the prediction: what the layers do not explain does not shrink with them), falling back to the
-    rescale when the two disagree on the direction. Once tries lie on both sides of the goal, the
+    the prediction: what the layers do not explain does not shrink with them), in the rescale's
+    direction and at most twice its step, falling back to the rescale when the two tries disagree
+    on the direction. Once tries lie on both sides of the goal, the
     next target stays strictly inside the closest such pair: one noisy timing (another process on
     the machine) cannot throw calibration back out of a bracket earlier tries established.
     """
     target, measured = trials[-1]
-    new = target * goal / measured
+    new = rescaled = target * goal / measured
     if len(trials) >= 2:
         (ta, ma), (tb, mb) = trials[-2], trials[-1]
         if ta != tb and (mb - ma) / (tb - ta) > 0:
             new = tb + (goal - mb) * (tb - ta) / (mb - ma)
+            # two nearly equal timings make the secant flat: never step more than twice the rescale
+            step = rescaled - target
+            new = target + (min(max(new - target, 2 * step), 0.0) if step < 0 else
+                            max(min(new - target, 2 * step), 0.0))
     under = [t for t, m in trials if m <= goal]
     over = [t for t, m in trials if m > goal]
     if under and over:

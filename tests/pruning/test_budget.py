@@ -181,6 +181,9 @@ def test_calibration_recovers_from_one_noisy_measurement(monkeypatch) -> None:
     assert 1.0 < _next_target([(2.0, 3.0), (1.0, 0.5)], 1.0) < 2.0
     assert _next_target([(1.0, 2.0)], 1.0) == pytest.approx(0.5)  # one try: rescaled
     assert _next_target([(1.0, 0.8), (2.0, 0.7)], 1.0) == pytest.approx(1.0 / 0.7 * 2.0)  # noise: no secant
+    # two nearly equal timings (0.521x, 0.520x of a 0.5x goal: measured on MobileNetV2) made the secant jump
+    # to 0.18x; the step is at most twice the rescale's
+    assert _next_target([(1.0, 1.042), (0.96, 1.040)], 1.0) == pytest.approx(0.96 - 2 * (0.96 - 0.96 / 1.040))
 
 
 def test_schedule_reaches_the_budget_over_its_steps_monotonically(tmp_path: Path) -> None:
