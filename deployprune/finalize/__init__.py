@@ -328,13 +328,6 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                      f"(tuple, dict), got {type(example_inputs).__name__}")
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    args, kwargs = split_inputs(example_inputs)
-    if kwargs:
-        raise InputError("keyword example inputs are not supported here; pass a tuple of tensors")
-    return args
-
-
 def _capture(work: nn.Module, inputs: tuple, kw: dict) -> tuple[Any, str]:
     """The model's graph: torch.fx symbolic tracing where it sees the whole model, otherwise a
     recording of one eager run (capture.py), which follows any Python the model runs."""
@@ -806,4 +799,5 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """
     from .groups import compute_groups
 
-    return compute_groups(model, _as_tuple(example_inputs))
+    args, kwargs = split_inputs(example_inputs)
+    return compute_groups(model, args, kwargs)

@@ -10,37 +10,57 @@ dimensions, ops without a rule, fixed sizes in forward code) is never removable.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from .graph import Analysis, ChannelGroup, GroupMember
 from .rules import apply_rule
-from .trace import trace
 
 
-def analyze(model: nn.Module, inputs: tuple) -> Analysis:
-    """Trace ``model`` (eval mode) and apply every rule; not solved yet."""
+def analyze(model: nn.Module, inputs: tuple, kw: dict | None = None) -> Analysis:
+    """Capture ``model`` (eval mode) as finalize does and apply every rule; not solved yet.
+
+    The capture is finalize's own: torch.fx where it sees the whole model, otherwise the recording
+    of one eager run, so the pruner offers the groups of library code (transformers' attention with
+    item assignment, timm's norm-act layers) that symbolic tracing cannot follow.
+    """
+    from . import _capture, _live_nodes
+
     was = model.training
     model.eval()
     try:
-        traced = trace(model, inputs)
+        traced, error = _capture(model, inputs, kw or {})
+        if traced is None:
+            raise UnsupportedError(f"structured pruning: {error}; no channel groups can be found")
         a = Analysis(traced, model)
+        live = _live_nodes(traced.graph) if traced.recorded else None
         for node in traced.graph.nodes:
-            apply_rule(a, node)
+            if live is None or node in live:
+                a.at(node.name)
+                apply_rule(a, node)
+            else:
+                a.vars[node] = None  # read by Python only (a branch, a size)
+        a.at("")
     finally:
         model.train(was)
     return a
 
 
-def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGroup]:
+def _signature(a: Analysis) -> list[tuple[str, Any]]:
+    return [(n.op, str(n.target)) for n in a.traced.graph.nodes]
+
+
+def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None = None) -> list[ChannelGroup]:
     from ..masks import strip_parametrizations_
 
     base = copy.deepcopy(model)
     strip_parametrizations_(base)
-    a = analyze(base, inputs)
+    a = analyze(base, inputs, kw)
 
     # every producer parameter zeroed: what is still kept can never be removed
     zeroed = copy.deepcopy(base)
@@ -50,7 +70,13 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
             if any(a.roles.get(s) == "producer" for s in v.slots):
                 for mod_name, attr in v.refs:
                     getattr(zmods[mod_name], attr).zero_()
-    z = analyze(zeroed, inputs)
+    z = analyze(zeroed, inputs, kw)
+    if _signature(z) != _signature(a):
+        # both analyses must number their spaces alike; a recorded run whose Python path depends on
+        # the weights' values (``if x.abs().max() > 0``) does not
+        raise UnsupportedError(f"structured pruning: {type(model).__name__}'s forward takes another path when "
+                               "its weights are zero, so its removable channels cannot be found; "
+                               "use element or block granularity for it")
     z.solve()
 
     by_root: dict[int, list[tuple[Any, int]]] = {}
@@ -120,7 +146,82 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...]) -> list[ChannelGro
                 for mod_name, attr in v.refs:
                     group.members.append(GroupMember(module=mod_name, param=attr, dim=d, indices=idx, role=role))
         groups.append(group)
+    _probe_with_compaction(base, inputs, kw or {}, groups)
     return groups
+
+
+def _probe_with_compaction(model: nn.Module, inputs: tuple, kw: dict, groups: list[ChannelGroup]) -> None:
+    """Compact the model with every other removable unit of every group masked, and withdraw the groups
+    whose channels stay.
+
+    The rules alone cannot see everything compaction meets: a recorded forward that slices a fused
+    projection at fixed positions (Phi-3's ``qkv_proj``) is only found when the compacted model is
+    re-run. Offering such a group would prune channels finalize must keep, so the probe takes
+    finalize's own word for it: a group is offered only if its probe channels are gone from every
+    producer afterwards.
+    """
+    from . import compact
+
+    removed: dict[tuple[str, str, int], set[int]] = {}  # (module, param, dim) -> probe channels, all groups
+    probed: dict[int, set[tuple[str, str, int]]] = {}  # group id -> the parameter dims it masks
+    mods = dict(model.named_modules())
+    for g in groups:
+        if not g.prunable or g.removable is None:
+            continue
+        cmap = _channel_map(g.size, g.divisions)
+        ok = [u for u in range(len(cmap)) if g.removable[cmap[u]].all()]
+        chosen = ok[::2] if len(ok) > 1 else []
+        if not chosen:
+            continue
+        channels = np.sort(np.concatenate([cmap[u] for u in chosen]))
+        for m in g.members:
+            if m.role != "producer":
+                continue
+            idx = channels if m.indices is None else np.concatenate([m.indices[c] for c in channels])
+            key = (m.module, m.param, m.dim)
+            removed.setdefault(key, set()).update(int(i) for i in idx)
+            probed.setdefault(g.id, set()).add(key)
+    if not probed:
+        return
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for (mod_name, pname, dim), idx in removed.items():
+        mask = masks.setdefault(mod_name, {}).get(pname)
+        if mask is None:
+            mask = masks[mod_name][pname] = torch.ones(getattr(mods[mod_name], pname).shape)
+        mask.index_fill_(dim, torch.tensor(sorted(idx)), 0.0)
+    logger = logging.getLogger("deployprune.finalize")
+    level, failure = logger.level, ""
+    logger.setLevel(logging.CRITICAL)  # the probe's kept channels are the answer here, not news for the user
+    try:
+        res = compact(model, (inputs, kw) if kw else inputs, masks)
+    except Exception as exc:  # noqa: BLE001 - any failure means compaction cannot remove these channels
+        res, failure = None, f"finalize fails on the probe ({type(exc).__name__}: {exc})"
+    finally:
+        logger.setLevel(level)
+    if res is not None and not res.compacted:
+        res, failure = None, f"finalize cannot compact this model ({res.abandoned or 'self-check failed'})"
+    after = dict(res.model.named_modules()) if res is not None else {}
+    kept_why = {k.module: k.reason for k in res.kept} if res is not None else {}
+    for g in groups:
+        for key in sorted(probed.get(g.id, ())):
+            mod_name, pname, dim = key
+            if res is not None:  # (fewer is fine: finalize also drops channels that are already all zero)
+                p = getattr(after.get(mod_name), pname, None)
+                if p is not None and p.shape[dim] <= getattr(mods[mod_name], pname).shape[dim] - len(removed[key]):
+                    continue
+                failure = kept_why.get(mod_name, f"channels of {mod_name}.{pname} stay when compacted")
+            g.prunable = False
+            g.removable = np.zeros(g.size, bool)
+            g.reason = f"finalize keeps them: {failure}"
+            break
+
+
+def _channel_map(size: int, divisions: int) -> list[np.ndarray]:
+    """Channels of each unit: with ``divisions`` blocks, position ``p`` of every block (as the pruner counts)."""
+    if divisions <= 1 or size % divisions:
+        return [np.array([c]) for c in range(size)]
+    per = size // divisions
+    return [p + per * np.arange(divisions) for p in range(per)]
 
 
 def _merge_primaries(primaries: list[int], reaches: dict[int, dict[int, list | None]]) -> list[list[int]]:

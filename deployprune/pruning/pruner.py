@@ -79,7 +79,7 @@ def format_report(rows: list[LayerSparsity]) -> str:
     return "\n".join(lines)
 
 
-def find_channel_groups(model: nn.Module, example_inputs: tuple) -> list[Any]:
+def find_channel_groups(model: nn.Module, example_inputs: Any) -> list[Any]:
     """Coupled channel groups from the finalize graph (one graph for pruning and compaction)."""
     from ..finalize import channel_groups
 
@@ -114,16 +114,31 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _as_inputs(example_inputs: Any) -> tuple | None:
+def _as_inputs(example_inputs: Any) -> Any:
+    """Example inputs in a form finalize takes: a tuple of positional inputs, a dict of keyword inputs
+    (``{"input_ids": ..., "attention_mask": ...}``, as Hugging Face models are called) or ``(tuple, dict)``."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, list):
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if (len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list))
+                and isinstance(example_inputs[1], dict)):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
         return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    raise UsageError(f"example_inputs: expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise UsageError("example_inputs: expected a tensor, a tuple of inputs, a dict of keyword inputs or "
+                     f"(tuple, dict), got {type(example_inputs).__name__}")
+
+
+def _call_args(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if (len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], example_inputs[1]
+    return example_inputs, {}
 
 
 _EXCLUDED = "excluded"
@@ -312,7 +327,8 @@ class Pruner:
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self.model(*self.example_inputs)
+                args, kwargs = _call_args(self.example_inputs)
+                out = self.model(*args, **kwargs)
         finally:
             self.model.train(was_training)
             for h in hooks:
@@ -528,7 +544,12 @@ class Pruner:
             raise ConfigError(f"budget {self.config.budget.text}: needs layers pruned by channel or head "
                               "(granularity 'channel' or 'head'); the config selects none, or the graph found "
                               "no prunable group (see report() notes)")
-        self._planner = BudgetPlanner(self.config.budget, self.model, groups, self.example_inputs)
+        args, kwargs = _call_args(self.example_inputs)
+        if kwargs:
+            raise ConfigError(f"budget {self.config.budget.text}: needs the model's inputs as a tuple of tensors "
+                              f"(the ONNX it times takes positional inputs); got keyword inputs "
+                              f"{', '.join(sorted(kwargs))}: pass e.g. (input_ids,) instead of a dict")
+        self._planner = BudgetPlanner(self.config.budget, self.model, groups, args)
         if calibrate:
             requests = self._requests(groups, sparsity_of=lambda t: 1.0)
             planned = self._planner.plan(requests, self._nni_masks_of)

@@ -309,16 +309,22 @@ def test_cli_bad_budgets_are_one_line_errors(net: Path, args: list[str], code: i
 
 
 def test_cli_strict_fails_when_compaction_cannot_reach_the_budget(net: Path, monkeypatch, capsys) -> None:
-    """Fault: compaction removes nothing (as when it is abandoned): the measured model misses the
-    budget; the summary says so, and --strict turns it into exit 4."""
+    """Fault: compaction removes nothing (as when it is abandoned) on the budget's candidates: the
+    measured model misses the budget; the summary says so, and --strict turns it into exit 4. (The
+    first compaction, the group analysis's probe, is left alone: abandoned there, the model would
+    offer no prunable group at all.)"""
     from deployprune.cli import main
 
     fin = sys.modules["deployprune.finalize"]  # the package attribute 'finalize' is the function
 
     real = fin.compact
+    calls = []
 
     def abandoned(model, inputs, masks=None, **kw):
         result = real(model, inputs, masks, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            return result
         result.model, result.compacted, result.abandoned = model, False, "injected fault"
         return result  # the masked model, at its dense structure
 
@@ -328,6 +334,7 @@ def test_cli_strict_fails_when_compaction_cannot_reach_the_budget(net: Path, mon
     out = capsys.readouterr().out
     assert "budget:     params=50% NOT met (missed by +100.0%): 100.0% of dense" in out
     assert "compaction abandoned (injected fault)" in out
+    calls.clear()
     code = main(["prune", "net.pt", "--budget", "params=50%", "-o", "b.pt", "-q", "--strict"])
     err = capsys.readouterr().err
     assert code == 4 and "b.pt: budget params=50% NOT met" in err and "(--strict)" in err
