@@ -635,6 +635,9 @@ def _addmm(a: Analysis, node: fx.Node) -> None:
     a.same(Wt, 0, W, 1)
     a.same(Wt, 1, W, 0)
     _linear_core(a, x, y, Wt, b, weight.t(), _attr(a, str(bnode.target)).detach(), None)
+    for d_t, d_w in ((0, 1), (1, 0)):  # pruners read roles from the parameter's own dims, not the view's
+        if Wt.slots[d_t] in a.roles:
+            a.role(W, d_w, a.roles[Wt.slots[d_t]])
 
 
 def _attr(a: Analysis, target: str) -> torch.Tensor:

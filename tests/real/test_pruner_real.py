@@ -1,0 +1,129 @@
+"""Structured pruning on the real libraries' code: the Pruner finds the channel and head groups of
+Hugging Face transformers, timm and torchvision models, prunes them, and finalize removes every unit
+it pruned.
+
+The groups come from finalize's own capture (torch.fx where it sees the whole model, otherwise the
+recording of one eager run), so a model finalize compacts is a model the Pruner can prune; the Pruner
+is given the keyword inputs HF models are called with. Per case: ``prepare()`` at target 0.5 gives at
+least one group and reaches the target in each; compacting its masks keeps no masked channel; the
+compacted model matches the masked one on fresh inputs (batch 2, another length, padding) to 1e-5
+relative; and it is smaller by the pruned units. Where the graph offers no group (fused qkv
+projections), the Pruner must say so, not prune quietly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from deployprune.finalize import compact
+from deployprune.pruning import Pruner
+
+from . import vision_models as V
+from .hf_models import SEQ, architectures, relative_error
+
+pytestmark = pytest.mark.real
+
+CHANNEL = {"global_config": {"granularity": "channel", "target_sparsity": 0.5}}
+HEADS = {"module_type_configs": {"Linear": {"granularity": "head", "target_sparsity": 0.5}}}
+
+HF_CHANNEL = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt",
+              "t5_encoder", "vit", "swin", "convnext", "clip_vision", "whisper_encoder", "wav2vec2"]
+HF_HEADS = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "t5_encoder", "vit",
+            "swin", "clip_vision", "whisper_encoder", "wav2vec2"]
+_ARCHS = architectures()
+
+
+def _check(model: torch.nn.Module, inputs, fresh, config: dict) -> None:
+    p = Pruner(model, config, inputs)
+    p.prepare()
+    groups = [t for t in p.targets if t.kind == "group"]
+    assert groups, f"no group pruned:\n{p.summary()}"
+    for t in groups:  # half of each group's units, within rounding (a unit the graph keeps is never chosen)
+        pruned = t.units - int(p._unit_keep[t.name].sum())
+        assert abs(pruned - 0.5 * t.units) <= 1, (t.name, pruned, t.units)
+    masked = copy.deepcopy(p.model)
+    res = compact(p.model, inputs, p.masks())
+    assert res.compacted, res.abandoned
+    assert res.kept_channels == 0, res.channels_line()
+    assert res.removed_channels == res.masked_channels > 0
+    assert res.params_after < res.params_before
+    args, kw = (fresh, {}) if isinstance(fresh, tuple) else ((), fresh)
+    with torch.no_grad():
+        err, name = relative_error(masked(*args, **kw), res.model(*args, **kw))
+    assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", HF_CHANNEL)
+def test_hf_channel_groups_are_pruned_and_removed(name: str) -> None:
+    arch = _ARCHS[name]
+    model = arch.build(arch.impls[0])
+    _check(model, arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), CHANNEL)
+
+
+def test_gpt2_conv1d_mlp_channels_are_pruned_and_removed() -> None:
+    """transformers' Conv1D keeps its weight as (in, out) and runs torch.addmm: the MLP's output
+    channels are the weight's columns."""
+    arch = _ARCHS["gpt2"]
+    config = {"module_type_configs": {"Conv1D": {"granularity": "channel", "target_sparsity": 0.5}}}
+    _check(arch.build("eager"), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
+
+
+@pytest.mark.parametrize("name", HF_HEADS)
+def test_hf_attention_heads_are_pruned_and_removed(name: str) -> None:
+    arch = _ARCHS[name]
+    model = arch.build(arch.impls[0])
+    _check(model, arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), HEADS)
+
+
+def test_transformers_bert_base_prunes_with_positional_input_ids() -> None:
+    """The model issue 14's benchmark uses: transformers' own BertForSequenceClassification (2 layers of
+    BERT-base width), called with input_ids alone; heads and FFN channels together."""
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(num_hidden_layers=2)).eval()
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    fresh = (torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1)),)
+    config = {"module_type_configs": {"Linear": {"granularity": "head", "target_sparsity": 0.5}},
+              "module_name_configs": {r".*intermediate\.dense": {"granularity": "channel", "target_sparsity": 0.5}}}
+    _check(model, (ids,), fresh, config)
+
+
+@pytest.mark.parametrize("name, model_type", [("gpt2", "GPT2Model"), ("phi3", "Phi3Model")])
+def test_fused_qkv_heads_not_found_are_reported(name: str, model_type: str, caplog) -> None:
+    arch = _ARCHS[name]
+    model = arch.build("eager")
+    config = {"module_type_configs": {t: {"granularity": "head", "target_sparsity": 0.5}
+                                      for t in ("Linear", "Conv1D")}}
+    with caplog.at_level(logging.WARNING, logger="deployprune"):
+        p = Pruner(model, config, arch.inputs(1, SEQ, 0))
+        p.prepare()
+    assert f"the graph found no attention-head group in {model_type}" in caplog.text
+    assert "no layer is prunable with this config" in caplog.text
+    assert "kept: the graph found no attention-head group produced by this layer" in p.summary()
+
+
+def test_phi3_fused_qkv_channels_are_withdrawn_with_finalize_reason() -> None:
+    """Phi-3 splits its fused qkv_proj by fixed positions and head_dim: only compaction finds that. The group analysis
+    probes it and withdraws the group with finalize's reason, instead of pruning channels that stay."""
+    arch = _ARCHS["phi3"]
+    p = Pruner(arch.build("eager"), CHANNEL, arch.inputs(1, SEQ, 0))
+    p.prepare()
+    summary = p.summary()
+    assert "layers.0.self_attn.qkv_proj" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("layers.0.self_attn.qkv_proj"))
+    assert "not prunable: finalize keeps them: coupled through operator.getitem" in row, row
+    assert p.masks() == {} or all(bool(m.all()) for per in p.masks().values() for m in per.values())
+
+
+@pytest.mark.parametrize("spec_id", [s.id for s in V.SPECS])
+def test_vision_channel_groups_are_pruned_and_removed(spec_id: str) -> None:
+    spec = V.BY_ID[spec_id]
+    _check(V.build(spec), V.inputs(spec, 1, 0), V.inputs(spec, 2, 1), CHANNEL)
