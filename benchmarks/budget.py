@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = [run_digits_seed(s, args) for s in seeds]
             mean = {k: statistics.fmean(r[k] for r in rows) for k in
                     ("dense_acc", "budget_oneshot_acc", "uniform_oneshot_acc", "budget_acc", "uniform_acc")}
-            doc["digits"] = {"model": "digits_cnn", "budget": f"macs={args.digits_macs:.0%}", "train_epochs": args.train_epochs,
+            doc["digits"] = {"model": "digits_cnn", "budget": f"macs={args.digits_macs:.0%}",
+                             "train_epochs": args.train_epochs,
                              "finetune_epochs": args.finetune_epochs, "seeds": rows, "mean": mean}
 
     print("\n| model | dense ms | budget ms | ratio | within 10% | uniform sparsity (ratio) | retained importance "

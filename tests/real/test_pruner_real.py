@@ -32,8 +32,8 @@ HEADS = {"module_type_configs": {"Linear": {"granularity": "head", "target_spars
 
 HF_CHANNEL = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt",
               "t5_encoder", "vit", "swin", "convnext", "clip_vision", "whisper_encoder", "wav2vec2"]
-HF_HEADS = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "t5_encoder", "vit",
-            "swin", "clip_vision", "whisper_encoder", "wav2vec2"]
+HF_HEADS = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "t5_encoder",
+            "vit", "swin", "clip_vision", "whisper_encoder", "wav2vec2"]
 _ARCHS = architectures()
 
 
