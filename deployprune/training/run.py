@@ -88,8 +88,13 @@ def prune_loaded(
         raise UsageError(f"{loaded.source}: already carries masks; export/finalize it, or prune the unmasked model")
     if loaded.compact:
         log.info("%s: is a compacted model; pruning it again", loaded.source)
+    hf_masks_only = loaded.kind == "hf"  # a model directory: the output is its masks file
+    if hf_masks_only and epochs > 0:
+        raise UnsupportedError(f"{loaded.source}: fine-tuning a Hugging Face model directory is not supported by "
+                               "prune (its new weights would need a new directory); prune it one-shot (no --epochs) "
+                               "and export it with --masks")
     if output is not None:
-        if loaded.arch is None and loaded.factory is None:
+        if loaded.arch is None and loaded.factory is None and not hf_masks_only:
             raise UnsupportedError(f"{loaded.source}: a {loaded.kind} model cannot be saved as a deployprune "
                                    "checkpoint; load a checkpoint or a state_dict with --model package.module:factory")
         check_writable(output, force=force)
@@ -180,7 +185,12 @@ def prune_loaded(
         lines.append(summary_line(budget))
     outcome = PruneOutcome(model=model, pruner=pruner, train=result, accuracy_before=acc_before, lines=lines,
                            budget=budget)
-    if output is not None and _is_main_process():
+    if output is not None and _is_main_process() and hf_masks_only:
+        _save_hf_masks(output, pruner.masks(), force=force)
+        outcome.output = Path(output)
+        lines.append(f"pruned:     {output} (masks of {loaded.source}, named after its modules; "
+                     f"deployprune export {loaded.source} --masks {output} ...)")
+    elif output is not None and _is_main_process():
         from ..io import save_checkpoint
 
         meta = {"pruned_by": "deployprune prune", "epochs": epochs, "seed": seed}
@@ -194,6 +204,24 @@ def prune_loaded(
         outcome.output = Path(output)
         lines.append(f"pruned:     {output} (deployprune checkpoint with masks)")
     return outcome
+
+
+def _save_hf_masks(output: str | os.PathLike, masks: Mapping[str, Any], *, force: bool) -> None:
+    """NNI masks named after the library model's modules (without the view's ``model.`` prefix), as
+    ``deployprune export DIR --masks FILE`` reads them; written atomically (weights-only loadable)."""
+    import io as _io
+
+    import torch
+
+    from ..fsutil import write_bytes_atomic
+    from ..hf import PREFIX
+
+    plain = {(name[len(PREFIX):] if name.startswith(PREFIX) else name): {k: v.detach().cpu().bool()
+                                                                          for k, v in per.items()}
+             for name, per in masks.items()}
+    buf = _io.BytesIO()
+    torch.save(plain, buf)
+    write_bytes_atomic(output, buf.getvalue(), force=force)
 
 
 # --------------------------------------------------------------------------------------------

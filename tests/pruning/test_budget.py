@@ -368,3 +368,61 @@ def test_html_report_plots_the_latency_table() -> None:
     md = render_markdown(r)
     assert "| latency (onnxruntime) | 10 ms | 5 ms | 5.2 ms | 0.52× |" in md
     assert "latency=0.5x met: 0.520x of dense (5.2 ms; dense 10 ms)" in md
+
+
+# ------------------------------------------------------------------ Hugging Face model directories
+
+HF_CONFIG = {"module_type_configs": {"Linear": {"granularity": "head"}},
+             "module_name_configs": {r".*intermediate\.dense": {"granularity": "channel"}}}
+
+
+@pytest.mark.real
+def test_cli_prunes_a_hf_directory_to_a_budget_and_export_reads_its_masks(tmp_path: Path, monkeypatch) -> None:
+    """A save_pretrained directory: prune writes the masks (named after the library model's modules),
+    export compacts them away; the directory itself is never modified."""
+    from tests.docs.fixtures import hf_bert
+
+    monkeypatch.chdir(tmp_path)
+    hf_bert("my-bert", "unused.pt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "my-bert").iterdir()}
+    (tmp_path / "cfg.json").write_text(json.dumps(HF_CONFIG))
+    proc = run_cli("prune", "my-bert", "--input", "input_ids=1,32", "--config", "cfg.json", "--budget", "params=80%",
+                   "-o", "b.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "budget:     params=80% met" in proc.stdout
+    assert "pruned:     b.pt (masks of my-bert, named after its modules" in proc.stdout
+    masks = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert "encoder.layer.0.attention.self.query" in masks  # library names, no "model." prefix
+    assert any(not bool(m.all()) for per in masks.values() for m in per.values())
+    proc = run_cli("export", "my-bert", "--masks", "b.pt", "--input", "input_ids=1,32", "--target", "onnx",
+                   "-o", "b.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    removed = next(line for line in proc.stdout.splitlines() if line.startswith("compaction:"))
+    n = removed.split("removed ")[1].split(" of ")
+    assert n[0] == n[1].split()[0] and int(n[0].replace(",", "")) > 0, removed
+    assert "PASS" in proc.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "my-bert").iterdir()} == before
+
+
+@pytest.mark.real
+def test_cli_refuses_to_fine_tune_a_hf_directory_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    from tests.docs.fixtures import hf_bert
+
+    monkeypatch.chdir(tmp_path)
+    hf_bert("my-bert", "unused.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(HF_CONFIG))
+    proc = run_cli("prune", "my-bert", "--config", "cfg.json", "--budget", "params=80%", "--data", "digits",
+                   "--epochs", "1", "-o", "b.pt", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: my-bert: fine-tuning a Hugging Face model directory is not supported by prune"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b.pt").exists()
+
+
+def test_latency_budget_with_keyword_inputs_says_to_pass_a_tuple() -> None:
+    model = zoo.build("resnet_basic")
+    x = zoo.example_inputs("resnet_basic")[0]
+    pruner = Pruner(model, {"global_config": {"granularity": "channel"}, "budget": {"latency": 0.5}}, {"x": x})
+    with pytest.raises(ConfigError, match=r"budget latency=0.5x: needs the model's inputs as a tuple of tensors .* "
+                                          r"got keyword inputs x: pass e.g. \(input_ids,\) instead of a dict"):
+        pruner.prepare()
