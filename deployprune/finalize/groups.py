@@ -124,8 +124,10 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None = 
             continue
         removable = np.logical_and.reduce([~z.keep_of(r) for r in roots])
         unit = "channel" if any(has_producer(r) for r in roots) else kinds.get(root, "head")
-        if kinds.get(root) == "head":
-            unit = "head"  # heads with a parameter of their own (T5's relative_attention_bias columns) are heads
+        if kinds.get(root) == "head" and any(has_producer(r) for r in reach if r not in roots):
+            # heads with a parameter of their own (T5's relative_attention_bias columns) are still heads when
+            # the split space is a projection's output (q rows); a flatten of conv channels is not
+            unit = "head"
         if chunked & set(reach) or unit == "head_position":
             # positions inside a head: forward code usually derives q, k and v sizes from one head_dim
             removable = np.zeros(n, bool)

@@ -27,8 +27,9 @@ DEFAULT_OP_TYPES: tuple[str, ...] = (
     "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
 )
 
-GRANULARITIES = ("element", "channel", "block", "n:m", "head")
-STRUCTURED = ("channel", "head")
+GRANULARITIES = ("element", "channel", "block", "n:m", "head", "channel+head")
+#: "channel+head": each coupled group by its own unit (attention-head groups by head, the others by channel)
+STRUCTURED = ("channel", "head", "channel+head")
 
 _GRANULARITY_ALIASES = {
     "element": "element", "per_scalar": "element", "default": "element", "unstructured": "element",
@@ -38,6 +39,7 @@ _GRANULARITY_ALIASES = {
     "block": "block",
     "n:m": "n:m", "nm": "n:m", "n_m": "n:m",
     "head": "head", "heads": "head", "attention_head": "head",
+    "channel+head": "channel+head", "head+channel": "channel+head", "channel_and_head": "channel+head",
 }
 
 

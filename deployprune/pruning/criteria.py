@@ -36,8 +36,8 @@ from .registry import Registry
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion", "criterion")
 
-ALL_GRANULARITIES = ("element", "block", "n:m", "channel", "head")
-STRUCTURED_ONLY = ("channel", "head")
+ALL_GRANULARITIES = ("element", "block", "n:m", "channel", "head", "channel+head")
+STRUCTURED_ONLY = ("channel", "head", "channel+head")
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,

@@ -7,7 +7,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +383,10 @@ class Pruner:
                 if res is _EXCLUDED:
                     excluded = m.module
                 elif isinstance(res, ModuleConfig) and res.structured:
-                    if (res.granularity == "head") == (getattr(g, "unit", "channel") == "head"):
+                    unit = "head" if getattr(g, "unit", "channel") == "head" else "channel"
+                    if res.granularity == "channel+head":  # this group by its own unit
+                        cfgs.append((m.module, replace(res, granularity=unit)))
+                    elif (res.granularity == "head") == (unit == "head"):
                         cfgs.append((m.module, res))
             if not cfgs:
                 continue
@@ -411,7 +414,8 @@ class Pruner:
         for name, cfg in self._resolved.items():
             if isinstance(cfg, ModuleConfig) and cfg.structured and name not in covered \
                     and self._has_heavy_param(modules[name]):
-                unit = "attention-head" if cfg.granularity == "head" else "channel"
+                unit = {"head": "attention-head", "channel+head": "channel or attention-head"}.get(cfg.granularity,
+                                                                                                  "channel")
                 self._notes[name] = (cfg, f"kept: the graph found no {unit} group produced by this layer")
         head_configured = any(isinstance(c, ModuleConfig) and c.granularity == "head" for c in self._resolved.values())
         if head_configured and not any(t.config.granularity == "head" for t in out):

@@ -405,6 +405,21 @@ def test_cli_prunes_a_hf_directory_to_a_budget_and_export_reads_its_masks(tmp_pa
 
 
 @pytest.mark.real
+def test_cli_default_budget_config_prunes_heads_and_ffn_of_a_hf_directory(tmp_path: Path, monkeypatch) -> None:
+    from tests.docs.fixtures import hf_bert
+
+    monkeypatch.chdir(tmp_path)
+    hf_bert("my-bert", "unused.pt")
+    proc = run_cli("prune", "my-bert", "--input", "input_ids=1,32", "--budget", "params=80%", "-o", "b.pt",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    masks = torch.load(tmp_path / "b.pt", weights_only=True)
+    pruned = {name for name, per in masks.items() if not bool(per["weight"].all())}
+    assert any(".attention.self.query" in n for n in pruned), sorted(pruned)  # heads, by head
+    assert any(".intermediate.dense" in n for n in pruned), sorted(pruned)  # the FFN, by channel
+
+
+@pytest.mark.real
 def test_cli_refuses_to_fine_tune_a_hf_directory_in_one_line(tmp_path: Path, monkeypatch) -> None:
     from tests.docs.fixtures import hf_bert
 

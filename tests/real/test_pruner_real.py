@@ -72,6 +72,17 @@ def test_gpt2_conv1d_mlp_channels_are_pruned_and_removed() -> None:
     _check(arch.build("eager"), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama", "t5_encoder", "vit"])
+def test_channel_plus_head_prunes_heads_and_mlp_in_one_config(name: str) -> None:
+    arch = _ARCHS[name]
+    config = {"global_config": {"granularity": "channel+head", "target_sparsity": 0.5}}
+    p = Pruner(arch.build(arch.impls[0]), config, arch.inputs(1, SEQ, 0))
+    p.prepare()
+    units = {t.config.granularity for t in p.targets if t.kind == "group"}
+    assert units == {"channel", "head"}, p.summary()
+    _check(arch.build(arch.impls[0]), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
+
+
 @pytest.mark.parametrize("name", HF_HEADS)
 def test_hf_attention_heads_are_pruned_and_removed(name: str) -> None:
     arch = _ARCHS[name]
