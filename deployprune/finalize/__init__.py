@@ -800,4 +800,7 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     from .groups import compute_groups
 
     args, kwargs = split_inputs(example_inputs)
-    return compute_groups(model, args, kwargs)
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(capture=_capture, live_nodes=_live_nodes, compact=compact)
+    return compute_groups(model, args, kwargs, engine)

@@ -22,23 +22,21 @@ from .graph import Analysis, ChannelGroup, GroupMember
 from .rules import apply_rule
 
 
-def analyze(model: nn.Module, inputs: tuple, kw: dict | None = None) -> Analysis:
+def analyze(model: nn.Module, inputs: tuple, kw: dict | None, engine: Any) -> Analysis:
     """Capture ``model`` (eval mode) as finalize does and apply every rule; not solved yet.
 
     The capture is finalize's own: torch.fx where it sees the whole model, otherwise the recording
     of one eager run, so the pruner offers the groups of library code (transformers' attention with
     item assignment, timm's norm-act layers) that symbolic tracing cannot follow.
     """
-    from . import _capture, _live_nodes
-
     was = model.training
     model.eval()
     try:
-        traced, error = _capture(model, inputs, kw or {})
+        traced, error = engine.capture(model, inputs, kw or {})
         if traced is None:
             raise UnsupportedError(f"structured pruning: {error}; no channel groups can be found")
         a = Analysis(traced, model)
-        live = _live_nodes(traced.graph) if traced.recorded else None
+        live = engine.live_nodes(traced.graph) if traced.recorded else None
         for node in traced.graph.nodes:
             if live is None or node in live:
                 a.at(node.name)
@@ -55,12 +53,14 @@ def _signature(a: Analysis) -> list[tuple[str, Any]]:
     return [(n.op, str(n.target)) for n in a.traced.graph.nodes]
 
 
-def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None = None) -> list[ChannelGroup]:
+def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None, engine: Any) -> list[ChannelGroup]:
+    """``engine`` is finalize's own ``capture``, ``live_nodes`` and ``compact`` (passed in, not imported:
+    this module is imported by finalize)."""
     from ..masks import strip_parametrizations_
 
     base = copy.deepcopy(model)
     strip_parametrizations_(base)
-    a = analyze(base, inputs, kw)
+    a = analyze(base, inputs, kw, engine)
 
     # every producer parameter zeroed: what is still kept can never be removed
     zeroed = copy.deepcopy(base)
@@ -70,7 +70,7 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None = 
             if any(a.roles.get(s) == "producer" for s in v.slots):
                 for mod_name, attr in v.refs:
                     getattr(zmods[mod_name], attr).zero_()
-    z = analyze(zeroed, inputs, kw)
+    z = analyze(zeroed, inputs, kw, engine)
     if _signature(z) != _signature(a):
         # both analyses must number their spaces alike; a recorded run whose Python path depends on
         # the weights' values (``if x.abs().max() > 0``) does not
@@ -150,11 +150,12 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None = 
                 for mod_name, attr in v.refs:
                     group.members.append(GroupMember(module=mod_name, param=attr, dim=d, indices=idx, role=role))
         groups.append(group)
-    _probe_with_compaction(base, inputs, kw or {}, groups)
+    _probe_with_compaction(base, inputs, kw or {}, groups, engine.compact)
     return groups
 
 
-def _probe_with_compaction(model: nn.Module, inputs: tuple, kw: dict, groups: list[ChannelGroup]) -> None:
+def _probe_with_compaction(model: nn.Module, inputs: tuple, kw: dict, groups: list[ChannelGroup],
+                           compact: Any) -> None:
     """Compact the model with every other removable unit of every group masked, and withdraw the groups
     whose channels stay.
 
@@ -164,8 +165,6 @@ def _probe_with_compaction(model: nn.Module, inputs: tuple, kw: dict, groups: li
     finalize's own word for it: a group is offered only if its probe channels are gone from every
     producer afterwards.
     """
-    from . import compact
-
     removed: dict[tuple[str, str, int], set[int]] = {}  # (module, param, dim) -> probe channels, all groups
     probed: dict[int, set[tuple[str, str, int]]] = {}  # group id -> the parameter dims it masks
     mods = dict(model.named_modules())
