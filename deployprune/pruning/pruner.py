@@ -133,12 +133,9 @@ def _as_inputs(example_inputs: Any) -> Any:
 
 
 def _call_args(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    if (len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
-            and isinstance(example_inputs[1], dict)):
-        return example_inputs[0], example_inputs[1]
-    return example_inputs, {}
+    from ..finalize import split_inputs
+
+    return split_inputs(example_inputs)
 
 
 _EXCLUDED = "excluded"

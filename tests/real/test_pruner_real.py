@@ -37,7 +37,7 @@ HF_HEADS = ["bert", "distilbert", "roberta", "llama", "mistral", "qwen2", "qwen3
 _ARCHS = architectures()
 
 
-def _check(model: torch.nn.Module, inputs, fresh, config: dict) -> None:
+def _check(model: torch.nn.Module, inputs, fresh, config: dict) -> Pruner:
     p = Pruner(model, config, inputs)
     p.prepare()
     groups = [t for t in p.targets if t.kind == "group"]
@@ -55,39 +55,38 @@ def _check(model: torch.nn.Module, inputs, fresh, config: dict) -> None:
     with torch.no_grad():
         err, name = relative_error(masked(*args, **kw), res.model(*args, **kw))
     assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+    return p
+
+
+def _check_arch(name: str, config: dict, impl: str | None = None) -> Pruner:
+    """_check on a transformers architecture of tests/real/hf_models.py (example batch 1, fresh batch 2)."""
+    arch = _ARCHS[name]
+    impl = impl or arch.impls[0]
+    return _check(arch.build(impl), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
 
 
 @pytest.mark.parametrize("name", HF_CHANNEL)
 def test_hf_channel_groups_are_pruned_and_removed(name: str) -> None:
-    arch = _ARCHS[name]
-    model = arch.build(arch.impls[0])
-    _check(model, arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), CHANNEL)
+    _check_arch(name, CHANNEL)
 
 
 def test_gpt2_conv1d_mlp_channels_are_pruned_and_removed() -> None:
     """transformers' Conv1D keeps its weight as (in, out) and runs torch.addmm: the MLP's output
     channels are the weight's columns."""
-    arch = _ARCHS["gpt2"]
-    config = {"module_type_configs": {"Conv1D": {"granularity": "channel", "target_sparsity": 0.5}}}
-    _check(arch.build("eager"), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
+    _check_arch("gpt2", {"module_type_configs": {"Conv1D": {"granularity": "channel", "target_sparsity": 0.5}}},
+                "eager")
 
 
 @pytest.mark.parametrize("name", ["bert", "llama", "t5_encoder", "vit"])
 def test_channel_plus_head_prunes_heads_and_mlp_in_one_config(name: str) -> None:
-    arch = _ARCHS[name]
-    config = {"global_config": {"granularity": "channel+head", "target_sparsity": 0.5}}
-    p = Pruner(arch.build(arch.impls[0]), config, arch.inputs(1, SEQ, 0))
-    p.prepare()
+    p = _check_arch(name, {"global_config": {"granularity": "channel+head", "target_sparsity": 0.5}})
     units = {t.config.granularity for t in p.targets if t.kind == "group"}
     assert units == {"channel", "head"}, p.summary()
-    _check(arch.build(arch.impls[0]), arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), config)
 
 
 @pytest.mark.parametrize("name", HF_HEADS)
 def test_hf_attention_heads_are_pruned_and_removed(name: str) -> None:
-    arch = _ARCHS[name]
-    model = arch.build(arch.impls[0])
-    _check(model, arch.inputs(1, SEQ, 0), arch.inputs(2, arch.fresh_length, 1), HEADS)
+    _check_arch(name, HEADS)
 
 
 def test_transformers_bert_base_prunes_with_positional_input_ids() -> None:
