@@ -128,6 +128,25 @@ def _setup_distributed() -> _Dist:
     return _Dist(True, dist.get_rank(), dist.get_world_size(), local, True)
 
 
+def _teardown_distributed(clean_exit: bool) -> None:
+    """Destroy the process group finetune created, without racing the other ranks.
+
+    The DistributedDataParallel wrapper (and its reducer, which holds the gloo/nccl backend)
+    can be kept alive by reference cycles; collected only at interpreter exit, the backend's
+    worker threads are torn down mid-finalisation and the process aborts ("terminate called
+    without an active exception", seen once in CI on a two-rank run). Collect them now, while
+    the group still exists, and let every rank reach this point before any rank closes its
+    connections. After a failure the other ranks may never arrive, so no barrier then.
+    """
+    import gc
+
+    gc.collect()
+    if clean_exit:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    gc.collect()
+
+
 def _distributed_loader(loader: Any, dist_info: _Dist, seed: int) -> Any:
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
@@ -423,16 +442,19 @@ def finetune(
             _build(sched_factory, "lr_scheduler", (dummy_opt,), lr_scheduler_kwargs, name=lr_scheduler)
 
     dist_info = _setup_distributed()
+    clean_exit = False
     try:
-        return _finetune(model, pruner, train_loader, val_loader, epochs=epochs, opt_factory=opt_factory,
+        result = _finetune(model, pruner, train_loader, val_loader, epochs=epochs, opt_factory=opt_factory,
                          optimizer_name=optimizer, optimizer_kwargs=optimizer_kwargs, crit=crit,
                          checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=progress,
                          device=device, force=force, dist_info=dist_info, sched_factory=sched_factory,
                          sched_name=lr_scheduler, sched_kwargs=lr_scheduler_kwargs,
                          sched_per_step=lr_scheduler_interval == "step")
+        clean_exit = True
+        return result
     finally:
         if dist_info.owns_group:
-            torch.distributed.destroy_process_group()
+            _teardown_distributed(clean_exit)
 
 
 def _finetune(model: nn.Module, pruner: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, *,
