@@ -96,10 +96,14 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None, e
     def has_producer(root: int) -> bool:
         return any(a.roles.get(v.slots[d]) == "producer" for v, d in by_root.get(root, []))
 
+    # chunk/split into equal parts (a fused projection: GPT-2's c_attn.split, Phi-3's gate_up_proj.chunk)
+    # couples position p of every part: x's channels p, n + p, ... go together. A group that reaches every
+    # part with the same channels (q, k and v of one head; gate and up of one channel) owns x's positions;
+    # any other use (a channel split whose halves go different ways, as in ShuffleNet) is not described
+    # by groups yet, so those spaces are offered as not prunable rather than over-promised
+    splits = [(a.find(rel[1]), [a.find(sl) for sl in rel[2]], a.size[a.find(rel[2][0])])
+              for rel in a.relations if rel[0] == "chunk"]
     primaries = [r for r in sorted(set(by_root) | set(maps)) if a.size[r] > 1 and r not in owned]
-    # chunk (channel split, as in ShuffleNet) couples equal positions of several spaces; groups do not
-    # describe that coupling yet, so those spaces are offered as not prunable rather than over-promised
-    chunked = {a.find(sl) for rel in a.relations if rel[0] == "chunk" for sl in [rel[1], *rel[2]]}
     # likewise a split and a merge of the same dims in another order (a channel shuffle permutes channels)
     orders: dict[frozenset, set[tuple]] = {}
     singles: dict[frozenset, set[int]] = {}
@@ -109,21 +113,36 @@ def compute_groups(model: nn.Module, inputs: tuple[Any, ...], kw: dict | None, e
             if len(roots) > 1:
                 orders.setdefault(frozenset(roots), set()).add(roots)
                 singles.setdefault(frozenset(roots), set()).add(a.find(rel[1]))
+    shuffled: set[int] = set()
     for key, seen in orders.items():
         if len(seen) > 1:
-            chunked |= singles[key] | set(key)
+            shuffled |= singles[key] | set(key)
     groups: list[ChannelGroup] = []
     reaches = {root: _reach(root, a.size[root], maps) for root in primaries}
+    clusters = []
     for roots in _merge_primaries(primaries, reaches):
-        root = roots[0]
-        n = a.size[root]
         reach: dict[int, list | None] = {}  # space -> per-channel index arrays (None = identity)
         for r in roots:
             reach.update(reaches[r])
+        owns = _own_splits(reach, a.size[roots[0]], splits, maps)
+        clusters.append((roots, reach, owns))
+    owned_x = set().union(*(owns for _, _, owns in clusters)) if clusters else set()
+    for roots, reach, owns in clusters:
+        if set(roots) <= owned_x - owns:
+            continue  # a fused projection's output: its channels are listed by the group owning the split
+        root = roots[0]
+        n = a.size[root]
         if not any(has_producer(r) for r in reach):
             continue
         removable = np.logical_and.reduce([~z.keep_of(r) for r in roots])
-        unit = "channel" if any(has_producer(r) for r in roots) else kinds.get(root, "head")
+        for x in owns:  # and every position of the fused output a unit takes must be removable
+            kept_x = z.keep_of(x)
+            removable &= np.array([not kept_x[i].any() for i in reach[x]], bool)
+        chunked = {s for x, outs, _ in splits if x not in owns for s in [x, *outs]} | shuffled
+        if root in kinds:
+            unit = kinds[root] if not any(has_producer(r) for r in roots) else "channel"
+        else:
+            unit = "channel" if any(has_producer(r) for r in [*roots, *owns]) else "head"
         if kinds.get(root) == "head" and any(has_producer(r) for r in reach if r not in roots):
             # heads with a parameter of their own (T5's relative_attention_bias columns) are still heads when
             # the split space is a projection's output (q rows); a flatten of conv channels is not
@@ -306,6 +325,39 @@ def _index_maps(a: Analysis, z: Analysis) -> tuple[dict[int, list[tuple[int, lis
                 else:
                     kinds[src] = "head"
     return maps, owned, kinds
+
+
+def _own_splits(reach: dict[int, list | None], n: int, splits: list[tuple[int, list[int], int]],
+                maps: dict[int, list[tuple[int, list[np.ndarray]]]]) -> set[int]:
+    """Extend ``reach`` (in place) over the equal splits whose every part it reaches with the same
+    channels; returns the split inputs it now owns.
+
+    Channel ``k`` of the group is then positions ``i * part + m[k]`` of the split input for every part
+    ``i`` (``m[k]``: its indices in each part), and whatever that input maps to further.
+    """
+    owns: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for x, outs, part in splits:
+            if x in owns or not all(o in reach for o in outs):
+                continue
+            ms = [reach[o] if reach[o] is not None else [np.array([k]) for k in range(n)] for o in outs]
+            if any(len(m) != len(ms[0]) or not all(np.array_equal(u, v) for u, v in zip(m, ms[0], strict=True))
+                   for m in ms[1:]):
+                continue
+            owns.add(x)
+            changed = True
+            idx = [np.concatenate([i * part + m for i in range(len(outs))]).astype(int) for m in ms[0]]
+            for dst, m in _reach(x, part * len(outs), maps).items():
+                composed = idx if m is None else [np.concatenate([m[i] for i in ks]) if len(ks) else np.zeros(0, int)
+                                                  for ks in idx]
+                if dst in reach and reach[dst] is None:
+                    continue  # the group's own root
+                old = reach.get(dst)
+                reach[dst] = composed if old is None else [np.union1d(o, c).astype(int)
+                                                           for o, c in zip(old, composed, strict=True)]
+    return owns
 
 
 def _reach(root: int, n: int, maps: dict[int, list[tuple[int, list[np.ndarray]]]]) -> dict[int, list | None]:

@@ -7,8 +7,9 @@ recording of one eager run), so a model finalize compacts is a model the Pruner 
 is given the keyword inputs HF models are called with. Per case: ``prepare()`` at target 0.5 gives at
 least one group and reaches the target in each; compacting its masks keeps no masked channel; the
 compacted model matches the masked one on fresh inputs (batch 2, another length, padding) to 1e-5
-relative; and it is smaller by the pruned units. Where the graph offers no group (fused qkv
-projections), the Pruner must say so, not prune quietly.
+relative; and it is smaller by the pruned units. Fused projections split into equal parts (GPT-2's
+c_attn, Phi-3's gate_up_proj) are pruned by head or channel; where the graph offers no group (Phi-3's
+qkv_proj, sliced at computed offsets), the Pruner must say so, not prune quietly.
 """
 
 from __future__ import annotations
@@ -106,16 +107,43 @@ def test_transformers_bert_base_prunes_with_positional_input_ids() -> None:
     _check(model, (ids,), fresh, config)
 
 
-@pytest.mark.parametrize("name, model_type", [("gpt2", "GPT2Model"), ("phi3", "Phi3Model")])
-def test_fused_qkv_heads_not_found_are_reported(name: str, model_type: str, caplog) -> None:
-    arch = _ARCHS[name]
+@pytest.mark.parametrize("granularity", ["head", "channel+head"])
+def test_gpt2_fused_c_attn_heads_are_pruned_and_removed(granularity: str) -> None:
+    """GPT-2 computes q, k and v with one Conv1D and splits them (``c_attn(x).split(self.split_size)``):
+    a head is 3 x head_dim of c_attn's output columns, one block in each third, and head_dim rows of
+    c_proj. With channel+head the MLP's channels are pruned in the same config."""
+    p = _check_arch("gpt2", {"module_type_configs": {"Conv1D": {"granularity": granularity,
+                                                                 "target_sparsity": 0.5}}}, "eager")
+    cfg = p.model.config
+    attn = [t for t in p.targets if t.kind == "group" and t.config.granularity == "head"]
+    assert sorted(t.name.split(":")[-1] for t in attn) == ["h.0.attn.c_attn", "h.1.attn.c_attn"], p.summary()
+    cols = p.masks()["h.0.attn.c_attn"]["weight"].all(0)  # Conv1D weight is (in, out)
+    dropped = (~cols).nonzero().flatten().tolist()
+    assert len(dropped) == 3 * cfg.n_embd // 2  # half the heads, in q, k and v
+    thirds = [{c % cfg.n_embd for c in dropped if c // cfg.n_embd == i} for i in range(3)]
+    assert thirds[0] == thirds[1] == thirds[2], "q, k and v must lose the same heads"
+    if granularity == "channel+head":
+        assert any(t.config.granularity == "channel" for t in p.targets if t.kind == "group"), p.summary()
+
+
+def test_phi3_fused_gate_up_proj_channels_are_pruned_and_removed() -> None:
+    """Phi-3's MLP is one Linear for gate and up, chunked in two (``gate, up = gate_up_proj(x).chunk(2)``):
+    an intermediate channel is row k of each half."""
+    p = _check_arch("phi3", CHANNEL, "eager")
+    rows = p.masks()["layers.0.mlp.gate_up_proj"]["weight"].all(1)
+    half = rows.numel() // 2
+    assert not rows.all() and torch.equal(rows[:half], rows[half:]), "gate and up must lose the same channels"
+
+
+def test_phi3_fused_qkv_heads_not_found_are_reported(caplog) -> None:
+    """Phi-3 slices its fused qkv_proj at computed offsets (not a split into equal parts): no head group, said so."""
+    arch = _ARCHS["phi3"]
     model = arch.build("eager")
-    config = {"module_type_configs": {t: {"granularity": "head", "target_sparsity": 0.5}
-                                      for t in ("Linear", "Conv1D")}}
+    config = {"module_type_configs": {"Linear": {"granularity": "head", "target_sparsity": 0.5}}}
     with caplog.at_level(logging.WARNING, logger="deployprune"):
         p = Pruner(model, config, arch.inputs(1, SEQ, 0))
         p.prepare()
-    assert f"the graph found no attention-head group in {model_type}" in caplog.text
+    assert "the graph found no attention-head group in Phi3Model" in caplog.text
     assert "no layer is prunable with this config" in caplog.text
     assert "kept: the graph found no attention-head group produced by this layer" in p.summary()
 
@@ -130,7 +158,9 @@ def test_phi3_fused_qkv_channels_are_withdrawn_with_finalize_reason() -> None:
     assert "layers.0.self_attn.qkv_proj" in summary
     row = next(line for line in summary.splitlines() if line.startswith("layers.0.self_attn.qkv_proj"))
     assert "not prunable: finalize keeps them: coupled through operator.getitem" in row, row
-    assert p.masks() == {} or all(bool(m.all()) for per in p.masks().values() for m in per.values())
+    masks = p.masks()
+    assert all(bool(m.all()) for name, per in masks.items() if "qkv_proj" in name for m in per.values())
+    assert "layers.0.mlp.gate_up_proj" in masks  # the MLP is still pruned
 
 
 @pytest.mark.parametrize("spec_id", [s.id for s in V.SPECS])
