@@ -241,8 +241,16 @@ def _conv_padding(module: Any, nd: int) -> tuple[int, ...]:
     return tuple(int(p) for p in pad)
 
 
+def is_conv1d_linear(module: Any) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``, run by addmm."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and getattr(w, "ndim", 0) == 2 and int(w.shape[1]) == module.nf)
+
+
 def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) -> dict[str, LayerShape]:
-    """Module qualified name -> :class:`LayerShape` of its first call, for every Conv1d/Conv2d/Linear.
+    """Module qualified name -> :class:`LayerShape` of its first call, for every Conv1d/Conv2d/Linear
+    (and transformers' ``Conv1D``, recorded as the linear layer it is).
 
     The model runs once on ``example_inputs`` (a tuple of tensors, or one tensor) under
     ``torch.no_grad``; it is not modified (hooks are removed afterwards). With ``batch``, the leading
@@ -266,11 +274,13 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
             shape = [int(s) for s in args[0].shape]
             if batch is not None and own_batch and shape and shape[0] % own_batch == 0:
                 shape[0] = shape[0] // own_batch * batch
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) or is_conv1d_linear(mod):
                 if len(shape) == 1:  # an unbatched Linear call
                     shape = [1, *shape]
-                found[name] = LayerShape("linear", mod.in_features, mod.out_features, (), (), (), (), 1,
-                                         tuple(shape), mod.bias is not None)
+                cin, cout = ((mod.in_features, mod.out_features) if isinstance(mod, nn.Linear)
+                             else (int(mod.weight.shape[0]), int(mod.weight.shape[1])))
+                found[name] = LayerShape("linear", cin, cout, (), (), (), (), 1, tuple(shape),
+                                         getattr(mod, "bias", None) is not None)
                 return
             nd = 1 if isinstance(mod, nn.Conv1d) else 2
             if len(shape) == nd + 1:  # an unbatched conv call
@@ -282,7 +292,7 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or is_conv1d_linear(module):
             handles.append(module.register_forward_pre_hook(hook_for(name, module)))
     try:
         with torch.no_grad():

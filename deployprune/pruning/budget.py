@@ -232,6 +232,10 @@ class GroupCosts:
         self.units = [int(t.units) for t in targets]
         self.full = list(self.units)
         self.dims: dict[tuple[str, str, int], _Dim] = {}
+        from ..costmodel import is_conv1d_linear
+
+        # layers storing their weight (in, out): transformers' Conv1D
+        self._transposed = {mn for mn, mod in model.named_modules() if is_conv1d_linear(mod)}
         self._pshapes = {(mn, pn): tuple(p.shape) for mn, mod in model.named_modules()
                          for pn, p in _own_tensors(mod)}
         shapes = {f"{mn}.{pn}" if mn else pn: s for (mn, pn), s in self._pshapes.items()}
@@ -311,11 +315,12 @@ class GroupCosts:
     def widths_of(self, name: str, k: Sequence[int]) -> tuple[int, int]:
         """``(in, out)`` channels of layer ``name`` when the groups keep ``k`` units."""
         shape = self.layers[name]
-        out = self.kept((name, "weight", 0), k)
+        out_dim, in_dim = (1, 0) if name in self._transposed else (0, 1)
+        out = self.kept((name, "weight", out_dim), k)
         out = shape.out_channels if out < 0 else out
         if shape.depthwise:
             return out // max(1, shape.out_channels // shape.in_channels), out
-        w_in = self.kept((name, "weight", 1), k)
+        w_in = self.kept((name, "weight", in_dim), k)
         return (shape.in_channels if w_in < 0 else w_in * shape.groups), out
 
     def cost(self, k: Sequence[int]) -> float:

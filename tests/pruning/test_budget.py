@@ -126,6 +126,32 @@ def test_count_budgets_are_met_by_the_compacted_model(metric: str) -> None:
     assert sorted(kept_rows.values()) == sorted(g["kept"] for g in report["groups"])
 
 
+@pytest.mark.real
+def test_macs_budget_prunes_gpt2_fused_heads_and_conv1d_mlp() -> None:
+    """transformers' Conv1D keeps its weight as (in, out): the budget prices its widths that way round, so
+    GPT-2's heads (the fused c_attn, split in three) and MLP channels are pruned to the budget."""
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64,
+                                                           vocab_size=500, use_cache=False)).eval()
+    inputs = (torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0)),)
+    dense = count_macs(model, inputs)
+    p = Pruner(model, {"module_type_configs": {"Conv1D": {"granularity": "channel+head"}}, "budget": {"macs": 0.6}},
+               inputs)
+    p.prepare()
+    _, macs = compacted_counts(p, inputs)
+    assert 0.5 <= macs / dense <= 0.6 * 1.1, macs / dense
+    report = p.budget_report()
+    assert report["met"] is True and report["macs"] == macs
+    assert {t.config.granularity for t in p.targets if t.kind == "group"} == {"channel", "head"}
+    heads = [g for g in report["groups"] if g["unit"] == "head"]
+    assert len(heads) == 2 and all(g["total"] == 4 and "attn.c_attn" in g["group"] for g in heads), report["groups"]
+
+
 def test_budget_beats_uniform_importance_at_equal_cost() -> None:
     """The allocator keeps more of the importance score than one ratio for every layer, at no more cost."""
     model, inputs = resnet()

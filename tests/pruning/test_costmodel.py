@@ -244,3 +244,18 @@ def test_an_unwritable_cache_warns_and_keeps_measuring(tmp_path):
         assert table.layer_ms(conv(8, 8, 8), 8, 8) > 0
     assert any(issubclass(w.category, CostTableWarning) for w in caught)
     assert not table.autosave
+
+
+@pytest.mark.real
+def test_record_layers_records_transformers_conv1d_as_the_linear_it_is():
+    """GPT-2's Conv1D stores its weight (in, out) and runs addmm: it is priced as a linear layer."""
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import transformers
+
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                                           vocab_size=50, use_cache=False)).eval()
+    layers = record_layers(model, (torch.randint(0, 50, (1, 8)),))
+    assert layers["h.0.attn.c_attn"] == LayerShape("linear", 32, 96, (), (), (), (), 1, (1, 8, 32), True)
+    assert layers["h.0.mlp.c_fc"].out_channels == 128 and layers["h.0.mlp.c_proj"].in_channels == 128
