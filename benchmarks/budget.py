@@ -6,6 +6,7 @@ Run from the repository root::
     python -m benchmarks.budget                     # MobileNetV2, ResNet-18, BERT-base, digits (~15 min)
     python -m benchmarks.budget --quick             # small widths, one digits seed (~2 min)
     python -m benchmarks.budget --models resnet18 --skip-digits
+    python -m benchmarks.budget --models gpt2 --skip-digits --skip-cost-table --out benchmarks/budget_gpt2.json
 
 Models (random init, nothing downloaded; onnxruntime CPU, 1 thread, batch 1, all graph
 optimizations, TorchScript exporter via ``deployprune.converters``):
@@ -79,6 +80,7 @@ BUDGET = 0.5
 TOLERANCE = 0.10
 TARGET_BUILD_S = 120.0
 MODELS = ("mobilenet_v2", "resnet18", "bert_base")
+EXTRA_MODELS = ("gpt2",)  # not in the default run: transformers GPT2Model (GPT-2 small), heads and MLP
 
 
 def _load() -> list[float] | None:
@@ -125,7 +127,25 @@ def build(name: str, quick: bool) -> tuple[Any, tuple, dict[str, Any], str]:
                 f"layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN {cfg.intermediate_size}, "
                 f"{cfg._attn_implementation or 'eager'} attention; input_ids 1x{seq}")
         return model, (ids,), config, what
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name == "gpt2":
+        from deployprune._compat import tolerate_missing_torchvision_ops
+
+        tolerate_missing_torchvision_ops()
+        import transformers
+
+        cfg = (transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=128,
+                                       use_cache=False) if quick else transformers.GPT2Config(use_cache=False))
+        seq = 64 if quick else 128
+        model = transformers.GPT2Model(cfg).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+        # heads of the fused c_attn (split into q, k, v) and the Conv1D MLP's channels
+        config = {"module_type_configs": {"Conv1D": {"granularity": "head"}},
+                  "module_name_configs": {r".*mlp\.c_fc": {"granularity": "channel"}}}
+        what = (f"transformers {transformers.__version__} GPT2Model {cfg.n_layer} layers, hidden {cfg.n_embd}, "
+                f"{cfg.n_head} heads, MLP {4 * cfg.n_embd}, {cfg._attn_implementation or 'eager'} attention; "
+                f"input_ids 1x{seq}")
+        return model, (ids,), config, what
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS + EXTRA_MODELS)}")
 
 
 def uniform_config(config: dict[str, Any], sparsity: float, multiple: int) -> dict[str, Any]:
@@ -410,7 +430,8 @@ def cold_build(quick: bool, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI size: small widths and inputs, one digits seed")
-    parser.add_argument("--models", nargs="*", default=list(MODELS), help=f"default: {' '.join(MODELS)}")
+    parser.add_argument("--models", nargs="*", default=list(MODELS),
+                        help=f"default: {' '.join(MODELS)}; also: {' '.join(EXTRA_MODELS)}")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 40; quick 20)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="headline timings: interleaved runs of dense/budget/uniform, median round (default 3)")
