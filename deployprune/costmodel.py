@@ -243,8 +243,8 @@ def _conv_padding(module: Any, nd: int) -> tuple[int, ...]:
 
 def is_conv1d_linear(module: Any) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``, run by addmm."""
-    w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+    w = getattr(module, "weight", None)  # (a parametrized module's class is a subclass: ParametrizedConv1D)
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and isinstance(getattr(module, "nf", None), int)
             and getattr(w, "ndim", 0) == 2 and int(w.shape[1]) == module.nf)
 
 

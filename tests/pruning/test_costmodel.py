@@ -259,3 +259,17 @@ def test_record_layers_records_transformers_conv1d_as_the_linear_it_is():
     layers = record_layers(model, (torch.randint(0, 50, (1, 8)),))
     assert layers["h.0.attn.c_attn"] == LayerShape("linear", 32, 96, (), (), (), (), 1, (1, 8, 32), True)
     assert layers["h.0.mlp.c_fc"].out_channels == 128 and layers["h.0.mlp.c_proj"].in_channels == 128
+    # a pruner's masks parametrize the weight (the class becomes ParametrizedConv1D): still the same layer
+    from torch.nn.utils import parametrize
+
+    from deployprune.costmodel import is_conv1d_linear
+
+    class Same(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w
+
+    c_fc = model.h[0].mlp.c_fc
+    parametrize.register_parametrization(c_fc, "weight", Same())
+    assert type(c_fc).__name__ != "Conv1D" and is_conv1d_linear(c_fc)
+    assert record_layers(model, (torch.randint(0, 50, (1, 8)),))["h.0.mlp.c_fc"].out_channels == 128
+    assert not is_conv1d_linear(torch.nn.Linear(4, 4))
