@@ -36,8 +36,8 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
         "(DistributedDataParallel; rank 0 writes the files).",
     )
     p.add_argument("--config", metavar="FILE", help="pruning config (.json/.yaml; docs/pruning.md); optional "
-                   "with --budget (default: every Conv/Linear by channel+head: attention heads by head, "
-                   "other groups by channel; L1)")
+                   "with --budget (default: every Conv/Linear, and transformers' Conv1D, by channel+head: "
+                   "attention heads by head, other groups by channel; L1)")
     b = p.add_argument_group("budget (docs/pruning.md, 'Pruning to a budget')")
     b.add_argument("--budget", metavar="METRIC=VALUE", help="prune channel/head groups to a budget instead of "
                    "their target_sparsity: latency=0.5x, latency=2.5ms (onnxruntime, measured), macs=40%%, "
@@ -198,7 +198,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-DEFAULT_BUDGET_CONFIG = {"global_config": {"granularity": "channel+head", "criterion": "l1"}}
+DEFAULT_BUDGET_CONFIG = {"global_config": {"granularity": "channel+head", "criterion": "l1"},
+                         # transformers' Conv1D (GPT-2's layers) is a Linear stored (in, out); not a default type
+                         "module_type_configs": {"Conv1D": {"granularity": "channel+head", "criterion": "l1"}}}
 
 
 def _budget_from_args(args: argparse.Namespace) -> Any:

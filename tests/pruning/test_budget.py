@@ -446,6 +446,35 @@ def test_cli_default_budget_config_prunes_heads_and_ffn_of_a_hf_directory(tmp_pa
 
 
 @pytest.mark.real
+def test_cli_default_budget_config_prunes_a_gpt2_directory_and_export_removes_it(tmp_path: Path) -> None:
+    """GPT-2's layers are transformers' Conv1D (not a default layer type): the --budget default config names
+    it, so its fused c_attn is offered by head and its MLP by channel, and export compacts the masks away."""
+    from deployprune._compat import tolerate_missing_torchvision_ops
+
+    tolerate_missing_torchvision_ops()
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64,
+                                                         vocab_size=500)).save_pretrained(tmp_path / "my-gpt2")
+    proc = run_cli("prune", "my-gpt2", "--input", "input_ids=1,32", "--budget", "params=80%", "-o", "g.pt",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "budget:     params=80% met" in proc.stdout
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "coupled group" in line}
+    assert any("attn.c_att" in k and " head " in v for k, v in rows.items()), proc.stdout
+    masks = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert not bool(masks["transformer.h.0.mlp.c_fc"]["weight"].all())
+    proc = run_cli("export", "my-gpt2", "--masks", "g.pt", "--input", "input_ids=1,32", "--target", "onnx",
+                   "-o", "g.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    removed = next(line for line in proc.stdout.splitlines() if line.startswith("compaction:"))
+    n = removed.split("removed ")[1].split(" of ")
+    assert n[0] == n[1].split()[0] and int(n[0].replace(",", "")) > 0, removed
+    assert "PASS" in proc.stdout
+
+
+@pytest.mark.real
 def test_cli_refuses_to_fine_tune_a_hf_directory_in_one_line(tmp_path: Path, monkeypatch) -> None:
     from tests.docs.fixtures import hf_bert
 
