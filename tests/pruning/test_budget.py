@@ -398,6 +398,17 @@ def test_html_report_plots_the_latency_table() -> None:
 
 # ------------------------------------------------------------------ Hugging Face model directories
 
+def export_removes_every_masked_channel(cwd: Path, directory: str, masks: str) -> None:
+    """``deployprune export DIRECTORY --masks MASKS`` passes and compacts every masked channel away."""
+    proc = run_cli("export", directory, "--masks", masks, "--input", "input_ids=1,32", "--target", "onnx",
+                   "-o", Path(masks).with_suffix(".onnx").name, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    removed = next(line for line in proc.stdout.splitlines() if line.startswith("compaction:"))
+    n = removed.split("removed ")[1].split(" of ")
+    assert n[0] == n[1].split()[0] and int(n[0].replace(",", "")) > 0, removed
+    assert "PASS" in proc.stdout
+
+
 HF_CONFIG = {"module_type_configs": {"Linear": {"granularity": "head"}},
              "module_name_configs": {r".*intermediate\.dense": {"granularity": "channel"}}}
 
@@ -420,13 +431,7 @@ def test_cli_prunes_a_hf_directory_to_a_budget_and_export_reads_its_masks(tmp_pa
     masks = torch.load(tmp_path / "b.pt", weights_only=True)
     assert "encoder.layer.0.attention.self.query" in masks  # library names, no "model." prefix
     assert any(not bool(m.all()) for per in masks.values() for m in per.values())
-    proc = run_cli("export", "my-bert", "--masks", "b.pt", "--input", "input_ids=1,32", "--target", "onnx",
-                   "-o", "b.onnx", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    removed = next(line for line in proc.stdout.splitlines() if line.startswith("compaction:"))
-    n = removed.split("removed ")[1].split(" of ")
-    assert n[0] == n[1].split()[0] and int(n[0].replace(",", "")) > 0, removed
-    assert "PASS" in proc.stdout
+    export_removes_every_masked_channel(tmp_path, "my-bert", "b.pt")
     assert {p.name: p.read_bytes() for p in (tmp_path / "my-bert").iterdir()} == before
 
 
@@ -465,13 +470,7 @@ def test_cli_default_budget_config_prunes_a_gpt2_directory_and_export_removes_it
     assert any("attn.c_att" in k and " head " in v for k, v in rows.items()), proc.stdout
     masks = torch.load(tmp_path / "g.pt", weights_only=True)
     assert not bool(masks["transformer.h.0.mlp.c_fc"]["weight"].all())
-    proc = run_cli("export", "my-gpt2", "--masks", "g.pt", "--input", "input_ids=1,32", "--target", "onnx",
-                   "-o", "g.onnx", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    removed = next(line for line in proc.stdout.splitlines() if line.startswith("compaction:"))
-    n = removed.split("removed ")[1].split(" of ")
-    assert n[0] == n[1].split()[0] and int(n[0].replace(",", "")) > 0, removed
-    assert "PASS" in proc.stdout
+    export_removes_every_masked_channel(tmp_path, "my-gpt2", "g.pt")
 
 
 @pytest.mark.real
