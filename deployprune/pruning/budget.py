@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..adapt import positional
 from ..errors import ConfigError, UsageError
 
 METRICS = ("latency", "macs", "params")
@@ -532,7 +533,7 @@ class BudgetPlanner:
     target at the schedule's progress; ``achieved(masks)`` measures what given masks give.
     """
 
-    def __init__(self, budget: Budget, model: nn.Module, targets: Sequence[Any], inputs: tuple, *,
+    def __init__(self, budget: Budget, model: nn.Module, targets: Sequence[Any], inputs: Any, *,
                  max_sparsity: Mapping[str, float] | None = None) -> None:
         from .. import progress
         from ..costmodel import CostTable, record_layers
@@ -541,7 +542,11 @@ class BudgetPlanner:
         self.budget = budget
         self.model = model
         self.targets = list(targets)
-        self.inputs = tuple(inputs)
+        # ``inputs`` may be keyword inputs (a library model's input_ids=..., pixel_values=...):
+        # compaction takes them as given; counting, recording and the ONNX export see the model
+        # through a positional view (adapt.positional) of them.
+        self.example = inputs
+        _, self.inputs = positional(model, inputs)
         self.max_sparsity = {t.name: (t.config.max_sparsity if t.config.max_sparsity is not None
                                       else budget.max_sparsity) for t in self.targets}
         if max_sparsity:
@@ -553,30 +558,32 @@ class BudgetPlanner:
         self.goal_predicted: float | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="deployprune-budget-")
         self.timing_inputs = _batched(self.inputs, budget.setting.batch)
-        plain = _plain(model)
+        own = _plain(model)
+        plain, flat = positional(own, inputs)
+        wrapped = plain is not own  # keyword inputs: per-module figures are named "model.<name>"
         self.table = None
         self.multiple = 1
         dense_measured = None
         self.dense_onnx: Path | None = None
         t0 = time.perf_counter()
         with torch.no_grad():
-            layers = record_layers(plain, self.inputs, batch=budget.setting.batch)
+            layers = _unwrapped_names(record_layers(plain, flat, batch=budget.setting.batch), wrapped)
         if budget.metric == "latency":
             self.table = CostTable(budget.setting, path=budget.cost_table)
             self.table.build(layers)
             self.multiple = int(self.table.preferred_multiple())
             progress.note("budget: exporting and timing the dense model in onnxruntime")
-            self.dense_onnx = _export_onnx(plain, self.inputs, Path(self._tmp.name) / "dense.onnx")
+            self.dense_onnx = _export_onnx(plain, flat, Path(self._tmp.name) / "dense.onnx")
             dense_measured = self.table.model_ms(self.dense_onnx.read_bytes(), self.timing_inputs,
                                                   label="dense model (onnxruntime)")
             self.dense_ms = dense_measured
-        self.dense_macs = count_macs(plain, self.inputs)
+        self.dense_macs = count_macs(plain, flat)
         from ..stats import count_params
 
         self.dense_params = count_params(plain)
-        self.costs = GroupCosts(self.targets, plain, layers, budget.metric, table=self.table,
-                                dense_measured=dense_measured,
-                                macs_by_module=macs_by_module(plain, self.inputs) if budget.metric == "macs" else None)
+        by_module = _unwrapped_names(macs_by_module(plain, flat), wrapped) if budget.metric == "macs" else None
+        self.costs = GroupCosts(self.targets, own, layers, budget.metric, table=self.table,
+                                dense_measured=dense_measured, macs_by_module=by_module)
         self.steps = {t.name: max(1, self.multiple // (int(t.channel_map.shape[1]) if t.channel_map is not None
                                                        else 1)) if t.config.granularity != "head" else 1
                       for t in self.targets}
@@ -632,16 +639,16 @@ class BudgetPlanner:
         from ..stats import count_macs, count_params
 
         masks = expand(keep)
-        result = compact(_plain(self.model), self.inputs, masks)
-        model = result.model
-        out: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, self.inputs),
+        result = compact(_plain(self.model), self.example, masks)
+        model, flat = positional(result.model, self.example)
+        out: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, flat),
                                "compacted": bool(result.compacted)}
         if not result.compacted:
             out["abandoned"] = result.abandoned or "see the log"
         if result.kept_channels:
             out["channels_kept"] = result.channels_line()
         if self.budget.metric == "latency":
-            path = _export_onnx(model, self.inputs, Path(self._tmp.name) / "candidate.onnx")
+            path = _export_onnx(model, flat, Path(self._tmp.name) / "candidate.onnx")
             dense, cand = measure_latency_pair(self.dense_onnx, path, self.timing_inputs, self.budget.setting)
             out["latency_ms"], out["dense_ms"] = cand, dense
         return out
@@ -823,6 +830,20 @@ def summary_line(report: Mapping[str, Any]) -> str:
 def max_sparsity_text(planner: BudgetPlanner) -> str:
     vals = sorted(set(planner.max_sparsity.values()))
     return f"{vals[0]:.0%}" if len(vals) == 1 else f"{vals[0]:.0%}-{vals[-1]:.0%}"
+
+
+def _unwrapped_names(by_name: Mapping[str, Any], wrapped: bool) -> dict[str, Any]:
+    """Per-module results of a positional view, keyed by the viewed model's own module names (a
+    KeywordModel made here holds it as ``model``)."""
+    if not wrapped:
+        return dict(by_name)
+    out = {}
+    for name, v in by_name.items():
+        if name == "":
+            out[""] = v
+        elif name == "model" or name.startswith("model."):
+            out[name[len("model."):] if name != "model" else ""] = v
+    return out
 
 
 def _plain(model: nn.Module) -> nn.Module:

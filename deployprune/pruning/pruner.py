@@ -545,12 +545,8 @@ class Pruner:
             raise ConfigError(f"budget {self.config.budget.text}: needs layers pruned by channel or head "
                               "(granularity 'channel' or 'head'); the config selects none, or the graph found "
                               "no prunable group (see report() notes)")
-        args, kwargs = _call_args(self.example_inputs)
-        if kwargs:
-            raise ConfigError(f"budget {self.config.budget.text}: needs the model's inputs as a tuple of tensors "
-                              f"(the ONNX it times takes positional inputs); got keyword inputs "
-                              f"{', '.join(sorted(kwargs))}: pass e.g. (input_ids,) instead of a dict")
-        self._planner = BudgetPlanner(self.config.budget, self.model, groups, args)
+        # keyword inputs (input_ids=..., attention_mask=...) are timed as the ONNX graph's inputs, in order
+        self._planner = BudgetPlanner(self.config.budget, self.model, groups, self.example_inputs)
         if calibrate:
             requests = self._requests(groups, sparsity_of=lambda t: 1.0)
             planned = self._planner.plan(requests, self._nni_masks_of)
