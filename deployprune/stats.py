@@ -4,8 +4,10 @@ MACs are counted with torch's own :class:`torch.utils.flop_counter.FlopCounterMo
 counts the FLOPs of matrix multiplications and convolutions (``mm``, ``addmm``, ``bmm``,
 ``convolution``, scaled-dot-product attention ...) and nothing else: element-wise ops,
 normalization, pooling and activations are free. One multiply-accumulate is two FLOPs there,
-so ``MACs = FLOPs / 2``. Ops torch has no formula for (for example the fused
-``_transformer_encoder_layer_fwd`` fast path of ``nn.TransformerEncoderLayer`` in eval mode)
+so ``MACs = FLOPs / 2``. Scaled-dot-product attention's CPU kernel is given torch's attention
+formula, and the fused eval fast paths of ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` are switched off while counting (``torch.backends.mha``), so
+attention is counted (``Q Kᵀ`` and the weighted sum of ``V``). Other ops torch has no formula for
 are not counted; :func:`onnx_macs` counts the exported graph's Conv/Gemm/MatMul nodes instead
 and is the figure to compare ONNX artifacts with.
 """
@@ -111,16 +113,38 @@ def _is_parametrized(module: nn.Module, pname: str) -> bool:
     return isinstance(p, nn.ModuleDict) and pname in p
 
 
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    """FLOPs of ``scaled_dot_product_attention``'s CPU kernel, which torch's counter has no formula for."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def _flop_counts(model: nn.Module, inputs: Any) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     args = _as_tuple(inputs)
     was_training = model.training
     model.eval()
+    # Counted as the math it is: on CPU, scaled_dot_product_attention runs a kernel the counter does
+    # not know, and the eval fast paths of nn.MultiheadAttention / nn.TransformerEncoderLayer fused
+    # ops (no formula either), so all would count as free. The fast paths are switched off while
+    # counting (the same projections and attention, unfused).
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _cpu_sdpa_flops
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             model(*args)
     finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     out: dict[str, int] = {}
     root = type(model).__name__

@@ -63,6 +63,38 @@ def test_count_macs_of_conv_and_linear() -> None:
     assert model.training  # mode restored
 
 
+def test_count_macs_counts_attention_on_cpu() -> None:
+    """scaled_dot_product_attention's CPU kernel and nn.MultiheadAttention's eval fast path have no formula
+    in torch's flop counter: without one they counted as free (a torchvision ViT's attention was 0 MACs)."""
+    import torch.nn.functional as F
+
+    class Sdpa(nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, q, q)
+
+    b, h, n, d = 2, 4, 17, 16
+    assert count_macs(Sdpa(), (torch.randn(b, h, n, d),)) == 2 * b * h * n * n * d  # Q K^T, then the sum over V
+
+    class SelfAttention(nn.Module):  # as torchvision's ViT calls it: batch first, need_weights=False
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = SelfAttention().eval()
+    x = torch.randn(1, n, 64)
+    assert torch.backends.mha.get_fastpath_enabled()
+    in_proj, attention, out_proj = n * 64 * 192, 2 * 4 * n * n * 16, n * 64 * 64
+    assert count_macs(model, (x,)) == in_proj + attention + out_proj
+    assert macs_by_module(model, (x,))["attn"] == in_proj + attention + out_proj
+    assert torch.backends.mha.get_fastpath_enabled()  # switched on again after counting
+    # nn.TransformerEncoderLayer's fused eval fast path too: attention plus its two feed-forward Linears
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval()
+    assert count_macs(layer, (x,)) == in_proj + attention + out_proj + 2 * n * 64 * 128
+
+
 def test_onnx_macs_agree_with_the_flop_counter(tmp_path: Path) -> None:
     model = tiny_net()
     x = torch.randn(1, 3, 12, 12)
