@@ -80,7 +80,9 @@ BUDGET = 0.5
 TOLERANCE = 0.10
 TARGET_BUILD_S = 120.0
 MODELS = ("mobilenet_v2", "resnet18", "bert_base")
-EXTRA_MODELS = ("gpt2",)  # not in the default run: transformers GPT2Model (GPT-2 small), heads and MLP
+# not in the default run: transformers GPT2Model (GPT-2 small), heads and MLP; torchvision vit_b_16, the
+# nn.MultiheadAttention heads and MLP
+EXTRA_MODELS = ("gpt2", "vit_b_16")
 
 
 def _load() -> list[float] | None:
@@ -145,6 +147,23 @@ def build(name: str, quick: bool) -> tuple[Any, tuple, dict[str, Any], str]:
                 f"{cfg.n_head} heads, MLP {4 * cfg.n_embd}, {cfg._attn_implementation or 'eager'} attention; "
                 f"input_ids 1x{seq}")
         return model, (ids,), config, what
+    if name == "vit_b_16":
+        from deployprune._compat import tolerate_missing_torchvision_ops
+
+        tolerate_missing_torchvision_ops()
+        import torchvision
+
+        size = 64 if quick else 224
+        kwargs = dict(image_size=64, patch_size=16, num_layers=2, num_heads=4, hidden_dim=128,
+                      mlp_dim=512) if quick else {}
+        model = (torchvision.models.VisionTransformer(**kwargs) if quick else torchvision.models.vit_b_16()).eval()
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        # nn.MultiheadAttention's heads (in_proj_weight) and the MLP's channels (LayerNorm pins the rest)
+        config = {"global_config": {"granularity": "channel"},
+                  "module_type_configs": {"MultiheadAttention": {"granularity": "head"}}}
+        arch = f"VisionTransformer({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if quick else "vit_b_16()"
+        what = f"torchvision {arch} 1x3x{size}x{size}"
+        return model, (x,), config, what
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS + EXTRA_MODELS)}")
 
 

@@ -250,7 +250,8 @@ def is_conv1d_linear(module: Any) -> bool:
 
 def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) -> dict[str, LayerShape]:
     """Module qualified name -> :class:`LayerShape` of its first call, for every Conv1d/Conv2d/Linear
-    (and transformers' ``Conv1D``, recorded as the linear layer it is).
+    (and transformers' ``Conv1D``, recorded as the linear layer it is; an ``nn.MultiheadAttention``
+    as its in-projection under its own name and its ``out_proj``).
 
     The model runs once on ``example_inputs`` (a tuple of tensors, or one tensor) under
     ``torch.no_grad``; it is not modified (hooks are removed afterwards). With ``batch``, the leading
@@ -291,8 +292,33 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
 
         return hook
 
+    def attention_hook_for(name: str) -> Callable[..., None]:
+        # nn.MultiheadAttention runs its projections functionally (out_proj is never called as a
+        # module): recorded as the two linear layers it computes, in_proj (E -> 3E, its
+        # in_proj_weight) under its own name and out_proj (E -> E) under "<name>.out_proj"
+        def hook(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            query = args[0] if args else kwargs.get("query")
+            if name in found or not isinstance(query, torch.Tensor) or not mod._qkv_same_embed_dim:
+                return
+            shape = [int(s) for s in query.shape]
+            if len(shape) == 1:
+                shape = [1, *shape]
+            if batch is not None and own_batch and shape[0] % own_batch == 0:
+                shape[0] = shape[0] // own_batch * batch
+            e = int(mod.embed_dim)
+            found[name] = LayerShape("linear", e, 3 * e, (), (), (), (), 1, tuple(shape),
+                                     mod.in_proj_bias is not None)
+            found[f"{name}.out_proj"] = LayerShape("linear", e, e, (), (), (), (), 1, tuple(shape),
+                                                   mod.out_proj.bias is not None)
+
+        return hook
+
+    attention = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or is_conv1d_linear(module):
+        if isinstance(module, nn.MultiheadAttention):
+            handles.append(module.register_forward_pre_hook(attention_hook_for(name), with_kwargs=True))
+        elif ((isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or is_conv1d_linear(module))
+              and not any(name == f"{a}.out_proj" for a in attention)):
             handles.append(module.register_forward_pre_hook(hook_for(name, module)))
     try:
         with torch.no_grad():

@@ -237,6 +237,9 @@ class GroupCosts:
 
         # layers storing their weight (in, out): transformers' Conv1D
         self._transposed = {mn for mn, mod in model.named_modules() if is_conv1d_linear(mod)}
+        # nn.MultiheadAttention is recorded as its in-projection, whose weight is in_proj_weight
+        self._weight = {mn: "in_proj_weight" for mn, mod in model.named_modules()
+                        if isinstance(mod, nn.MultiheadAttention)}
         self._pshapes = {(mn, pn): tuple(p.shape) for mn, mod in model.named_modules()
                          for pn, p in _own_tensors(mod)}
         shapes = {f"{mn}.{pn}" if mn else pn: s for (mn, pn), s in self._pshapes.items()}
@@ -268,14 +271,17 @@ class GroupCosts:
             self._const = float(sum(math.prod(s) for n, s in shapes.items() if n not in self.items))
         else:
             for lname in self.layers:
-                w = (lname, "weight")
-                keys = [(lname, "weight", 0), (lname, "weight", 1)]
+                w = (lname, self._weight.get(lname, "weight"))
+                keys = [(*w, 0), (*w, 1)]
                 if any(k in self.dims for k in keys):
                     self.items[lname] = w
                     for k in keys:
                         for gi, _ in self.dims.get(k, _Dim(0)).parts:
                             self.touching[gi].add(lname)
             self._macs = dict(macs_by_module or {})
+            for mn in self._weight:  # an attention module's MACs include its out_proj's, priced on its own
+                if mn in self._macs and f"{mn}.out_proj" in self.layers:
+                    self._macs[mn] = max(0, self._macs[mn] - self.layers[f"{mn}.out_proj"].macs())
             full_items = sum(self._item_cost(n, None) for n in self.items)
             if metric == "macs":
                 total = float((macs_by_module or {}).get("", 0))
@@ -317,11 +323,12 @@ class GroupCosts:
         """``(in, out)`` channels of layer ``name`` when the groups keep ``k`` units."""
         shape = self.layers[name]
         out_dim, in_dim = (1, 0) if name in self._transposed else (0, 1)
-        out = self.kept((name, "weight", out_dim), k)
+        weight = self._weight.get(name, "weight")
+        out = self.kept((name, weight, out_dim), k)
         out = shape.out_channels if out < 0 else out
         if shape.depthwise:
             return out // max(1, shape.out_channels // shape.in_channels), out
-        w_in = self.kept((name, "weight", in_dim), k)
+        w_in = self.kept((name, weight, in_dim), k)
         return (shape.in_channels if w_in < 0 else w_in * shape.groups), out
 
     def cost(self, k: Sequence[int]) -> float:

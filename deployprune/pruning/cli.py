@@ -36,7 +36,8 @@ def register(subparsers: Any, parents: dict[str, argparse.ArgumentParser]) -> No
         "(DistributedDataParallel; rank 0 writes the files).",
     )
     p.add_argument("--config", metavar="FILE", help="pruning config (.json/.yaml; docs/pruning.md); optional "
-                   "with --budget (default: every Conv/Linear, and transformers' Conv1D, by channel+head: "
+                   "with --budget (default: every Conv/Linear and transformers' Conv1D by channel+head, "
+                   "nn.MultiheadAttention by head: "
                    "attention heads by head, other groups by channel; L1)")
     b = p.add_argument_group("budget (docs/pruning.md, 'Pruning to a budget')")
     b.add_argument("--budget", metavar="METRIC=VALUE", help="prune channel/head groups to a budget instead of "
@@ -199,8 +200,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 DEFAULT_BUDGET_CONFIG = {"global_config": {"granularity": "channel+head", "criterion": "l1"},
-                         # transformers' Conv1D (GPT-2's layers) is a Linear stored (in, out); not a default type
-                         "module_type_configs": {"Conv1D": {"granularity": "channel+head", "criterion": "l1"}}}
+                         # not default layer types: transformers' Conv1D (GPT-2's layers) is a Linear stored
+                         # (in, out); nn.MultiheadAttention (torchvision's ViT) holds its heads in in_proj_weight
+                         "module_type_configs": {"Conv1D": {"granularity": "channel+head", "criterion": "l1"},
+                                                 "MultiheadAttention": {"granularity": "head", "criterion": "l1"}}}
 
 
 def _budget_from_args(args: argparse.Namespace) -> Any:

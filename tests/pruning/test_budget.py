@@ -533,6 +533,37 @@ def test_budgets_take_the_keyword_inputs_library_models_are_called_with(name: st
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("metric", ["macs", "params"])
+def test_budget_prunes_the_heads_of_torchvision_vit_multihead_attention(metric: str) -> None:
+    """torchvision's VisionTransformer attends with nn.MultiheadAttention, whose heads live in in_proj_weight:
+    the --budget default config names it, the budget prices its heads (its projections and the attention
+    itself), and the compacted model meets the budget with heads removed."""
+    from deployprune.pruning.cli import DEFAULT_BUDGET_CONFIG
+    from tests.real import vision_models as V
+
+    spec = V.BY_ID["tv/vit"]
+    model, inputs = V.build(spec), V.inputs(spec, 1, 0)
+    p = Pruner(model, {**DEFAULT_BUDGET_CONFIG, "budget": {metric: 0.6}}, inputs)
+    p.prepare()
+    report = p.budget_report()
+    assert report["met"] is True and 0.5 <= report["achieved_ratio"] <= 0.66, report["achieved_ratio"]
+    heads = [g for g in report["groups"] if g["unit"] == "head"]
+    assert len(heads) == 2 and all(g["total"] == 4 for g in heads), report["groups"]
+    result = compact(p.model, inputs, p.masks())
+    assert result.compacted and result.kept_channels == 0, result.channels_line()
+    assert report["macs"] == count_macs(result.model, inputs) and report["params"] == count_params(result.model)
+    if metric == "macs":  # the prediction prices the heads: the first calibration try lands near the goal
+        first = report["calibration"][0]
+        assert abs(first["measured"] / first["predicted"] - 1) <= 0.1, report["calibration"]
+    kept_heads = sum(g["kept"] for g in heads)
+    assert kept_heads < 8
+    with torch.no_grad():
+        fresh = V.inputs(spec, 2, 1)
+        ref, out = p.model(*fresh), result.model(*fresh)
+    assert float((ref - out).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.real
 def test_latency_budget_times_a_keyword_input_llm_through_both_onnx_inputs(tmp_path: Path, monkeypatch) -> None:
     """A latency budget on a Llama called with input_ids and attention_mask: the dense and the pruned ONNX
     both take the two inputs, and the report holds the medians of one interleaved run (the ratio reached

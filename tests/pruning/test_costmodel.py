@@ -273,3 +273,22 @@ def test_record_layers_records_transformers_conv1d_as_the_linear_it_is():
     assert type(c_fc).__name__ != "Conv1D" and is_conv1d_linear(c_fc)
     assert record_layers(model, (torch.randint(0, 50, (1, 8)),))["h.0.mlp.c_fc"].out_channels == 128
     assert not is_conv1d_linear(torch.nn.Linear(4, 4))
+
+
+def test_record_layers_records_multihead_attention_as_its_two_projections():
+    """nn.MultiheadAttention runs in_proj_weight and out_proj functionally (no Linear is called): it is
+    priced as in_proj (E -> 3E, under its own name) and out_proj (E -> E), with the query's shape."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.attn(query=x, key=x, value=x, need_weights=False)[0])
+
+    layers = record_layers(Block().eval(), (torch.randn(2, 5, 32),), batch=4)
+    assert layers["attn"] == LayerShape("linear", 32, 96, (), (), (), (), 1, (4, 5, 32), True)
+    assert layers["attn.out_proj"] == LayerShape("linear", 32, 32, (), (), (), (), 1, (4, 5, 32), True)
+    assert list(layers) == ["attn", "attn.out_proj", "fc"]
