@@ -268,13 +268,18 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
     found: dict[str, LayerShape] = {}
     handles = []
 
+    def observed(x: torch.Tensor) -> list[int]:
+        """The shape of a layer's input, its leading dimension rescaled to ``batch``."""
+        shape = [int(s) for s in x.shape]
+        if batch is not None and own_batch and shape and shape[0] % own_batch == 0:
+            shape[0] = shape[0] // own_batch * batch
+        return shape
+
     def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if name in found or not args or not isinstance(args[0], torch.Tensor):
                 return
-            shape = [int(s) for s in args[0].shape]
-            if batch is not None and own_batch and shape and shape[0] % own_batch == 0:
-                shape[0] = shape[0] // own_batch * batch
+            shape = observed(args[0])
             if isinstance(mod, nn.Linear) or is_conv1d_linear(mod):
                 if len(shape) == 1:  # an unbatched Linear call
                     shape = [1, *shape]
@@ -295,16 +300,13 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
     def attention_hook_for(name: str) -> Callable[..., None]:
         # nn.MultiheadAttention runs its projections functionally (out_proj is never called as a
         # module): recorded as the two linear layers it computes, in_proj (E -> 3E, its
-        # in_proj_weight) under its own name and out_proj (E -> E) under "<name>.out_proj"
+        # in_proj_weight) under its own name and out_proj (E -> E) under "<name>.out_proj" (recorded
+        # first, so out_proj's own hook, which would only fire on a direct call, leaves it)
         def hook(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             query = args[0] if args else kwargs.get("query")
             if name in found or not isinstance(query, torch.Tensor) or not mod._qkv_same_embed_dim:
                 return
-            shape = [int(s) for s in query.shape]
-            if len(shape) == 1:
-                shape = [1, *shape]
-            if batch is not None and own_batch and shape[0] % own_batch == 0:
-                shape[0] = shape[0] // own_batch * batch
+            shape = observed(query)
             e = int(mod.embed_dim)
             found[name] = LayerShape("linear", e, 3 * e, (), (), (), (), 1, tuple(shape),
                                      mod.in_proj_bias is not None)
@@ -313,12 +315,10 @@ def record_layers(model: Any, example_inputs: Any, *, batch: int | None = None) 
 
         return hook
 
-    attention = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             handles.append(module.register_forward_pre_hook(attention_hook_for(name), with_kwargs=True))
-        elif ((isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or is_conv1d_linear(module))
-              and not any(name == f"{a}.out_proj" for a in attention)):
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or is_conv1d_linear(module):
             handles.append(module.register_forward_pre_hook(hook_for(name, module)))
     try:
         with torch.no_grad():

@@ -553,7 +553,9 @@ class BudgetPlanner:
         # compaction takes them as given; counting, recording and the ONNX export see the model
         # through a positional view (adapt.positional) of them.
         self.example = inputs
-        _, self.inputs = positional(model, inputs)
+        own = _plain(model)
+        plain, self.inputs = positional(own, inputs)
+        wrapped = plain is not own  # keyword inputs: per-module figures are named "model.<name>"
         self.max_sparsity = {t.name: (t.config.max_sparsity if t.config.max_sparsity is not None
                                       else budget.max_sparsity) for t in self.targets}
         if max_sparsity:
@@ -565,30 +567,27 @@ class BudgetPlanner:
         self.goal_predicted: float | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="deployprune-budget-")
         self.timing_inputs = _batched(self.inputs, budget.setting.batch)
-        own = _plain(model)
-        plain, flat = positional(own, inputs)
-        wrapped = plain is not own  # keyword inputs: per-module figures are named "model.<name>"
         self.table = None
         self.multiple = 1
         dense_measured = None
         self.dense_onnx: Path | None = None
         t0 = time.perf_counter()
         with torch.no_grad():
-            layers = _unwrapped_names(record_layers(plain, flat, batch=budget.setting.batch), wrapped)
+            layers = _unwrapped_names(record_layers(plain, self.inputs, batch=budget.setting.batch), wrapped)
         if budget.metric == "latency":
             self.table = CostTable(budget.setting, path=budget.cost_table)
             self.table.build(layers)
             self.multiple = int(self.table.preferred_multiple())
             progress.note("budget: exporting and timing the dense model in onnxruntime")
-            self.dense_onnx = _export_onnx(plain, flat, Path(self._tmp.name) / "dense.onnx")
+            self.dense_onnx = _export_onnx(plain, self.inputs, Path(self._tmp.name) / "dense.onnx")
             dense_measured = self.table.model_ms(self.dense_onnx.read_bytes(), self.timing_inputs,
                                                   label="dense model (onnxruntime)")
             self.dense_ms = dense_measured
-        self.dense_macs = count_macs(plain, flat)
+        self.dense_macs = count_macs(plain, self.inputs)
         from ..stats import count_params
 
         self.dense_params = count_params(plain)
-        by_module = _unwrapped_names(macs_by_module(plain, flat), wrapped) if budget.metric == "macs" else None
+        by_module = _unwrapped_names(macs_by_module(plain, self.inputs), wrapped) if budget.metric == "macs" else None
         self.costs = GroupCosts(self.targets, own, layers, budget.metric, table=self.table,
                                 dense_measured=dense_measured, macs_by_module=by_module)
         self.steps = {t.name: max(1, self.multiple // (int(t.channel_map.shape[1]) if t.channel_map is not None
@@ -844,12 +843,9 @@ def _unwrapped_names(by_name: Mapping[str, Any], wrapped: bool) -> dict[str, Any
     KeywordModel made here holds it as ``model``)."""
     if not wrapped:
         return dict(by_name)
-    out = {}
-    for name, v in by_name.items():
-        if name == "":
-            out[""] = v
-        elif name == "model" or name.startswith("model."):
-            out[name[len("model."):] if name != "model" else ""] = v
+    out = {name.removeprefix("model."): v for name, v in by_name.items() if name.startswith("model.")}
+    if "" in by_name:
+        out[""] = by_name[""]
     return out
 
 
